@@ -1,0 +1,17 @@
+"""User-facing errors: one line naming the culprit, exit code 2, no traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, name, file). `main` prints it on one line and exits 2."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(UserError):
+    """A config key or value is wrong; the message names the key and the allowed values."""
+
+
+def unknown_name(kind: str, name, allowed) -> ConfigError:
+    """The standard error for an unknown registry name (model, loss, dataset, ...)."""
+    return ConfigError(f"unknown {kind} {name!r}; expected one of: {', '.join(sorted(allowed))}")
