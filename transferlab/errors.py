@@ -15,3 +15,7 @@ class ConfigError(UserError):
 def unknown_name(kind: str, name, allowed) -> ConfigError:
     """The standard error for an unknown registry name (model, loss, dataset, ...)."""
     return ConfigError(f"unknown {kind} {name!r}; expected one of: {', '.join(sorted(allowed))}")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the run stopped and its last good checkpoint is kept."""

@@ -1,0 +1,21 @@
+"""Test setup: 8 simulated CPU devices, strict rank promotion, a shared offline data dir."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_experimental_ynn_fusion_type=").strip()
+os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The offline datasets, prepared once per machine (concurrent workers are safe)."""
+    return os.environ["TFDS_DATA_DIR"]

@@ -1,0 +1,96 @@
+"""Orbax checkpoints: async saves, keep the latest K plus the best on validation, resume, reshard.
+
+A checkpoint holds two items: `state` (the whole train state: params, BN
+statistics, optimizer state, step, RNG) and `data` (the data iterator's
+position, JSON). Saves are asynchronous and atomic (Orbax writes to a
+temporary directory and renames it when complete), so a run killed mid-save
+resumes from the previous complete checkpoint. Restores go through an abstract
+target whose leaves carry the *current* mesh's shardings, so a checkpoint
+written on 8 devices restores onto 2 (or onto another mesh shape).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from transferlab.errors import UserError
+
+
+def _metric_fn(metrics) -> float:
+    return float(metrics["selection_metric"])
+
+
+class Checkpointer:
+    """Wraps one `ocp.CheckpointManager` under `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        policy = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=_metric_fn, n=1, keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=not read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the highest saved validation `selection_metric`, if any."""
+        scored = [(s, self.manager.metrics(s)) for s in self.manager.all_steps()]
+        scored = [(_metric_fn(m), s) for s, m in scored if m and "selection_metric" in m]
+        return max(scored)[1] if scored else None
+
+    def save(self, step: int, state, data_state, selection_metric: float | None = None) -> None:
+        metrics = None if selection_metric is None else {"selection_metric": float(selection_metric)}
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), metrics=metrics)
+
+    def restore(self, step: int, abstract_state):
+        """Restores (state, data_state) at `step` onto the shardings carried by `abstract_state`."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"checkpoint {self.directory}/{step} does not match this config "
+                            f"(model or optimizer changed?): {str(e).splitlines()[0][:300]}") from e
+        return restored["state"], restored["data"]
+
+    def restore_subtree(self, step: int, abstract_subtree: dict):
+        """Restores only the parts of the saved train state given in `abstract_subtree` (e.g. a teacher's
+        params and BN statistics), skipping the rest (optimizer state, data iterator)."""
+        metadata = self.manager.item_metadata(step)["state"]
+        metadata = getattr(metadata, "tree", metadata)
+        try:
+            target = placeholder_target(metadata, abstract_subtree)
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"checkpoint {self.directory}/{step} does not match the configured model: "
+                            f"{str(e).splitlines()[0][:300]}") from e
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_with_shardings(tree, shardings):
+    """ShapeDtypeStructs of `tree` carrying concrete `NamedSharding`s (what a reshard restore needs)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def placeholder_target(metadata_tree, partial: dict):
+    """A restore target: `partial`'s subtrees where given, `ocp.PLACEHOLDER` (skip) elsewhere."""
+    def fill(meta, part):
+        if isinstance(meta, dict):
+            return {k: fill(v, part.get(k) if isinstance(part, dict) else None) for k, v in meta.items()}
+        return ocp.PLACEHOLDER if part is None else part
+    return fill(metadata_tree, partial)

@@ -1,0 +1,348 @@
+"""Config loading, command-line overrides and validation.
+
+A config file defines `get_config(arg=None) -> ConfigDict` (big_vision style:
+`--config experiments/kd/quickstart.py:teacher=lenet5`). It only needs the
+keys that differ from `defaults()`: every key it sets must exist there, so a
+typo is caught before any compute. `load()` returns the merged, validated
+config; every failure is a `ConfigError` naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import os
+import re
+
+import ml_collections
+
+from transferlab.errors import ConfigError, unknown_name
+
+TASKS = ("classify", "kd")
+OPTIMIZERS = ("sgd", "adamw", "adafactor")
+SCHEDULES = ("constant", "cosine", "step", "linear")
+SELECTIONS = ("last", "best")
+DTYPES = ("float32", "bfloat16")
+MESH_AXES = ("data", "fsdp")
+# Sections whose contents are free-form (checked by the component that owns them).
+FREE_FORM = ("model.kwargs", "teacher.kwargs", "study.arms", "distill.terms", "sharding_rules")
+
+
+def model_section(name: str = "mlp") -> ml_collections.ConfigDict:
+    """A model: registry name, compute dtype and constructor keyword arguments."""
+    return ml_collections.ConfigDict({
+        "name": name,  # any of transferlab.models.names()
+        "dtype": "float32",  # compute dtype: float32 or bfloat16 (params stay float32)
+        "kwargs": ml_collections.ConfigDict(),  # extra constructor arguments, e.g. hidden=(128,)
+    })
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key a config may set, with its default and meaning."""
+    c = ml_collections.ConfigDict()
+    c.task = "classify"  # classify (plain supervised) or kd (student distilled from a frozen teacher)
+    c.seed = 0  # seeds params, data order and augmentation
+    c.total_steps = 1000  # optimizer steps
+    c.batch_size = 128  # global batch size, split over the data and fsdp mesh axes
+    c.eval_batch_size = 0  # 0: same as batch_size
+    c.log_every_steps = 50  # train metrics to metrics.jsonl / TensorBoard / console
+    c.eval_every_steps = 200  # validation-split evaluation (0: only at the end)
+    c.checkpoint_every_steps = 200  # async Orbax save of the full train state (0: only at the end)
+    c.keep_checkpoints = 2  # how many of the latest checkpoints to keep
+    c.mesh_shape = "data=-1,fsdp=1"  # device mesh; -1 takes the remaining devices
+    c.sharding_rules = ()  # ((regex over param path, 'replicate'|'fsdp'), ...); fsdp>1 default: 'fsdp'
+    c.selection = "last"  # test metrics of the last step, or of the best step on validation
+    c.selection_metric = "accuracy"  # validation metric used when selection == 'best' (higher is better)
+
+    c.dataset = ml_collections.ConfigDict({
+        "name": "mnist5k",  # offline builders (digits, mnist5k, fashion_mnist_deb) or any prepared tfds name
+        "data_dir": "",  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+        "train_split": "train",
+        "eval_split": "validation",  # used for periodic eval and model selection
+        "test_split": "test",  # evaluated once at the end, never used for selection
+        "worker_count": 0,  # grain worker processes (0: in the main process)
+    })
+    c.augment = ml_collections.ConfigDict({
+        "crop_padding": 0,  # pad-and-crop; 0 disables
+        "flip": False,  # random horizontal flip
+        "mixup_alpha": 0.0,  # 0 disables
+        "cutmix_alpha": 0.0,  # 0 disables
+    })
+    c.model = model_section()
+
+    c.optimizer = ml_collections.ConfigDict({
+        "name": "sgd",  # sgd, adamw, adafactor
+        "learning_rate": 0.05,  # peak learning rate
+        "momentum": 0.9,  # sgd momentum (0 disables)
+        "nesterov": False,
+        "b1": 0.9,  # adam betas
+        "b2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 5e-4,  # L2 for sgd (added to the gradient), decoupled for adamw/adafactor
+        "decay_norms_and_biases": False,  # False: no weight decay on BN/LayerNorm params and biases
+        "clip_grad_norm": 0.0,  # global-norm clipping; 0 disables
+        "accumulate_steps": 1,  # gradient accumulation: one update every k micro-steps
+        "freeze": "",  # regex over param paths ('a/b/kernel') that stay fixed
+    })
+    c.schedule = ml_collections.ConfigDict({
+        "name": "cosine",  # constant, cosine, step, linear
+        "warmup_steps": 0,  # linear warmup from 0
+        "boundaries": (),  # step decay: steps (int) or fractions of total_steps (float < 1)
+        "decay_factor": 0.1,  # step decay multiplier
+        "end_factor": 0.0,  # cosine/linear end value as a fraction of the peak
+    })
+
+    c.teacher = model_section("")  # kd: the frozen teacher architecture
+    c.teacher.checkpoint = ""  # kd: workdir of a trained run; its params are restored read-only
+
+    c.distill = ml_collections.ConfigDict({
+        "ce_weight": 1.0,  # weight of the hard-label cross-entropy
+        "terms": (),  # ({'name': 'kd', 'weight': 1.0, 'temperature': 4.0}, ...)
+    })
+
+    c.study = ml_collections.ConfigDict({
+        "seeds": (),  # non-empty: run every arm for each seed and write a results table
+        "arms": (),  # ({'name': ..., 'overrides': {'dotted.key': value}, 'seeds': (0,)}, ...)
+    })
+    return c
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """Runs `get_config(arg)` of `path[:arg]` and returns its ConfigDict."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such file {path!r}")
+    module_spec = importlib.util.spec_from_file_location("_transferlab_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: report where, in one line
+        raise ConfigError(f"--config {path}: cannot execute it: {type(e).__name__}: {e}") from e
+    get_config = getattr(module, "get_config", None)
+    if get_config is None:
+        raise ConfigError(f"--config {path}: defines no get_config(arg=None)")
+    takes_arg = bool(inspect.signature(get_config).parameters)
+    if arg and not takes_arg:
+        raise ConfigError(f"--config {path}: get_config() takes no argument but ':{arg}' was given")
+    try:
+        config = get_config(arg or None) if takes_arg else get_config()
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"--config {spec}: get_config failed: {type(e).__name__}: {e}") from e
+    if not isinstance(config, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f"--config {path}: get_config must return a ConfigDict, got {type(config).__name__}")
+    return ml_collections.ConfigDict(config) if isinstance(config, dict) else config
+
+
+def parse_arg(arg: str | None) -> dict:
+    """'a=1,b=x' -> {'a': '1', 'b': 'x'} for config files' `get_config(arg)`."""
+    out = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"config argument {item!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _is_free_form(path: str) -> bool:
+    return any(path == f or path.startswith(f + ".") for f in FREE_FORM)
+
+
+def merge(base: ml_collections.ConfigDict, update, prefix: str = "") -> None:
+    """Copies `update` into `base`; a key missing from `base` is an error naming it."""
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            allowed = ", ".join(sorted(base.keys())) or "(none)"
+            raise ConfigError(f"unknown config key {path!r}; allowed keys here: {allowed}")
+        if isinstance(base[key], ml_collections.ConfigDict) and not _is_free_form(path):
+            if not isinstance(value, (dict, ml_collections.ConfigDict)):
+                raise ConfigError(f"config key {path!r} is a section; got {value!r}")
+            merge(base[key], value, path + ".")
+        elif _is_free_form(path):
+            base[key] = value
+        else:
+            base[key] = _coerce(path, base[key], value)
+
+
+def _coerce(path: str, default, value):
+    """Checks `value` against the type of the default; ints may become floats."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, (tuple, list)):
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+    else:
+        return value
+    raise ConfigError(f"config key {path!r}: expected {type(default).__name__}, got {value!r}")
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """'--config.a.b=3' (or 'a.b=3') -> ('a.b', '3')."""
+    body = text[len("--config."):] if text.startswith("--config.") else text
+    key, sep, value = body.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected --config.KEY=VALUE")
+    return key, value
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, raw) -> None:
+    """Sets dotted `key` from a command-line string (or a Python value)."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r} in override {key!r}")
+        node = node[part]
+    leaf = parts[-1]
+    free = _is_free_form(key) and key not in FREE_FORM
+    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not free):
+        allowed = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+        raise ConfigError(f"unknown config key {key!r}; allowed keys here: {allowed}")
+    value = _parse_literal(raw) if isinstance(raw, str) else raw
+    if leaf in node and isinstance(node[leaf], str) and isinstance(raw, str):
+        value = raw  # strings are taken verbatim
+    if free or _is_free_form(key):
+        node[leaf] = value
+    elif isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ConfigError(f"config key {key!r} is a section; override its fields instead")
+    else:
+        node[leaf] = _coerce(key, node[leaf], value)
+
+
+def _parse_literal(raw: str):
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        return raw
+
+
+def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
+    """defaults() <- config file <- overrides, then `validate`."""
+    config = defaults()
+    merge(config, load_file(spec))
+    for text in overrides:
+        apply_override(config, *parse_override(text))
+    validate(config)
+    return config
+
+
+def from_dict(update, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Builds a validated config in Python (tests, notebooks): defaults <- update <- overrides."""
+    config = defaults()
+    merge(config, update)
+    for key, value in (overrides or {}).items():
+        apply_override(config, key, value)
+    validate(config)
+    return config
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def parse_mesh_shape(text: str) -> dict[str, int]:
+    """'data=-1,fsdp=2' -> {'data': -1, 'fsdp': 2}, checked for names and values."""
+    shape = {}
+    for item in filter(None, text.replace(" ", "").split(",")):
+        name, sep, size = item.partition("=")
+        if not sep or name not in MESH_AXES:
+            raise ConfigError(f"mesh_shape {text!r}: expected axes from {MESH_AXES} as name=size")
+        try:
+            shape[name] = int(size)
+        except ValueError:
+            raise ConfigError(f"mesh_shape {text!r}: size of {name!r} must be an integer") from None
+        if shape[name] == 0 or shape[name] < -1:
+            raise ConfigError(f"mesh_shape {text!r}: size of {name!r} must be positive or -1")
+    if list(shape.values()).count(-1) > 1:
+        raise ConfigError(f"mesh_shape {text!r}: at most one axis may be -1")
+    return {axis: shape.get(axis, 1) for axis in MESH_AXES}
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(config, *keys, allow_zero=False) -> None:
+    for key in keys:
+        value = config[key] if "." not in key else config[key.split(".")[0]][key.split(".")[1]]
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"config key {key!r} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks names and values that need no compute (registries, ranges, regexes)."""
+    from transferlab import data, losses, models  # registries; imported lazily
+
+    _choice("task", config.task, TASKS)
+    _choice("selection", config.selection, SELECTIONS)
+    _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
+    _choice("schedule.name", config.schedule.name, SCHEDULES)
+    _choice("model.dtype", config.model.dtype, DTYPES)
+    _positive(config, "total_steps", "batch_size", "log_every_steps", "keep_checkpoints",
+              "optimizer.accumulate_steps")
+    _positive(config, "eval_every_steps", "checkpoint_every_steps", "eval_batch_size",
+              "optimizer.learning_rate", "optimizer.weight_decay", "optimizer.clip_grad_norm",
+              "schedule.warmup_steps", "augment.crop_padding", "augment.mixup_alpha",
+              "augment.cutmix_alpha", allow_zero=True)
+    parse_mesh_shape(config.mesh_shape)
+    if config.optimizer.freeze:
+        _regex("optimizer.freeze", config.optimizer.freeze)
+    for i, rule in enumerate(config.sharding_rules):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and rule[1] in ("replicate", "fsdp")):
+            raise ConfigError(f"sharding_rules[{i}]: expected (regex, 'replicate'|'fsdp'), got {rule!r}")
+        _regex(f"sharding_rules[{i}]", rule[0])
+    if config.dataset.name not in data.known_names(config.dataset.data_dir or None):
+        raise unknown_name("dataset (dataset.name)", config.dataset.name,
+                           data.known_names(config.dataset.data_dir or None))
+    if config.model.name not in models.names():
+        raise unknown_name("model (model.name)", config.model.name, models.names())
+    if config.task == "kd":
+        if config.teacher.name not in models.names():
+            raise unknown_name("model (teacher.name)", config.teacher.name, models.names())
+        _choice("teacher.dtype", config.teacher.dtype, DTYPES)
+        if not config.distill.terms and config.distill.ce_weight == 0:
+            raise ConfigError("distill: no loss terms and ce_weight == 0: nothing to train")
+        for i, term in enumerate(config.distill.terms):
+            term = dict(term)
+            if "name" not in term:
+                raise ConfigError(f"distill.terms[{i}]: missing 'name'")
+            name = term.pop("name")
+            if name not in losses.names():
+                raise unknown_name(f"loss (distill.terms[{i}].name)", name, losses.names())
+            for key in ("weight", "student_tap", "teacher_tap"):
+                term.pop(key, None)
+            losses.resolve_hparams(name, term)
+    for i, arm in enumerate(config.study.arms):
+        if not isinstance(arm, dict) or "name" not in arm or not set(arm) <= {"name", "overrides", "seeds"}:
+            raise ConfigError(f"study.arms[{i}]: expected a dict with name, overrides, seeds; got {arm!r}")
+
+
+def _regex(key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"config key {key!r}: invalid regex {pattern!r}: {e}") from None
+
+
+def to_plain(config) -> dict:
+    """A JSON-ready copy of a ConfigDict."""
+    return ml_collections.ConfigDict(config).to_dict() if not isinstance(config, dict) else config

@@ -1,0 +1,92 @@
+"""Command line: `python -m transferlab.main --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]`.
+
+Bad input (config key or value, unknown name, missing file, incompatible
+checkpoint) prints one line on stderr and exits 2. A non-finite loss exits 3
+with the last good checkpoint kept. Rerunning the same command on the same
+workdir resumes. Multi-process runs (one process per host) pass
+`--coordinator_address`, `--num_processes` and `--process_id`, or set the
+environment that `jax.distributed.initialize()` auto-detects (SLURM, TPU pods).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# XLA:CPU runs the conv nets of this library 10-25% faster with the YNNPACK fusion off (see bench/).
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
+
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"transferlab: error: {message}\n")
+
+
+def parse_args(argv):
+    parser = _OneLineParser(prog="python -m transferlab.main", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="config file, optionally with ':arg'")
+    parser.add_argument("--workdir", required=True, help="run directory (created; resumed if it has checkpoints)")
+    parser.add_argument("--coordinator_address", default="", help="multi-process: host:port of process 0")
+    parser.add_argument("--num_processes", type=int, default=0, help="multi-process: number of processes")
+    parser.add_argument("--process_id", type=int, default=-1, help="multi-process: this process's id")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() with auto-detected cluster settings")
+    known, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.KEY=VALUE)")
+    return known, rest
+
+
+def _configure_environment() -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "ynn_fusion_type" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + CPU_XLA_FLAGS).strip()
+
+
+def run(argv=None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    _configure_environment()
+    from transferlab import config as config_lib
+    from transferlab.errors import NonFiniteLoss, UserError
+
+    try:
+        config = config_lib.load(args.config, overrides)
+        import jax
+        if args.coordinator_address or args.distributed:
+            kwargs = {}
+            if args.coordinator_address:
+                kwargs = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                              process_id=args.process_id)
+            jax.distributed.initialize(**kwargs)
+        from transferlab import study, train
+        if config.study.arms:
+            out = study.run_study(config, args.workdir, train.train_and_evaluate)
+        else:
+            out = train.train_and_evaluate(config, args.workdir)
+            if "test" in out:
+                print(f"test accuracy {100 * out['test']['accuracy']:.2f}% "
+                      f"(selection: {out['selection']}, step {out['selected_step']}); results in "
+                      f"{os.path.join(args.workdir, 'results.json')}", flush=True)
+    except UserError as e:
+        print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except NonFiniteLoss as e:
+        print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    if "preempted_at_step" in out:
+        print(f"preempted at step {out['preempted_at_step']}; rerun the same command to resume", flush=True)
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

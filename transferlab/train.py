@@ -1,0 +1,306 @@
+"""The one training loop every task shares: `train_and_evaluate(config, workdir)`.
+
+A task supplies `init_params`, `load_frozen`, `loss_fn` and `eval_fn`; this
+module owns everything else: the mesh, sharded init (`jax.eval_shape` ->
+shardings -> `jax.jit(init, out_shardings=...)`), the jitted train step with
+explicit in/out shardings and state donation, gradient accumulation over
+micro-batches, on-device augmentation, evaluation that counts every example
+once, metrics, Orbax checkpoints with exact resume, model selection on the
+validation split, SIGTERM handling and the NaN guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import transferlab
+from transferlab import checkpoint, config as config_lib, data, parallel
+from transferlab.data import augment
+from transferlab.errors import ConfigError, NonFiniteLoss
+from transferlab.metrics import MetricWriter
+from transferlab.optim import make_optimizer
+from transferlab.tasks import create_task
+
+
+class Trainer:
+    """Builds the compiled pieces of one run; `run()` trains, evaluates and writes results."""
+
+    def __init__(self, config, workdir: str, devices=None):
+        self.config = config
+        self.workdir = workdir
+        self.mesh = parallel.make_mesh(config.mesh_shape, devices)
+        parallel.batch_size_per_device_check(self.mesh, config.batch_size)
+        self.eval_batch_size = config.eval_batch_size or config.batch_size
+        parallel.batch_size_per_device_check(self.mesh, self.eval_batch_size, "eval_batch_size")
+        if config.batch_size % config.optimizer.accumulate_steps:
+            raise ConfigError(f"config key 'optimizer.accumulate_steps': {config.optimizer.accumulate_steps} "
+                              f"does not divide batch_size {config.batch_size}")
+        self.data_dir = config.dataset.data_dir or None
+        self.info = data.dataset_info(config.dataset.name, self.data_dir)
+        for key in ("train_split", "eval_split", "test_split"):
+            split = config.dataset[key]
+            if split and split not in self.info.splits:
+                raise ConfigError(f"config key 'dataset.{key}': split {split!r} not in "
+                                  f"{config.dataset.name} (has {', '.join(self.info.splits)})")
+        self.task = create_task(config, self.info.num_classes)
+        self.abstract_images = jax.ShapeDtypeStruct((2, *self.info.image_shape), jnp.float32)
+
+        abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))[0]
+        self.tx, self.schedule = make_optimizer(config, abstract_params)
+        self.abstract_state = jax.eval_shape(self._init_state, jnp.uint32(config.seed))
+        self.state_shardings = parallel.tree_shardings(self.mesh, self.abstract_state, config.sharding_rules)
+        self.batch_sharding = parallel.batch_sharding(self.mesh)
+        self.replicated = parallel.replicated(self.mesh)
+
+    # ------------------------------------------------------------------ state
+
+    def _init_params(self, rng):
+        return self.task.init_params(rng, jnp.zeros(self.abstract_images.shape, jnp.float32))
+
+    def _init_state(self, seed):
+        rng = jax.random.PRNGKey(seed)
+        init_rng, train_rng = jax.random.split(rng)
+        params, model_state = self._init_params(init_rng)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+                "opt_state": self.tx.init(params), "rng": train_rng}
+
+    def init_state(self):
+        init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        return init(jnp.uint32(self.config.seed))
+
+    # ------------------------------------------------------------------ steps
+
+    def _grads(self, params, model_state, frozen, batch, rng, step):
+        """Loss gradients, averaged over `accumulate_steps` sequential micro-batches."""
+        k = self.config.optimizer.accumulate_steps
+        grad_fn = jax.grad(self.task.loss_fn, has_aux=True)
+        if k == 1:
+            grads, (model_state, metrics) = grad_fn(params, model_state, frozen, batch, rng, step)
+            return grads, model_state, metrics
+        micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+        def body(carry, inputs):
+            grads_acc, state = carry
+            index, mb = inputs
+            g, (state, m) = grad_fn(params, state, frozen, mb, jax.random.fold_in(rng, index), step)
+            return (jax.tree.map(jnp.add, grads_acc, g), state), m
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, model_state), metrics = jax.lax.scan(body, (zeros, model_state), (jnp.arange(k), micro))
+        return jax.tree.map(lambda g: g / k, grads), model_state, jax.tree.map(jnp.mean, metrics)
+
+    def train_step(self, state, frozen, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(state["rng"], step)
+        aug_rng, loss_rng = jax.random.split(rng)
+        batch = augment.apply(aug_rng, batch, self.config.augment, self.info.num_classes)
+        grads, model_state, metrics = self._grads(state["params"], state["model_state"], frozen, batch,
+                                                  loss_rng, step)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {**metrics, "learning_rate": self.schedule(step), "grad_norm": optax.global_norm(grads)}
+        new_state = {"step": step + 1, "params": params, "model_state": model_state, "opt_state": opt_state,
+                     "rng": state["rng"]}
+        return new_state, metrics
+
+    def eval_step(self, state, frozen, batch):
+        return self.task.eval_fn(state["params"], state["model_state"], frozen, batch)
+
+    def compile(self, frozen):
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+        self.jit_train_step = jax.jit(
+            self.train_step, in_shardings=(self.state_shardings, frozen_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+        self.jit_eval_step = jax.jit(
+            self.eval_step, in_shardings=(self.state_shardings, frozen_shardings, self.batch_sharding),
+            out_shardings=self.replicated)
+
+    # ------------------------------------------------------------------ data
+
+    def train_iterator(self):
+        return data.train_iterator(
+            self.config.dataset.name, self.config.dataset.train_split, self.config.batch_size, self.config.seed,
+            data_dir=self.data_dir, process_index=jax.process_index(), process_count=jax.process_count(),
+            worker_count=self.config.dataset.worker_count)
+
+    def evaluate(self, state, frozen, split: str) -> dict:
+        """Metrics over every example of `split` exactly once (padded last batch masked out)."""
+        totals = None
+        for local in data.eval_batches(self.config.dataset.name, split, self.eval_batch_size,
+                                       data_dir=self.data_dir, process_index=jax.process_index(),
+                                       process_count=jax.process_count()):
+            sums = self.jit_eval_step(state, frozen, parallel.global_batch(self.mesh, local))
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+        count = float(totals.pop("count"))
+        out = {k: float(v) / count for k, v in totals.items()}
+        out["count"] = int(count)
+        return out
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> dict:
+        config, workdir = self.config, self.workdir
+        os.makedirs(workdir, exist_ok=True)
+        write_config(config, workdir)
+        start_time = time.time()
+        frozen = self.task.load_frozen(self.mesh, self.abstract_images)
+        self.compile(frozen)
+        ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+        train_iter = self.train_iterator()
+        latest = ckpt.latest_step()
+        if latest is None:
+            state = self.init_state()
+            start = 0
+        else:
+            abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
+            state, data_state = ckpt.restore(latest, abstract)
+            train_iter.set_state(data_state)
+            start = int(latest)
+        writer = MetricWriter(workdir, config.total_steps, start_step=start if latest is not None else -1)
+        if latest is not None:
+            writer.write(start, {"event": "resumed"})
+        stop = _SigtermFlag()
+        try:
+            state = self._loop(state, frozen, train_iter, ckpt, writer, start, stop)
+            if stop.raised:
+                ckpt.wait()
+                return {"preempted_at_step": int(state["step"])}
+            results = self._finish(state, frozen, ckpt, writer, time.time() - start_time)
+        finally:
+            stop.restore()
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+        return results
+
+    def _loop(self, state, frozen, train_iter, ckpt, writer, start, stop):
+        config = self.config
+        last_log_time, last_log_step = time.time(), start
+        pending = None  # (step, metrics) of the previous step: read after dispatching the next one
+        for step in range(start + 1, config.total_steps + 1):
+            batch = parallel.global_batch(self.mesh, next(train_iter))
+            state, metrics = self.jit_train_step(state, frozen, batch)
+            if pending is not None:
+                self._check_finite(*pending, ckpt)
+            pending = (step, metrics)
+            writer.advance(step)
+            last = step == config.total_steps
+            if step % config.log_every_steps == 0 or last:
+                self._check_finite(step, metrics, ckpt)
+                now = time.time()
+                rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                writer.write(step, {**jax.device_get(metrics), "steps_per_sec": rate,
+                                    "examples_per_sec": rate * config.batch_size})
+                last_log_time, last_log_step = now, step
+            selection_metric = None
+            if (config.eval_every_steps and step % config.eval_every_steps == 0) or last:
+                evals = self.evaluate(state, frozen, config.dataset.eval_split)
+                writer.write(step, {f"eval/{k}": v for k, v in evals.items()})
+                selection_metric = evals.get(config.selection_metric)
+                if selection_metric is None:
+                    raise ConfigError(f"config key 'selection_metric': {config.selection_metric!r} is not an "
+                                      f"eval metric; available: {', '.join(sorted(evals))}")
+            save_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+            save_now = save_now or last or stop.raised or (selection_metric is not None and config.selection == "best")
+            if save_now:
+                self._check_finite(step, metrics, ckpt)
+                ckpt.save(step, state, train_iter.get_state(), selection_metric)
+            if stop.raised:
+                writer.write(step, {"event": "preempted (SIGTERM): checkpoint saved"})
+                break
+        return state
+
+    def _check_finite(self, step, metrics, ckpt):
+        loss = float(jax.device_get(metrics["loss/total"] if "loss/total" in metrics else metrics["loss/ce"]))
+        if not np.isfinite(loss):
+            ckpt.wait()
+            raise NonFiniteLoss(f"non-finite loss {loss} at step {step}; stopped, the last good checkpoint "
+                                f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept")
+
+    def _finish(self, state, frozen, ckpt, writer, wall_time) -> dict:
+        config = self.config
+        ckpt.wait()
+        selected_step = config.total_steps
+        if config.selection == "best":
+            selected_step = ckpt.best_step() or config.total_steps
+            if selected_step != int(state["step"]):
+                abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
+                state, _ = ckpt.restore(selected_step, abstract)
+        validation = self.evaluate(state, frozen, config.dataset.eval_split)
+        test = self.evaluate(state, frozen, config.dataset.test_split) if config.dataset.test_split else {}
+        writer.write(selected_step, {**{f"final/validation/{k}": v for k, v in validation.items()},
+                                     **{f"final/test/{k}": v for k, v in test.items()}})
+        results = {
+            "task": config.task, "model": config.model.name, "dataset": config.dataset.name,
+            "seed": config.seed, "total_steps": config.total_steps,
+            "selection": "last step" if config.selection == "last"
+            else f"best validation {config.selection_metric} ({config.dataset.eval_split} split)",
+            "selected_step": int(selected_step),
+            "validation": validation, "test": test, "wall_time_s": round(wall_time, 2),
+        }
+        if jax.process_index() == 0:
+            _write_json(os.path.join(self.workdir, "results.json"), results)
+        return results
+
+
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+    """Trains (or resumes) one run in `workdir` and returns its results."""
+    return Trainer(config, workdir, devices).run()
+
+
+class _SigtermFlag:
+    """Set by SIGTERM (preemption): the loop finishes its step, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            pass
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _git_commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_config(config, workdir: str) -> None:
+    """DIR/config.json: the resolved config plus versions and the git commit."""
+    if jax.process_index() != 0:
+        return
+    import flax
+    resolved = config_lib.to_plain(config)
+    resolved["_versions"] = {"transferlab": transferlab.__version__, "jax": jax.__version__,
+                             "flax": flax.__version__, "optax": optax.__version__, "git_commit": _git_commit(),
+                             "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+                             "processes": jax.process_count()}
+    _write_json(os.path.join(workdir, "config.json"), resolved)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
