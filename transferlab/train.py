@@ -34,7 +34,7 @@ from transferlab.tasks import create_task
 class Trainer:
     """Builds the compiled pieces of one run; `run()` trains, evaluates and writes results."""
 
-    def __init__(self, config, workdir: str, devices=None):
+    def __init__(self, config, workdir: str, devices=None, info=None):
         self.config = config
         self.workdir = workdir
         self.mesh = parallel.make_mesh(config.mesh_shape, devices)
@@ -45,10 +45,11 @@ class Trainer:
             raise ConfigError(f"config key 'optimizer.accumulate_steps': {config.optimizer.accumulate_steps} "
                               f"does not divide batch_size {config.batch_size}")
         self.data_dir = config.dataset.data_dir or None
-        self.info = data.dataset_info(config.dataset.name, self.data_dir)
+        # `info` (num_classes, image_shape, splits) may be given to build steps without data (benchmarks).
+        self.info = info or data.dataset_info(config.dataset.name, self.data_dir)
         for key in ("train_split", "eval_split", "test_split"):
             split = config.dataset[key]
-            if split and split not in self.info.splits:
+            if split and info is None and split not in self.info.splits:
                 raise ConfigError(f"config key 'dataset.{key}': split {split!r} not in "
                                   f"{config.dataset.name} (has {', '.join(self.info.splits)})")
         self.task = create_task(config, self.info.num_classes)
