@@ -1,0 +1,132 @@
+"""Loss registry: `LossSpec`s by name, hparam resolution, and the batch-mask helpers.
+
+A loss is a pure function `fn(student, teacher, batch, *, hparam=default, ...)`
+returning a float32 scalar. Its hparams are its keyword-only arguments; their
+defaults are read from the signature, so the function is the one source of
+truth. `register` records the default feature taps, the connector the student
+tap needs when shapes differ, and whether the loss takes lists of taps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import numbers
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+
+from transferlab import errors
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """What the KD task needs to know about a registered loss."""
+
+    name: str
+    fn: Callable[..., Any]
+    defaults: Mapping[str, Any]
+    default_taps: tuple  # (student_tap, teacher_tap); each a tuple of names when multi_tap
+    connector: str | None
+    multi_tap: bool
+    choices: Mapping[str, tuple]  # hparam -> allowed values, for string-valued hparams
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def register(name: str, *, taps, connector: str | None = None, multi_tap: bool = False,
+             choices: Mapping[str, tuple] | None = None):
+    """Decorator registering `fn` under `name`; its keyword-only args are its hparams."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"loss {name!r} registered twice")
+        params = inspect.signature(fn).parameters.values()
+        defaults = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        _REGISTRY[name] = LossSpec(name=name, fn=fn, defaults=defaults, default_taps=tuple(taps),
+                                   connector=connector, multi_tap=multi_tap, choices=dict(choices or {}))
+        return fn
+
+    return deco
+
+
+def names() -> list[str]:
+    """Registered loss names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> LossSpec:
+    """The `LossSpec` of `name`; an unknown name raises `ConfigError`."""
+    if name not in _REGISTRY:
+        raise errors.unknown_name("loss", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+def _check_value(name: str, key: str, value, default, choices):
+    where = f"loss {name!r} hparam {key!r}"
+    if key in choices:
+        if value not in choices[key]:
+            raise errors.ConfigError(f"{where}: got {value!r}; expected one of: "
+                                     f"{', '.join(map(str, choices[key]))}")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise errors.ConfigError(f"{where}: got {value!r}; expected a bool")
+        return value
+    if isinstance(default, numbers.Integral):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise errors.ConfigError(f"{where}: got {value!r}; expected an int")
+        return int(value)
+    if isinstance(default, numbers.Real):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise errors.ConfigError(f"{where}: got {value!r}; expected a number")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, (tuple, list)):
+            raise errors.ConfigError(f"{where}: got {value!r}; expected a list like {list(default)}")
+        return tuple(value)
+    return value
+
+
+def resolve_hparams(name: str, given: Mapping[str, Any] | None = None) -> dict:
+    """Defaults of loss `name` updated by `given`; an unknown or ill-typed hparam raises `ConfigError`."""
+    spec = get(name)
+    given = dict(given or {})
+    for key in given:
+        if key not in spec.defaults:
+            allowed = ", ".join(sorted(spec.defaults)) or "(none)"
+            raise errors.ConfigError(f"loss {name!r}: unknown hparam {key!r}; allowed: {allowed}")
+    out = dict(spec.defaults)
+    for key, value in given.items():
+        out[key] = _check_value(name, key, value, spec.defaults[key], spec.choices)
+    return out
+
+
+# ---------------------------------------------------------------------------- batch helpers
+
+
+def sample_weights(batch: Mapping[str, Any], n: int):
+    """float32 [n]: `batch['mask']` as 0/1 weights, or ones when the batch has no mask."""
+    mask = batch.get("mask") if batch is not None else None
+    if mask is None:
+        return jnp.ones((n,), jnp.float32)
+    return jnp.asarray(mask).astype(jnp.float32).reshape(n)
+
+
+def batch_mean(per_sample, batch: Mapping[str, Any]):
+    """Mean of float [B] `per_sample` over the valid (unmasked) samples of `batch`."""
+    w = sample_weights(batch, per_sample.shape[0])
+    return jnp.sum(per_sample * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def labels_of(batch: Mapping[str, Any], loss: str):
+    """int32 [B] `batch['label']`; a loss that needs labels names itself when they are missing."""
+    if batch is None or "label" not in batch:
+        raise errors.ConfigError(f"loss {loss!r} needs batch['label'] (int class ids); the batch has none")
+    return jnp.asarray(batch["label"]).astype(jnp.int32)
+
+
+def f32(x):
+    """`x` as a float32 array (models may sow bfloat16 features)."""
+    return jnp.asarray(x).astype(jnp.float32)
