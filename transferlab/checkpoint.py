@@ -36,7 +36,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, create=not read_only, read_only=read_only,
             enable_async_checkpointing=not read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -63,17 +64,24 @@ class Checkpointer:
         return restored["state"], restored["data"]
 
     def restore_subtree(self, step: int, abstract_subtree: dict):
-        """Restores only the parts of the saved train state given in `abstract_subtree` (e.g. a teacher's
-        params and BN statistics), skipping the rest (optimizer state, data iterator)."""
+        """Restores the top-level parts of the saved train state named in `abstract_subtree` (e.g. a
+        teacher's params and BN statistics) onto its shardings; the rest is read replicated and dropped."""
         metadata = self.manager.item_metadata(step)["state"]
         metadata = getattr(metadata, "tree", metadata)
-        try:
-            target = placeholder_target(metadata, abstract_subtree)
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"checkpoint {self.directory}/{step} does not match the configured model: "
-                            f"{str(e).splitlines()[0][:300]}") from e
-        return restored["state"]
+        sharding = jax.tree.leaves(abstract_subtree)[0].sharding
+        is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
+                              is_leaf=is_array)
+        for key, wanted in abstract_subtree.items():
+            saved = target.get(key)
+            saved_shapes = jax.tree_util.tree_flatten_with_path(saved)[0] if saved is not None else []
+            wanted_shapes = jax.tree_util.tree_flatten_with_path(wanted)[0]
+            if [(p, x.shape) for p, x in saved_shapes] != [(p, x.shape) for p, x in wanted_shapes]:
+                raise UserError(f"checkpoint {self.directory}/{step}: its {key!r} do not match the configured "
+                                f"model (different architecture or number of classes?)")
+            target[key] = wanted
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return {key: restored["state"][key] for key in abstract_subtree}
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -86,11 +94,3 @@ def abstract_with_shardings(tree, shardings):
     """ShapeDtypeStructs of `tree` carrying concrete `NamedSharding`s (what a reshard restore needs)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
-
-def placeholder_target(metadata_tree, partial: dict):
-    """A restore target: `partial`'s subtrees where given, `ocp.PLACEHOLDER` (skip) elsewhere."""
-    def fill(meta, part):
-        if isinstance(meta, dict):
-            return {k: fill(v, part.get(k) if isinstance(part, dict) else None) for k, v in meta.items()}
-        return ocp.PLACEHOLDER if part is None else part
-    return fill(metadata_tree, partial)

@@ -25,6 +25,8 @@ SCHEDULES = ("constant", "cosine", "step", "linear")
 SELECTIONS = ("last", "best")
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp")
+# Keys of a distill.terms entry that are not loss hparams.
+TERM_KEYS = ("name", "weight", "student_tap", "teacher_tap", "connector", "warmup_steps")
 # Sections whose contents are free-form (checked by the component that owns them).
 FREE_FORM = ("model.kwargs", "teacher.kwargs", "study.arms", "distill.terms", "sharding_rules")
 
@@ -310,15 +312,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and rule[1] in ("replicate", "fsdp")):
             raise ConfigError(f"sharding_rules[{i}]: expected (regex, 'replicate'|'fsdp'), got {rule!r}")
         _regex(f"sharding_rules[{i}]", rule[0])
-    if config.dataset.name not in data.known_names(config.dataset.data_dir or None):
-        raise unknown_name("dataset (dataset.name)", config.dataset.name,
-                           data.known_names(config.dataset.data_dir or None))
+    known = set(data.offline_names()) | set(_tfds_names())
+    if config.dataset.name.split("/")[0].split(":")[0] not in known:
+        raise ConfigError(f"config key 'dataset.name': unknown dataset {config.dataset.name!r}; expected an "
+                          f"offline dataset ({', '.join(data.offline_names())}) or a tfds dataset name")
     if config.model.name not in models.names():
         raise unknown_name("model (model.name)", config.model.name, models.names())
+    _check_model_kwargs("model", config.model)
     if config.task == "kd":
         if config.teacher.name not in models.names():
             raise unknown_name("model (teacher.name)", config.teacher.name, models.names())
         _choice("teacher.dtype", config.teacher.dtype, DTYPES)
+        _check_model_kwargs("teacher", config.teacher)
         if not config.distill.terms and config.distill.ce_weight == 0:
             raise ConfigError("distill: no loss terms and ce_weight == 0: nothing to train")
         for i, term in enumerate(config.distill.terms):
@@ -328,12 +333,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
             name = term.pop("name")
             if name not in losses.names():
                 raise unknown_name(f"loss (distill.terms[{i}].name)", name, losses.names())
-            for key in ("weight", "student_tap", "teacher_tap"):
+            for key in TERM_KEYS:
                 term.pop(key, None)
             losses.resolve_hparams(name, term)
     for i, arm in enumerate(config.study.arms):
         if not isinstance(arm, dict) or "name" not in arm or not set(arm) <= {"name", "overrides", "seeds"}:
             raise ConfigError(f"study.arms[{i}]: expected a dict with name, overrides, seeds; got {arm!r}")
+
+
+def _check_model_kwargs(section: str, model) -> None:
+    """Constructing a linen module is cheap and checks its kwargs (no params are made)."""
+    from transferlab import models
+    try:
+        models.create(model.name, num_classes=10, **dict(model.kwargs))
+    except ConfigError as e:
+        raise ConfigError(f"config key '{section}.kwargs': {e}") from None
+
+
+def _tfds_names() -> list[str]:
+    import tensorflow_datasets as tfds
+    return tfds.list_builders(with_community_datasets=False)
 
 
 def _regex(key: str, pattern: str) -> None:

@@ -31,6 +31,10 @@ from transferlab.optim import make_optimizer
 from transferlab.tasks import create_task
 
 
+# Testing hook: SIGKILL this process right after the given step (as a crash or a pod eviction would).
+_FAULT_KILL_AT_STEP = int(os.environ.get("TRANSFERLAB_FAULT_KILL_AT_STEP", "0"))
+
+
 class Trainer:
     """Builds the compiled pieces of one run; `run()` trains, evaluates and writes results."""
 
@@ -45,13 +49,13 @@ class Trainer:
             raise ConfigError(f"config key 'optimizer.accumulate_steps': {config.optimizer.accumulate_steps} "
                               f"does not divide batch_size {config.batch_size}")
         self.data_dir = config.dataset.data_dir or None
-        # `info` (num_classes, image_shape, splits) may be given to build steps without data (benchmarks).
+        # `info` (num_classes, image_shape, split_sizes) may be given to build steps without data (benchmarks).
         self.info = info or data.dataset_info(config.dataset.name, self.data_dir)
         for key in ("train_split", "eval_split", "test_split"):
             split = config.dataset[key]
-            if split and info is None and split not in self.info.splits:
+            if split and info is None and split not in self.info.split_sizes:
                 raise ConfigError(f"config key 'dataset.{key}': split {split!r} not in "
-                                  f"{config.dataset.name} (has {', '.join(self.info.splits)})")
+                                  f"{config.dataset.name} (has {', '.join(self.info.split_sizes)})")
         self.task = create_task(config, self.info.num_classes)
         self.abstract_images = jax.ShapeDtypeStruct((2, *self.info.image_shape), jnp.float32)
 
@@ -103,12 +107,12 @@ class Trainer:
         step = state["step"]
         rng = jax.random.fold_in(state["rng"], step)
         aug_rng, loss_rng = jax.random.split(rng)
-        batch = augment.apply(aug_rng, batch, self.config.augment, self.info.num_classes)
+        batch = augment.apply(aug_rng, batch, {**self.config.augment, "num_classes": self.info.num_classes})
         grads, model_state, metrics = self._grads(state["params"], state["model_state"], frozen, batch,
                                                   loss_rng, step)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {**metrics, "learning_rate": self.schedule(step), "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "learning_rate": self.schedule(step), "grad_norm": optax.tree.norm(grads)}
         new_state = {"step": step + 1, "params": params, "model_state": model_state, "opt_state": opt_state,
                      "rng": state["rng"]}
         return new_state, metrics
@@ -219,6 +223,8 @@ class Trainer:
             if stop.raised:
                 writer.write(step, {"event": "preempted (SIGTERM): checkpoint saved"})
                 break
+            if step == _FAULT_KILL_AT_STEP:  # fault injection for the kill-and-resume test
+                os.kill(os.getpid(), signal.SIGKILL)
         return state
 
     def _check_finite(self, step, metrics, ckpt):

@@ -26,7 +26,7 @@ def get_config(arg=None):
     c.seed = 0
     c.total_steps = steps
     c.batch_size = 64
-    c.eval_batch_size = 500
+    c.eval_batch_size = 256
     c.log_every_steps = 100
     c.eval_every_steps = steps // 2
     c.checkpoint_every_steps = steps // 2
@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.selection = "last"
 
     teacher = {"model.name": "lenet5", "task": "classify", "total_steps": 2 * steps}
-    student = {"model.name": "mlp", "model.kwargs": {"hidden": (64,)}, "task": "classify"}
+    student = {"model.name": "mlp", "model.kwargs": {"hidden_sizes": (64,)}, "task": "classify"}
     kd = {**student, "task": "kd", "teacher.name": "lenet5",
           "teacher.checkpoint": "{workdir}/teacher/seed_0",
           "distill.ce_weight": 0.1,

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from transferlab import losses
+from transferlab.config import TERM_KEYS
 from transferlab.errors import ConfigError, UserError
 from transferlab.tasks import common
 
 RANDOM_TEACHER = "random"  # teacher.checkpoint value for smoke tests and benchmarks only
-TERM_KEYS = ("name", "weight", "student_tap", "teacher_tap", "connector", "warmup_steps")
 
 
 class Term:

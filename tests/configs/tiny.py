@@ -1,0 +1,13 @@
+"""A tiny real-data run for CLI tests: an MLP on UCI digits."""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.dataset = {"name": "digits"}
+    c.model = {"name": "mlp"}
+    c.total_steps = 20
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    return c

@@ -1,0 +1,104 @@
+"""Config loading and validation: every error path names the culprit in one line."""
+
+import os
+import textwrap
+
+import pytest
+
+from transferlab import config as config_lib
+from transferlab.errors import ConfigError
+
+
+def write_config(tmp_path, body: str, name="cfg.py") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+BASE = """
+import ml_collections
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.dataset = {'name': 'digits'}
+    c.model = {'name': 'mlp'}
+    %s
+    return c
+"""
+
+
+def load(tmp_path, extra="", overrides=()):
+    return config_lib.load(write_config(tmp_path, BASE % extra), overrides)
+
+
+def test_defaults_merge_and_required_keys(tmp_path):
+    c = load(tmp_path)
+    for key in ("seed", "total_steps", "batch_size", "log_every_steps", "eval_every_steps",
+                "checkpoint_every_steps", "mesh_shape"):
+        assert key in c
+    assert c.dataset.name == "digits" and c.model.name == "mlp"
+
+
+def test_overrides_are_typed(tmp_path):
+    c = load(tmp_path, overrides=["--config.total_steps=7", "--config.optimizer.learning_rate=1",
+                                  "--config.augment.flip=True", "--config.model.kwargs.hidden_sizes=(8,)"])
+    assert c.total_steps == 7 and isinstance(c.optimizer.learning_rate, float)
+    assert c.augment.flip is True and tuple(c.model.kwargs.hidden_sizes) == (8,)
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    ("c.totl_steps = 3", "totl_steps"),
+    ("c.optimizer = {'nme': 'sgd'}", "optimizer.nme"),
+    ("c.total_steps = 'many'", "total_steps"),
+    ("c.batch_size = 1.5", "batch_size"),
+    ("c.model = {'name': 'resnet9000'}", "resnet9000"),
+    ("c.dataset = {'name': 'imaginary_ds'}", "imaginary_ds"),
+    ("c.optimizer = {'name': 'lion2'}", "optimizer.name"),
+    ("c.schedule = {'name': 'zigzag'}", "schedule.name"),
+    ("c.mesh_shape = 'data=-1,model=2'", "mesh_shape"),
+    ("c.total_steps = 0", "total_steps"),
+    ("c.optimizer = {'freeze': '(['}", "optimizer.freeze"),
+    ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'nope'},)}", "nope"),
+    ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'kd', 'tmp': 3},)}", "tmp"),
+    ("c.task = 'kd'; c.teacher = {'name': 'not_a_model'}", "teacher.name"),
+])
+def test_bad_config_names_the_culprit(tmp_path, extra, culprit):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, extra)
+    message = str(info.value)
+    assert culprit in message and "\n" not in message
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("--config.nope=1", "nope"),
+    ("--config.dataset.nme=x", "dataset.nme"),
+    ("--config.seed=abc", "seed"),
+    ("--config.total_steps", "total_steps"),
+])
+def test_bad_override_names_the_key(tmp_path, override, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        load(tmp_path, overrides=[override])
+
+
+def test_config_file_problems(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config_lib.load(str(tmp_path / "missing.py"))
+    with pytest.raises(ConfigError, match="get_config"):
+        config_lib.load(write_config(tmp_path, "x = 1\n"))
+    with pytest.raises(ConfigError, match="takes no argument"):
+        config_lib.load(write_config(tmp_path, "def get_config():\n    return {}\n") + ":a=1")
+
+
+def test_mesh_shape_parsing():
+    assert config_lib.parse_mesh_shape("data=-1,fsdp=2") == {"data": -1, "fsdp": 2}
+    assert config_lib.parse_mesh_shape("data=4") == {"data": 4, "fsdp": 1}
+    for bad in ("data=-1,fsdp=-1", "data=x", "data=0", "tensor=2"):
+        with pytest.raises(ConfigError):
+            config_lib.parse_mesh_shape(bad)
+
+
+def test_every_experiment_config_validates():
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments")
+    paths = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".py")]
+    assert paths
+    for path in paths:
+        config_lib.load(path)

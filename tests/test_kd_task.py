@@ -1,0 +1,120 @@
+"""The KD task: frozen teacher restored from a workdir, terms composed from the config, no retracing."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transferlab import config as config_lib, parallel
+from transferlab.errors import ConfigError, UserError
+from transferlab.train import Trainer, train_and_evaluate
+
+
+def base(**kw):
+    c = {"dataset": {"name": "digits"}, "total_steps": 12, "batch_size": 32, "eval_batch_size": 64,
+         "log_every_steps": 4, "eval_every_steps": 0, "checkpoint_every_steps": 0,
+         "schedule": {"name": "constant"}, "optimizer": {"learning_rate": 0.05}}
+    c.update(kw)
+    return c
+
+
+TEACHER = {"name": "mlp", "kwargs": {"hidden_sizes": (128,)}}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("teacher"))
+    train_and_evaluate(config_lib.from_dict(base(model=TEACHER, total_steps=30)), workdir)
+    return workdir
+
+
+def kd_config(teacher_dir, terms=({"name": "kd", "weight": 0.9, "temperature": 4.0},), **kw):
+    return config_lib.from_dict(base(task="kd", model={"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
+                                     teacher={**TEACHER, "checkpoint": teacher_dir},
+                                     distill={"ce_weight": 0.1, "terms": terms}, **kw))
+
+
+def test_teacher_is_frozen_and_outside_the_optimizer(tmp_path, teacher_dir):
+    trainer = Trainer(kd_config(teacher_dir), str(tmp_path / "kd"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    before = jax.device_get(frozen)
+    trainer.compile(frozen)
+    state = trainer.init_state()
+    assert set(state["params"]) == {"model", "connectors"}  # no teacher params in the trained state
+    it = trainer.train_iterator()
+    for _ in range(3):
+        state, metrics = trainer.jit_train_step(state, frozen, parallel.global_batch(trainer.mesh, next(it)))
+    jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(frozen))
+    assert "loss/term0_kd" in metrics and "teacher_agreement" in metrics
+
+
+def test_teacher_restored_equals_the_teacher_run(tmp_path, teacher_dir):
+    teacher_cfg = config_lib.from_dict(base(model=TEACHER, total_steps=30))
+    teacher_trainer = Trainer(teacher_cfg, teacher_dir)
+    from transferlab import checkpoint
+    ckpt = checkpoint.Checkpointer(teacher_dir, read_only=True)
+    state, _ = ckpt.restore(30, checkpoint.abstract_with_shardings(teacher_trainer.abstract_state,
+                                                                   teacher_trainer.state_shardings))
+    trainer = Trainer(kd_config(teacher_dir), str(tmp_path / "kd"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen["params"]),
+                 jax.device_get(state["params"]["model"]))
+
+
+def test_kd_loss_value_matches_a_hand_computation(tmp_path, teacher_dir):
+    """With ce_weight=0 the total loss is exactly T^2 * KL(p_t || p_s) at temperature T."""
+    cfg = config_lib.from_dict(base(task="kd", model={"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
+                                    teacher={**TEACHER, "checkpoint": teacher_dir},
+                                    distill={"ce_weight": 0.0, "terms": ({"name": "kd", "temperature": 2.0},)}))
+    trainer = Trainer(cfg, str(tmp_path / "kd"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    state = jax.device_get(trainer.init_state())
+    batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator()).items()}
+    loss, _ = trainer.task.loss_fn(state["params"], state["model_state"], frozen, batch, None, jnp.int32(0))
+    s = trainer.task.model.apply({"params": state["params"]["model"], **state["model_state"]["model"]},
+                                 batch["image"], train=True)
+    t = trainer.task.teacher.apply({"params": frozen["params"], **frozen["model_state"]}, batch["image"],
+                                   train=False)
+    s, t = np.asarray(s, np.float64) / 2.0, np.asarray(t, np.float64) / 2.0
+    log_ps = s - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True)) - s.max(1, keepdims=True)
+    log_pt = t - np.log(np.exp(t - t.max(1, keepdims=True)).sum(1, keepdims=True)) - t.max(1, keepdims=True)
+    expected = 4.0 * np.mean(np.sum(np.exp(log_pt) * (log_pt - log_ps), axis=1))
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+
+
+def test_feature_term_with_connector_trains(tmp_path, teacher_dir):
+    terms = ({"name": "kd", "weight": 0.9, "temperature": 4.0},
+             {"name": "fitnet", "weight": 1.0, "student_tap": "features", "teacher_tap": "features",
+              "connector": "linear"})
+    results = train_and_evaluate(kd_config(teacher_dir, terms=terms), str(tmp_path / "kd"))
+    assert results["test"]["accuracy"] > 0.3
+
+
+def test_wrong_tap_lists_the_available_taps(tmp_path, teacher_dir):
+    terms = ({"name": "fitnet", "student_tap": "stage9", "teacher_tap": "features"},)
+    with pytest.raises(ConfigError, match="available: .*features"):
+        Trainer(kd_config(teacher_dir, terms=terms), str(tmp_path / "kd"))
+
+
+def test_shape_mismatch_without_connector_is_an_error(tmp_path, teacher_dir):
+    terms = ({"name": "fitnet", "student_tap": "features", "teacher_tap": "features", "connector": "none"},)
+    with pytest.raises(ConfigError, match="differ in shape"):
+        Trainer(kd_config(teacher_dir, terms=terms), str(tmp_path / "kd"))
+
+
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
+    trainer = Trainer(kd_config(str(tmp_path / "nowhere")), str(tmp_path / "kd"))
+    with pytest.raises(UserError, match="teacher.checkpoint"):
+        trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+
+
+def test_train_step_does_not_retrace(tmp_path, teacher_dir):
+    trainer = Trainer(kd_config(teacher_dir), str(tmp_path / "kd"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    traced = chex.assert_max_traces(trainer.train_step, n=1)
+    step = jax.jit(traced, donate_argnums=(0,))
+    state = trainer.init_state()
+    it = trainer.train_iterator()
+    for _ in range(3):
+        state, _ = step(state, frozen, parallel.global_batch(trainer.mesh, next(it)))

@@ -1,0 +1,226 @@
+"""The trainer end to end on real data (UCI digits): learning, workdir files, sharding, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from transferlab import checkpoint, config as config_lib, parallel
+from transferlab.metrics import read_jsonl
+from transferlab.train import Trainer, train_and_evaluate
+
+from conftest import REPO
+
+
+def tiny(**overrides):
+    base = {"dataset": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
+            "total_steps": 30, "batch_size": 32, "eval_batch_size": 64, "log_every_steps": 5,
+            "eval_every_steps": 15, "checkpoint_every_steps": 10,
+            "optimizer": {"learning_rate": 0.1}, "schedule": {"name": "constant"}}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return config_lib.from_dict(base)
+
+
+def final_params(workdir, config):
+    trainer = Trainer(config, workdir)
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    abstract = checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
+    state, _ = ckpt.restore(ckpt.latest_step(), abstract)
+    ckpt.close()
+    return jax.device_get(state)
+
+
+def test_training_learns_and_writes_the_workdir(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    results = train_and_evaluate(tiny(), workdir)
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert all("step" in r for r in records)
+    train = [r for r in records if "loss/ce" in r]
+    assert train[-1]["loss/ce"] < 0.5 * train[0]["loss/ce"]
+    for key in ("learning_rate", "grad_norm", "accuracy", "steps_per_sec", "examples_per_sec"):
+        assert key in train[-1]
+    evals = [r for r in records if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [15, 30]
+    assert "eval/top5_accuracy" in evals[0] and evals[0]["eval/count"] == 180
+    assert results["test"]["count"] == 360 and results["test"]["accuracy"] > 0.7
+    assert results["selection"] == "last step" and results["selected_step"] == 30
+    with open(os.path.join(workdir, "config.json")) as f:
+        resolved = json.load(f)
+    assert resolved["total_steps"] == 30 and resolved["_versions"]["jax"] == jax.__version__
+    assert "git_commit" in resolved["_versions"]
+    assert os.path.isdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_best_on_validation_selection(tmp_path, data_dir):
+    results = train_and_evaluate(tiny(selection="best", eval_every_steps=5), str(tmp_path / "run"))
+    records = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    best = max((r["eval/accuracy"], r["step"]) for r in records if "eval/accuracy" in r)
+    assert results["selected_step"] == best[1]
+    assert results["validation"]["accuracy"] == pytest.approx(best[0])
+    assert "best validation" in results["selection"]
+
+
+def test_sharded_step_equals_single_device_step(tmp_path, data_dir):
+    assert jax.device_count() == 8
+    config = tiny(batch_size=64, mesh_shape="data=4,fsdp=2")
+    outs = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+        trainer = Trainer(config if len(devices) == 8 else tiny(batch_size=64, mesh_shape="data=1"),
+                          str(tmp_path / f"w{len(devices)}"), devices=devices)
+        frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+        trainer.compile(frozen)
+        state = trainer.init_state()
+        it = trainer.train_iterator()
+        for _ in range(3):
+            state, metrics = trainer.jit_train_step(state, frozen, parallel.global_batch(trainer.mesh, next(it)))
+        outs.append((jax.device_get(state["params"]), float(metrics["loss/ce"])))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), outs[0][0], outs[1][0])
+    assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-5)
+
+
+def test_fsdp_rules_shard_params(tmp_path, data_dir):
+    trainer = Trainer(tiny(batch_size=64, mesh_shape="data=4,fsdp=2"), str(tmp_path / "w"))
+    specs = [s.spec for s in jax.tree.leaves(trainer.state_shardings["params"])]
+    assert any("fsdp" in tuple(spec) for spec in specs)
+    replicated = Trainer(tiny(batch_size=64, mesh_shape="data=4,fsdp=2", sharding_rules=((".*", "replicate"),)),
+                         str(tmp_path / "w2"))
+    assert all(tuple(s.spec) == () for s in jax.tree.leaves(replicated.state_shardings["params"]))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_dir):
+    params = []
+    for k in (1, 4):
+        trainer = Trainer(tiny(batch_size=64, optimizer={"accumulate_steps": k}), str(tmp_path / f"a{k}"))
+        trainer.compile({})
+        state = trainer.init_state()
+        batch = parallel.global_batch(trainer.mesh, next(trainer.train_iterator()))
+        state, _ = trainer.jit_train_step(state, {}, batch)
+        params.append(jax.device_get(state["params"]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *params)
+
+
+def test_restore_onto_a_different_mesh(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    config = tiny(batch_size=64, mesh_shape="data=4,fsdp=2", total_steps=10)
+    train_and_evaluate(config, workdir)
+    on_eight = final_params(workdir, config)
+    small = Trainer(tiny(batch_size=64, mesh_shape="data=1,fsdp=2", total_steps=10), workdir,
+                    devices=jax.devices()[:2])
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    state, data_state = ckpt.restore(10, checkpoint.abstract_with_shardings(small.abstract_state,
+                                                                           small.state_shardings))
+    assert all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(state["params"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), on_eight)
+    assert data_state
+
+
+def cli(args, env_extra=None, timeout=240):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "transferlab.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+TINY_CLI = ["--config.dataset.name=digits", "--config.model.name=mlp", "--config.model.kwargs.hidden_sizes=(32,)",
+            "--config.total_steps=24", "--config.batch_size=32", "--config.log_every_steps=4",
+            "--config.eval_every_steps=12", "--config.checkpoint_every_steps=8", "--config.schedule.name=cosine"]
+QUICK = os.path.join("experiments", "kd", "quickstart.py")
+
+
+def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert cli(["--config", "tests/configs/tiny.py", "--workdir", straight, *TINY_CLI]).returncode == 0
+    killed = cli(["--config", "tests/configs/tiny.py", "--workdir", resumed, *TINY_CLI],
+                 env_extra={"TRANSFERLAB_FAULT_KILL_AT_STEP": "13"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(resumed, "results.json"))
+    again = cli(["--config", "tests/configs/tiny.py", "--workdir", resumed, *TINY_CLI])
+    assert again.returncode == 0, again.stderr
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"), TINY_CLI)
+    a, b = final_params(straight, config), final_params(resumed, config)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    steps = [r["step"] for r in read_jsonl(os.path.join(resumed, "metrics.jsonl")) if "loss/ce" in r]
+    assert steps == sorted(set(steps))  # no duplicated records after the resume
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    args = ["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI,
+            "--config.total_steps=100000", "--config.checkpoint_every_steps=0", "--config.eval_every_steps=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "transferlab.main", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "preempted" in out
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    assert ckpt.latest_step() and ckpt.latest_step() > 0
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
+    cases = [
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "a"), "--config.modle.name=x"],
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "b"), "--config.model.name=resnet9000"],
+        ["--config", "tests/configs/missing.py", "--workdir", str(tmp_path / "c")],
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "d"), "--config.batch_size=30"],
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "e"), "--bogus"],
+    ]
+    for args in cases:
+        proc = cli(args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("transferlab: error:"), proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert "batch_size" in cli(cases[3]).stderr
+
+
+def test_incompatible_checkpoint_is_a_clear_error(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    assert cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI]).returncode == 0
+    proc = cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI,
+                "--config.model.kwargs.hidden_sizes=(16,)", "--config.total_steps=40"])
+    assert proc.returncode == 2 and "checkpoint" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    overrides = [*TINY_CLI, "--config.total_steps=60", "--config.checkpoint_every_steps=2",
+                 "--config.schedule.name=linear", "--config.schedule.warmup_steps=60",
+                 "--config.optimizer.learning_rate=1e30", "--config.optimizer.momentum=0.0"]
+    proc = cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *overrides])
+    assert proc.returncode == 3, proc.stderr
+    assert "non-finite" in proc.stderr
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"), overrides)
+    state = final_params(workdir, config)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_quickstart_study_end_to_end(tmp_path, data_dir):
+    workdir = str(tmp_path / "study")
+    proc = cli(["--config", QUICK + ":steps=20,seeds=2", "--workdir", workdir,
+                "--config.log_every_steps=10"], timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(workdir, "results.json")) as f:
+        summary = json.load(f)
+    arms = {row["arm"]: row for row in summary["arms"]}
+    assert set(arms) == {"teacher", "student", "student+kd"}
+    assert len(arms["student+kd"]["seeds"]) == 2 and arms["student"]["selection"] == "last step"
+    assert "student+kd" in proc.stdout and "±" in proc.stdout
+    kd_config = json.load(open(os.path.join(workdir, "student+kd", "seed_0", "config.json")))
+    assert kd_config["teacher"]["checkpoint"] == os.path.join(os.path.abspath(workdir), "teacher", "seed_0")
+    rerun = cli(["--config", QUICK + ":steps=20,seeds=2", "--workdir", workdir,
+                 "--config.log_every_steps=10"], timeout=200)
+    assert rerun.returncode == 0 and "already finished" in rerun.stdout
