@@ -75,7 +75,7 @@ def test_value_and_grad_match_peer(case):
     g = load(case)
     name, hparams, student, teacher, batch = inputs_of(g)
     fn = losses.get(name).fn
-    value, grad = jax.value_and_grad(lambda s: fn(s, teacher, batch, **hparams))(student)
+    value, grad = jax.jit(jax.value_and_grad(lambda s, t, b: fn(s, t, b, **hparams)))(student, teacher, batch)
     scale = float(g["scale"])
     close(value, scale * g["loss"], f"{case}: loss vs {g['peer']}")
     grads = grad if isinstance(grad, list) else [grad]

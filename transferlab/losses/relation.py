@@ -185,13 +185,14 @@ def crd_nce(probs, num_data, eps=1e-7):
 
 
 def crd_normalizers(student, teacher, batch, *, temperature=0.07):
-    """(Z_student, Z_teacher) = mean score * N, the constants the reference fixes on its first step."""
+    """(Z_student, Z_teacher) = mean score * N over the valid samples, the constants the reference fixes
+    on its first step (pass them back as batch['crd_z'] to keep them fixed)."""
     s, t = l2_normalize(f32(student)), l2_normalize(f32(teacher))
     mem_s, mem_t = batch["crd_memory_student"], batch["crd_memory_teacher"]
     idx = batch["crd_contrast_idx"]
     n = mem_s.shape[0]
-    z_s = jnp.mean(crd_scores(s, mem_t, idx, temperature)) * n
-    z_t = jnp.mean(crd_scores(t, mem_s, idx, temperature)) * n
+    z_s = batch_mean(jnp.mean(crd_scores(s, mem_t, idx, temperature), axis=-1), batch) * n
+    z_t = batch_mean(jnp.mean(crd_scores(t, mem_s, idx, temperature), axis=-1), batch) * n
     return jax.lax.stop_gradient(z_s), jax.lax.stop_gradient(z_t)
 
 
