@@ -331,3 +331,14 @@ def test_bfloat16_inputs_give_float32():
     s, t, batch = example("kd")
     value = call("kd", s.astype(jnp.bfloat16), t.astype(jnp.bfloat16), batch)
     assert value.dtype == jnp.float32
+
+
+def test_shape_mismatches_are_config_errors():
+    s, t, batch = example("fitnet")
+    with pytest.raises(ConfigError, match="'fitnet'.*connector"):
+        losses.get("fitnet").fn(s, t[..., :4], batch)
+    s, t, batch = example("at")
+    with pytest.raises(ConfigError, match="2 student taps but 1 teacher"):
+        losses.get("at").fn(s, t[:1], batch)
+    with pytest.raises(ConfigError, match="lists of taps"):
+        losses.get("reviewkd").fn(s[0], t[0], batch)

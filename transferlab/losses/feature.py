@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import jax.numpy as jnp
 
-from transferlab.losses.registry import batch_mean, f32, labels_of, register, sample_weights
+from transferlab.losses.registry import (batch_mean, check_pairs, check_same_shape, f32, labels_of, register,
+                                        sample_weights)
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -56,6 +57,7 @@ def fitnet(student, teacher, batch):
     (mean reduction) of the reference code. The paper's 1/2 factor is left to the
     term weight (mdistiller uses 100 on CIFAR-100).
     """
+    check_same_shape("fitnet", student, teacher)
     return batch_mean(per_sample_mse(f32(student), f32(teacher)), batch)
 
 
@@ -78,6 +80,7 @@ def at(student, teacher, batch, *, p=2.0, beta=1000.0):
     beta = 1000. Where a stage's spatial sizes differ the larger map is adaptive-
     average-pooled to the smaller one (as mdistiller). Channels may differ.
     """
+    check_pairs("at", student, teacher)
     total = 0.0
     for fs, ft in zip(student, teacher):
         fs, ft = f32(fs), f32(ft)
@@ -101,6 +104,7 @@ def nd(student, teacher, batch, *, class_means=None):
     noisier with few samples per class). The student feature must have the teacher's
     width (connector 'linear').
     """
+    check_same_shape("nd", student, teacher)
     s, t = f32(student), f32(teacher)
     y = labels_of(batch, "nd")
     if class_means is None:
@@ -144,4 +148,7 @@ def reviewkd(student, teacher, batch, *, pool_sizes=(4, 2, 1)):
     Default taps follow mdistiller's CIFAR recipe: student stage outputs + pooled
     features, teacher pre-activation stages + pooled features.
     """
+    check_pairs("reviewkd", student, teacher)
+    for fs, ft in zip(student, teacher):
+        check_same_shape("reviewkd", fs, ft)
     return sum(hcl(fs, ft, pool_sizes, batch) for fs, ft in zip(student, teacher))

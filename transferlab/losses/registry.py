@@ -127,6 +127,23 @@ def labels_of(batch: Mapping[str, Any], loss: str):
     return jnp.asarray(batch["label"]).astype(jnp.int32)
 
 
+def check_same_shape(loss: str, student, teacher):
+    """`ConfigError` when a loss comparing elementwise gets differently shaped taps."""
+    if tuple(student.shape) != tuple(teacher.shape):
+        raise errors.ConfigError(f"loss {loss!r}: student tap shape {tuple(student.shape)} differs from the teacher's "
+                                 f"{tuple(teacher.shape)}; map the student with a connector")
+
+
+def check_pairs(loss: str, student, teacher):
+    """`ConfigError` unless a multi-tap loss got two lists of the same length."""
+    if not isinstance(student, (list, tuple)) or not isinstance(teacher, (list, tuple)):
+        raise errors.ConfigError(f"loss {loss!r} takes lists of taps (multi_tap); got "
+                                 f"{type(student).__name__} and {type(teacher).__name__}")
+    if len(student) != len(teacher):
+        raise errors.ConfigError(f"loss {loss!r}: {len(student)} student taps but {len(teacher)} teacher taps; "
+                                 "expected as many of each")
+
+
 def f32(x):
     """`x` as a float32 array (models may sow bfloat16 features)."""
     return jnp.asarray(x).astype(jnp.float32)
