@@ -58,7 +58,7 @@ def test_teacher_restored_equals_the_teacher_run(tmp_path, teacher_dir):
                                                                    teacher_trainer.state_shardings))
     trainer = Trainer(kd_config(teacher_dir), str(tmp_path / "kd"))
     frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen["params"]),
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen["teachers"][0]["params"]),
                  jax.device_get(state["params"]["model"]))
 
 
@@ -74,8 +74,9 @@ def test_kd_loss_value_matches_a_hand_computation(tmp_path, teacher_dir):
     loss, _ = trainer.task.loss_fn(state["params"], state["model_state"], frozen, batch, None, jnp.int32(0))
     s = trainer.task.model.apply({"params": state["params"]["model"], **state["model_state"]["model"]},
                                  batch["image"], train=True)
-    t = trainer.task.teacher.apply({"params": frozen["params"], **frozen["model_state"]}, batch["image"],
-                                   train=False)
+    teacher = frozen["teachers"][0]
+    t = trainer.task.teachers[0].apply({"params": teacher["params"], **teacher["model_state"]}, batch["image"],
+                                       train=False)
     s, t = np.asarray(s, np.float64) / 2.0, np.asarray(t, np.float64) / 2.0
     log_ps = s - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True)) - s.max(1, keepdims=True)
     log_pt = t - np.log(np.exp(t - t.max(1, keepdims=True)).sum(1, keepdims=True)) - t.max(1, keepdims=True)
@@ -118,3 +119,53 @@ def test_train_step_does_not_retrace(tmp_path, teacher_dir):
     it = trainer.train_iterator()
     for _ in range(3):
         state, _ = step(state, frozen, parallel.global_batch(trainer.mesh, next(it)))
+
+
+@pytest.mark.parametrize("combination", ["average", "weighted", "adaptive"])
+def test_multi_teacher_combinations(tmp_path, teacher_dir, combination):
+    cfg = config_lib.from_dict(base(
+        task="kd", model={"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
+        teacher={**TEACHER, "checkpoint": teacher_dir},
+        extra_teachers=({"name": "mlp", "kwargs": {"hidden_sizes": (64, 64)}, "checkpoint": "random"},),
+        distill={"ce_weight": 0.1, "teacher_combination": combination, "teacher_weights": (3.0, 1.0),
+                 "terms": ({"name": "kd", "weight": 0.9},
+                           {"name": "rkd", "weight": 1.0, "teacher": 1})}))
+    trainer = Trainer(cfg, str(tmp_path / "kd"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    assert len(frozen["teachers"]) == 2
+    logits = [jnp.asarray(np.random.RandomState(i).randn(4, 10), jnp.float32) for i in range(2)]
+    labels = jnp.asarray([0, 1, 2, 3])
+    combined = trainer.task.combined_logits([{"logits": x} for x in logits], labels)
+    if combination == "average":
+        np.testing.assert_allclose(combined, (logits[0] + logits[1]) / 2, rtol=1e-6)
+    elif combination == "weighted":
+        np.testing.assert_allclose(combined, 0.75 * logits[0] + 0.25 * logits[1], rtol=1e-6)
+    else:
+        ce = [-jax.nn.log_softmax(x)[jnp.arange(4), labels] for x in logits]
+        w0 = np.exp(-ce[0]) / (np.exp(-ce[0]) + np.exp(-ce[1]))
+        np.testing.assert_allclose(combined, w0[:, None] * logits[0] + (1 - w0[:, None]) * logits[1], rtol=1e-5)
+    results = train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert np.isfinite(results["test"]["loss"])
+
+
+def test_crd_keeps_and_updates_its_memory_bank(tmp_path, teacher_dir):
+    terms = ({"name": "kd", "weight": 0.9}, {"name": "crd", "weight": 0.8, "embed_dim": 16, "num_negatives": 64})
+    trainer = Trainer(kd_config(teacher_dir, terms=terms), str(tmp_path / "kd"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    trainer.compile(frozen)
+    state = trainer.init_state()
+    memory = state["model_state"]["memory"]["term1"]
+    assert memory["student"].shape == (trainer.info.split_sizes["train"], 16)
+    assert "term1_teacher" in state["params"]["connectors"]  # the trainable teacher-side embedding head
+    before = jax.device_get(memory)
+    batch = next(trainer.train_iterator())
+    state, metrics = trainer.jit_train_step(state, frozen, parallel.global_batch(trainer.mesh, batch))
+    after = jax.device_get(state["model_state"]["memory"]["term1"])
+    touched = np.asarray(batch["index"])
+    assert not np.allclose(after["student"][touched], before["student"][touched])
+    untouched = np.setdiff1d(np.arange(len(after["student"])), touched)
+    np.testing.assert_array_equal(after["student"][untouched], before["student"][untouched])
+    np.testing.assert_allclose(np.linalg.norm(after["teacher"][touched], axis=-1), 1.0, rtol=1e-5)
+    assert (after["z"] > 0).all() and np.isfinite(float(metrics["loss/term1_crd"]))
+    state, _ = trainer.jit_train_step(state, frozen, parallel.global_batch(trainer.mesh, batch))
+    np.testing.assert_array_equal(jax.device_get(state["model_state"]["memory"]["term1"]["z"]), after["z"])

@@ -26,9 +26,10 @@ SELECTIONS = ("last", "best")
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp")
 # Keys of a distill.terms entry that are not loss hparams.
-TERM_KEYS = ("name", "weight", "student_tap", "teacher_tap", "connector", "warmup_steps")
+TERM_KEYS = ("name", "weight", "student_tap", "teacher_tap", "connector", "warmup_steps", "teacher",
+             "embed_dim", "num_negatives", "memory_momentum")
 # Sections whose contents are free-form (checked by the component that owns them).
-FREE_FORM = ("model.kwargs", "teacher.kwargs", "study.arms", "distill.terms", "sharding_rules")
+FREE_FORM = ("model.kwargs", "teacher.kwargs", "study.arms", "distill.terms", "sharding_rules", "extra_teachers")
 
 
 def model_section(name: str = "mlp") -> ml_collections.ConfigDict:
@@ -97,10 +98,13 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.teacher = model_section("")  # kd: the frozen teacher architecture
     c.teacher.checkpoint = ""  # kd: workdir of a trained run; its params are restored read-only
+    c.extra_teachers = ()  # kd, multi-teacher: ({'name', 'checkpoint', 'kwargs', 'dtype'}, ...)
 
     c.distill = ml_collections.ConfigDict({
         "ce_weight": 1.0,  # weight of the hard-label cross-entropy
         "terms": (),  # ({'name': 'kd', 'weight': 1.0, 'temperature': 4.0}, ...)
+        "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive
+        "teacher_weights": (),  # 'weighted': one weight per teacher (teacher first, then extra_teachers)
     })
 
     c.study = ml_collections.ConfigDict({
@@ -324,6 +328,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise unknown_name("model (teacher.name)", config.teacher.name, models.names())
         _choice("teacher.dtype", config.teacher.dtype, DTYPES)
         _check_model_kwargs("teacher", config.teacher)
+        for i, extra in enumerate(config.extra_teachers):
+            name = dict(extra).get("name")
+            if name not in models.names():
+                raise unknown_name(f"model (extra_teachers[{i}].name)", name, models.names())
         if not config.distill.terms and config.distill.ce_weight == 0:
             raise ConfigError("distill: no loss terms and ce_weight == 0: nothing to train")
         for i, term in enumerate(config.distill.terms):

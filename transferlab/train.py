@@ -56,7 +56,8 @@ class Trainer:
             if split and info is None and split not in self.info.split_sizes:
                 raise ConfigError(f"config key 'dataset.{key}': split {split!r} not in "
                                   f"{config.dataset.name} (has {', '.join(self.info.split_sizes)})")
-        self.task = create_task(config, self.info.num_classes)
+        self.task = create_task(config, self.info.num_classes,
+                                self.info.split_sizes.get(config.dataset.train_split, 0))
         self.abstract_images = jax.ShapeDtypeStruct((2, *self.info.image_shape), jnp.float32)
 
         abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))[0]

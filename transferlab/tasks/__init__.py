@@ -6,5 +6,5 @@ from transferlab.tasks.kd import KDTask
 TASKS = {"classify": ClassifyTask, "kd": KDTask}
 
 
-def create_task(config, num_classes: int):
-    return TASKS[config.task](config, num_classes)
+def create_task(config, num_classes: int, num_train_examples: int = 0):
+    return TASKS[config.task](config, num_classes, num_train_examples)

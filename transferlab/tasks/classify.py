@@ -8,7 +8,7 @@ from transferlab.tasks import common
 class ClassifyTask:
     """Cross-entropy on (possibly mixed) labels. Params: {'model': ...}; model state: {'model': ...}."""
 
-    def __init__(self, config, num_classes: int):
+    def __init__(self, config, num_classes: int, num_train_examples: int = 0):
         self.config = config
         self.num_classes = num_classes
         self.model = common.build_model(config.model, num_classes)

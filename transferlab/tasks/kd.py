@@ -1,14 +1,25 @@
-"""Knowledge distillation from a frozen teacher (Hinton et al., arXiv:1503.02531, and the
+"""Knowledge distillation from frozen teachers (Hinton et al., arXiv:1503.02531, and the
 loss terms of `transferlab.losses`).
 
-The teacher's variables are passed into the jitted step as an argument outside
-the optimizer state, under `stop_gradient`; its forward runs in the same
+The teachers' variables are passed into the jitted step as an argument outside
+the optimizer state, under `stop_gradient`; their forwards run in the same
 compiled step as the student's. The loss is
 `ce_weight * CE(student, labels) + sum_i weight_i(step) * term_i(taps)`, where
 each term is `{name, weight, student_tap, teacher_tap, connector, warmup_steps,
-**hparams}` from `config.distill.terms`. A term whose student tap needs mapping
-to the teacher's shape gets a trainable connector (params under
+teacher, **hparams}` from `config.distill.terms`. A term whose student tap needs
+mapping to the teacher's shape gets a trainable connector (params under
 `params['connectors']['term<i>']`), student-side and dropped at export.
+
+Multi-teacher: `extra_teachers` adds teachers (any architectures). A term with
+`teacher: k` taps teacher k; otherwise a logits term gets the teachers' logits
+combined by `distill.teacher_combination`: `average`, `weighted`
+(`distill.teacher_weights`) or `adaptive` (per-sample weights softmax over
+teachers of -CE(teacher, label), the confidence-aware weighting of CA-MKD,
+arXiv:2201.00007); other taps come from teacher 0.
+
+CRD (arXiv:1910.10699) keeps its memory banks and normalizing constants in the
+model state (`model_state['memory']['term<i>']`, not differentiated) and a
+trainable teacher-side embedding head in `params['connectors']['term<i>_teacher']`.
 """
 
 from __future__ import annotations
@@ -22,15 +33,19 @@ import jax.numpy as jnp
 from transferlab import losses
 from transferlab.config import TERM_KEYS
 from transferlab.errors import ConfigError, UserError
+from transferlab.losses import connectors as connector_lib
+from transferlab.losses import relation
 from transferlab.tasks import common
 
 RANDOM_TEACHER = "random"  # teacher.checkpoint value for smoke tests and benchmarks only
+COMBINATIONS = ("average", "weighted", "adaptive")
+CRD_DEFAULTS = {"embed_dim": 128, "num_negatives": 16384, "memory_momentum": 0.5}
 
 
 class Term:
     """One resolved loss term of `config.distill.terms`."""
 
-    def __init__(self, index: int, raw: dict):
+    def __init__(self, index: int, raw: dict, num_teachers: int):
         raw = dict(raw)
         self.key = f"term{index}"
         self.where = f"distill.terms[{index}]"
@@ -42,6 +57,10 @@ class Term:
         self.student_tap = raw.get("student_tap", default_s)
         self.teacher_tap = raw.get("teacher_tap", default_t)
         self.connector = raw.get("connector", self.spec.connector)
+        self.teacher = raw.get("teacher")
+        if self.teacher is not None and self.teacher not in range(num_teachers):
+            raise ConfigError(f"{self.where}.teacher: {self.teacher!r} is not a teacher index (0..{num_teachers - 1})")
+        self.crd = {k: raw.get(k, v) for k, v in CRD_DEFAULTS.items()} if self.name == "crd" else None
         self.hparams = losses.resolve_hparams(self.name, {k: v for k, v in raw.items() if k not in TERM_KEYS})
 
     def taps(self, which: str):
@@ -55,144 +74,248 @@ class Term:
 
 
 class KDTask:
-    """Student trained with CE + distillation terms against a frozen teacher."""
+    """Student trained with CE + distillation terms against frozen teachers."""
 
-    def __init__(self, config, num_classes: int):
+    def __init__(self, config, num_classes: int, num_train_examples: int = 0):
         self.config = config
         self.num_classes = num_classes
+        self.num_train_examples = num_train_examples
         self.model = common.build_model(config.model, num_classes)
-        self.teacher = common.build_model(config.teacher, num_classes)
-        self.terms = [Term(i, t) for i, t in enumerate(config.distill.terms)]
+        self.teacher_sections = [config.teacher] + [_teacher_section(t, i) for i, t in
+                                                    enumerate(config.extra_teachers)]
+        self.teachers = [common.build_model(t, num_classes) for t in self.teacher_sections]
+        self.terms = [Term(i, t, len(self.teachers)) for i, t in enumerate(config.distill.terms)]
         self.needs_taps = any(t.taps("student") != ["logits"] or t.taps("teacher") != ["logits"]
                               for t in self.terms)
         self.connectors = {}
-        if not config.teacher.checkpoint:
-            raise ConfigError("config key 'teacher.checkpoint': required for task 'kd' (a trained run's "
-                              f"workdir, or {RANDOM_TEACHER!r} for an untrained teacher in smoke tests)")
+        combination = config.distill.teacher_combination
+        if combination not in COMBINATIONS:
+            raise ConfigError(f"config key 'distill.teacher_combination': {combination!r} is not one of "
+                              f"{', '.join(COMBINATIONS)}")
+        if combination == "weighted" and len(config.distill.teacher_weights) != len(self.teachers):
+            raise ConfigError(f"config key 'distill.teacher_weights': needs one weight per teacher "
+                              f"({len(self.teachers)}), got {tuple(config.distill.teacher_weights)}")
+        for i, section in enumerate(self.teacher_sections):
+            if not section.checkpoint:
+                key = "teacher.checkpoint" if i == 0 else f"extra_teachers[{i - 1}].checkpoint"
+                raise ConfigError(f"config key {key!r}: required for task 'kd' (a trained run's workdir, or "
+                                  f"{RANDOM_TEACHER!r} for an untrained teacher in smoke tests)")
 
     # ------------------------------------------------------------------ init
 
     def _tap_shapes(self, model, images):
         def run(x):
             variables = model.init({"params": jax.random.key(0)}, x, train=False)
-            _, _, taps = common.forward(model, variables["params"],
-                                        {k: v for k, v in variables.items() if k not in ("params", "intermediates")},
-                                        x, train=False, taps=True)
-            return taps
+            state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
+            return common.forward(model, variables["params"], state, x, train=False, taps=True)[2]
         return jax.eval_shape(run, images)
 
-    def _check_taps(self, term, which, shapes):
+    def _check_taps(self, term, which, shapes, model_name):
         for tap in term.taps(which):
             if tap not in shapes:
                 raise ConfigError(f"{term.where}.{which}_tap: {tap!r} is not a tap of the {which} "
-                                  f"({self.config.model.name if which == 'student' else self.config.teacher.name});"
-                                  f" available: {', '.join(sorted(shapes))}")
+                                  f"({model_name}); available: {', '.join(sorted(shapes))}")
 
     def init_params(self, rng, images):
         student_rng, connector_rng = jax.random.split(rng)
         params, model_state = common.init_model(self.model, student_rng, images)
-        all_params, all_state = {"model": params, "connectors": {}}, {"model": model_state, "connectors": {}}
+        all_params = {"model": params, "connectors": {}}
+        all_state = {"model": model_state, "connectors": {}, "memory": {}}
         if not self.terms:
             return all_params, all_state
-        s_shapes, t_shapes = self._tap_shapes(self.model, images), self._tap_shapes(self.teacher, images)
-        for term in self.terms:
-            self._check_taps(term, "student", s_shapes)
-            self._check_taps(term, "teacher", t_shapes)
+        s_shapes = self._tap_shapes(self.model, images)
+        t_shapes = [self._tap_shapes(t, images) for t in self.teachers]
+        for n, term in enumerate(self.terms):
+            t_index = term.teacher or 0
+            self._check_taps(term, "student", s_shapes, self.config.model.name)
+            self._check_taps(term, "teacher", t_shapes[t_index], self.teacher_sections[t_index].name)
             s_list = [s_shapes[t].shape for t in term.taps("student")]
-            t_list = [t_shapes[t].shape for t in term.taps("teacher")]
+            t_list = [t_shapes[t_index][t].shape for t in term.taps("teacher")]
             use_connector = bool(term.connector) and term.connector != "none"
             if term.spec.connector and not use_connector and s_list != t_list:
                 raise ConfigError(f"{term.where}: student tap {term.student_tap} {s_list} and teacher tap "
                                   f"{term.teacher_tap} {t_list} differ in shape and 'connector' is 'none' "
                                   f"(default for {term.name!r}: {term.spec.connector!r})")
+            key = jax.random.fold_in(connector_rng, n)
+            if term.crd is not None:
+                self._init_crd(term, key, s_list[0], t_list[0], all_params, all_state)
+                continue
             if use_connector:
-                module = losses.connectors.create_connector(term.connector, t_list if term.spec.multi_tap
-                                                            else t_list[0])
-                self.connectors[term.key] = module
-                dummy = [jnp.zeros(s, jnp.float32) for s in s_list]
-                variables = dict(module.init({"params": jax.random.fold_in(connector_rng, len(self.connectors))},
-                                             dummy if term.spec.multi_tap else dummy[0], train=False))
-                all_params["connectors"][term.key] = variables.pop("params", {})
-                all_state["connectors"][term.key] = variables
+                target = t_list if term.spec.multi_tap else t_list[0]
+                self._add_connector(term.key, term.connector, target, s_list, term.spec.multi_tap, key,
+                                    all_params, all_state)
         return all_params, all_state
 
+    def _add_connector(self, key, name, target, s_list, multi, rng, all_params, all_state):
+        module = connector_lib.create_connector(name, target)
+        self.connectors[key] = module
+        dummy = [jnp.zeros(s, jnp.float32) for s in s_list]
+        variables = dict(module.init({"params": rng}, dummy if multi else dummy[0], train=False))
+        all_params["connectors"][key] = variables.pop("params", {})
+        all_state["connectors"][key] = variables
+
+    def _init_crd(self, term, rng, s_shape, t_shape, all_params, all_state):
+        if not self.num_train_examples:
+            raise ConfigError(f"{term.where}: 'crd' needs the train split size (memory bank rows)")
+        dim = int(term.crd["embed_dim"])
+        k1, k2, k3, k4 = jax.random.split(rng, 4)
+        self._add_connector(term.key, "linear", dim, [s_shape], False, k1, all_params, all_state)
+        self._add_connector(term.key + "_teacher", "linear", dim, [t_shape], False, k2, all_params, all_state)
+        n = self.num_train_examples
+        all_state["memory"][term.key] = {"student": relation.crd_init_memory(k3, n, dim),
+                                         "teacher": relation.crd_init_memory(k4, n, dim),
+                                         "z": -jnp.ones((2,), jnp.float32)}
+
     def load_frozen(self, mesh, abstract_images):
-        """Teacher variables restored read-only (replicated on `mesh`) from `teacher.checkpoint`."""
+        """Teachers' variables restored read-only (replicated on `mesh`) from their checkpoints."""
+        return {"teachers": [self._load_teacher(i, mesh, abstract_images) for i in range(len(self.teachers))]}
+
+    def _load_teacher(self, index, mesh, abstract_images):
         from transferlab.checkpoint import Checkpointer, abstract_with_shardings
         from transferlab.parallel import replicated
-        params, state = jax.eval_shape(lambda x: common.init_model(self.teacher, jax.random.key(0), x),
-                                       abstract_images)
+        model, section = self.teachers[index], self.teacher_sections[index]
+        where = "teacher.checkpoint" if index == 0 else f"extra_teachers[{index - 1}].checkpoint"
+        params, state = jax.eval_shape(lambda x: common.init_model(model, jax.random.key(0), x), abstract_images)
         target = {"params": {"model": params}, "model_state": {"model": state}}
         shardings = jax.tree.map(lambda _: replicated(mesh), target)
-        if self.config.teacher.checkpoint == RANDOM_TEACHER:
-            init = jax.jit(lambda x: common.init_model(self.teacher, jax.random.key(self.config.seed + 1), x),
+        if section.checkpoint == RANDOM_TEACHER:
+            init = jax.jit(lambda x: common.init_model(model, jax.random.key(self.config.seed + 1 + index), x),
                            out_shardings=(shardings["params"]["model"], shardings["model_state"]["model"]))
             params, state = init(jnp.zeros(abstract_images.shape, abstract_images.dtype))
             return {"params": params, "model_state": state}
-        workdir = self.config.teacher.checkpoint
+        workdir = section.checkpoint
         ckpt_dir = os.path.join(workdir, "checkpoints")
         if not os.path.isdir(ckpt_dir):
-            raise UserError(f"teacher.checkpoint: no checkpoints in {workdir!r} (expected {ckpt_dir})")
+            raise UserError(f"{where}: no checkpoints in {workdir!r} (expected {ckpt_dir})")
         ckpt = Checkpointer(workdir, read_only=True)
         step = selected_step(workdir, ckpt)
         if step is None:
-            raise UserError(f"teacher.checkpoint: {ckpt_dir} holds no complete checkpoint")
-        restored = ckpt.restore_subtree(step, abstract_with_shardings(target, shardings))
-        ckpt.close()
+            raise UserError(f"{where}: {ckpt_dir} holds no complete checkpoint")
+        try:
+            restored = ckpt.restore_subtree(step, abstract_with_shardings(target, shardings))
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        finally:
+            ckpt.close()
         return {"params": restored["params"]["model"], "model_state": restored["model_state"]["model"]}
 
     # ------------------------------------------------------------------ steps
 
+    def teacher_outputs(self, frozen, images):
+        """[(logits, taps)] for every teacher, under stop_gradient."""
+        outs = []
+        for model, variables in zip(self.teachers, jax.lax.stop_gradient(frozen["teachers"])):
+            logits, _, taps = common.forward(model, variables["params"], variables["model_state"], images,
+                                             train=False, taps=self.needs_taps)
+            outs.append(jax.lax.stop_gradient(({**taps, "logits": logits})))
+        return outs
+
+    def combined_logits(self, teacher_taps, labels):
+        """The teachers' logits combined per `distill.teacher_combination` (one teacher: its logits)."""
+        logits = jnp.stack([t["logits"].astype(jnp.float32) for t in teacher_taps])  # [K, B, C]
+        if len(teacher_taps) == 1:
+            return logits[0]
+        combination = self.config.distill.teacher_combination
+        if combination == "average":
+            return jnp.mean(logits, axis=0)
+        if combination == "weighted":
+            w = jnp.asarray(self.config.distill.teacher_weights, jnp.float32)
+            return jnp.einsum("k,kbc->bc", w / jnp.sum(w), logits)
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[None, :, None], axis=-1)[..., 0]  # [K, B]
+        w = jax.nn.softmax(-ce, axis=0)
+        return jnp.einsum("kb,kbc->bc", w, logits)
+
     def loss_fn(self, params, model_state, frozen, batch, rng, step):
-        del rng
-        teacher = jax.lax.stop_gradient(frozen)
-        t_logits, _, t_taps = common.forward(self.teacher, teacher["params"], teacher["model_state"],
-                                             batch["image"], train=False, taps=self.needs_taps)
-        t_logits = jax.lax.stop_gradient(t_logits)
-        t_taps = jax.lax.stop_gradient(t_taps)
+        teacher_taps = self.teacher_outputs(frozen, batch["image"])
+        t_logits = self.combined_logits(teacher_taps, batch["label"])
         s_logits, new_model_state, s_taps = common.forward(
             self.model, params["model"], model_state["model"], batch["image"], train=True, taps=self.needs_taps)
-        s_taps, t_taps = {**s_taps, "logits": s_logits}, {**t_taps, "logits": t_logits}
-        new_state = {"model": new_model_state, "connectors": dict(model_state["connectors"])}
+        s_taps = {**s_taps, "logits": s_logits}
+        new_state = {"model": new_model_state, "connectors": dict(model_state["connectors"]),
+                     "memory": dict(model_state["memory"])}
         ce = common.cross_entropy(s_logits, common.targets(batch, self.num_classes))
         total = self.config.distill.ce_weight * ce
         metrics = {"loss/ce": ce, "accuracy": common.train_accuracy(s_logits, batch["label"]),
                    "teacher_agreement": common.train_accuracy(s_logits, jnp.argmax(t_logits, -1))}
-        for term in self.terms:
+        for n, term in enumerate(self.terms):
+            source = teacher_taps[term.teacher] if term.teacher is not None else teacher_taps[0]
             student = [s_taps[t] for t in term.taps("student")]
-            teacher_in = [t_taps[t] for t in term.taps("teacher")]
-            if term.key in self.connectors:
-                student, new_state["connectors"][term.key] = self._connect(
-                    term, params["connectors"][term.key], model_state["connectors"][term.key], student)
-            if not term.spec.multi_tap:
-                student, teacher_in = student[0], teacher_in[0]
-            value = term.spec.fn(student, teacher_in, batch, **term.hparams)
+            teacher_in = [source[t] for t in term.taps("teacher")]
+            if term.teacher is None and term.taps("teacher") == ["logits"]:
+                teacher_in = [t_logits]
+            if term.crd is not None:
+                value = self._crd_term(term, params, model_state, new_state, student[0], teacher_in[0], batch,
+                                       jax.random.fold_in(rng, n))
+            else:
+                if term.key in self.connectors:
+                    student, new_state["connectors"][term.key] = self._connect(
+                        term.key, params, model_state, student, term.spec.multi_tap)
+                if not term.spec.multi_tap:
+                    student, teacher_in = student[0], teacher_in[0]
+                value = term.spec.fn(student, teacher_in, batch, **term.hparams)
             total = total + term.weight_at(step) * value
             metrics[f"loss/{term.key}_{term.name}"] = value
         metrics["loss/total"] = total
         return total, (new_state, metrics)
 
-    def _connect(self, term, params, state, student):
-        module = self.connectors[term.key]
-        inputs = student if term.spec.multi_tap else student[0]
-        mutable = ["batch_stats"] if "batch_stats" in state else False
-        if mutable:
-            out, updates = module.apply({"params": params, **state}, inputs, train=True, mutable=mutable)
+    def _connect(self, key, params, model_state, student, multi_tap):
+        module = self.connectors[key]
+        state = model_state["connectors"][key]
+        inputs = student if multi_tap else student[0]
+        variables = {"params": params["connectors"][key], **state}
+        if "batch_stats" in state:
+            out, updates = module.apply(variables, inputs, train=True, mutable=["batch_stats"])
             state = {**state, **updates}
         else:
-            out = module.apply({"params": params, **state}, inputs, train=True)
-        return (list(out) if term.spec.multi_tap else [out]), state
+            out = module.apply(variables, inputs, train=True)
+        return (list(out) if multi_tap else [out]), state
+
+    def _crd_term(self, term, params, model_state, new_state, student, teacher, batch, rng):
+        """CRD with the memory banks of `model_state`; writes the updated banks into `new_state`."""
+        s_emb = self._connect(term.key, params, model_state, [student], False)[0][0]
+        t_emb = self._connect(term.key + "_teacher", params, model_state, [teacher], False)[0][0]
+        memory = model_state["memory"][term.key]
+        n = self.num_train_examples
+        negatives = min(int(term.crd["num_negatives"]), n - 1)
+        index = batch["index"].astype(jnp.int32)
+        extra = {"crd_memory_student": memory["student"], "crd_memory_teacher": memory["teacher"],
+                 "crd_contrast_idx": relation.crd_sample_indices(rng, index, n, negatives)}
+        z_batch = jnp.stack(relation.crd_normalizers(s_emb, t_emb, {**batch, **extra},
+                                                     temperature=term.hparams["temperature"]))
+        z = jnp.where(memory["z"] > 0, memory["z"], z_batch)  # fixed on the first step, as the reference
+        value = term.spec.fn(s_emb, t_emb, {**batch, **extra, "crd_z": (z[0], z[1])}, **term.hparams)
+        momentum = float(term.crd["memory_momentum"])
+        unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+        new_state["memory"][term.key] = {
+            "student": relation.crd_update_memory(memory["student"], unit(s_emb), index, momentum),
+            "teacher": relation.crd_update_memory(memory["teacher"], unit(t_emb), index, momentum),
+            "z": jax.lax.stop_gradient(z)}
+        return value
 
     def eval_fn(self, params, model_state, frozen, batch):
         logits, _, _ = common.forward(self.model, params["model"], model_state["model"], batch["image"], train=False)
         sums = common.classification_sums(logits, batch["label"], batch["mask"])
-        t_logits, _, _ = common.forward(self.teacher, frozen["params"], frozen["model_state"], batch["image"],
-                                        train=False)
-        agree = (jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)).astype(jnp.float32)
-        sums["teacher_agreement"] = jnp.sum(agree * batch["mask"].astype(jnp.float32))
-        teacher_sums = common.classification_sums(t_logits, batch["label"], batch["mask"])
-        sums["teacher_accuracy"] = teacher_sums["accuracy"]
+        teacher_taps = [{"logits": common.forward(m, v["params"], v["model_state"], batch["image"], train=False)[0]}
+                        for m, v in zip(self.teachers, frozen["teachers"])]
+        t_logits = self.combined_logits(teacher_taps, batch["label"])
+        mask = batch["mask"].astype(jnp.float32)
+        sums["teacher_agreement"] = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)) * mask)
+        sums["teacher_accuracy"] = common.classification_sums(t_logits, batch["label"], batch["mask"])["accuracy"]
         return sums
+
+
+def _teacher_section(raw, index):
+    """An `extra_teachers` entry as a model section (name, dtype, kwargs, checkpoint)."""
+    from transferlab.config import model_section
+    raw = dict(raw)
+    unknown = set(raw) - {"name", "dtype", "kwargs", "checkpoint"}
+    if unknown or "name" not in raw:
+        raise ConfigError(f"extra_teachers[{index}]: expected keys name, checkpoint, dtype, kwargs; got {sorted(raw)}")
+    section = model_section(raw["name"])
+    section.dtype = raw.get("dtype", "float32")
+    section.kwargs = dict(raw.get("kwargs", {}))
+    section.checkpoint = raw.get("checkpoint", "")
+    return section
 
 
 def selected_step(workdir: str, ckpt) -> int | None:
