@@ -1,0 +1,176 @@
+"""Dataset name -> random-access source and a small `DatasetInfo`.
+
+Names are either one of our offline datasets (`offline_names()`: prepared
+automatically into data_dir on first use) or any tfds dataset already
+prepared, in ArrayRecord format, under data_dir (`cifar10`, `cifar100`,
+`imagenet2012`, a custom dataset directory, ...). Nothing is ever downloaded.
+Examples must have an `image` (uint8 HxWxC) and a `label` (ClassLabel).
+"""
+
+import dataclasses
+import functools
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import registered
+
+from transferlab.data import builders
+from transferlab.errors import ConfigError, UserError
+
+resolve_data_dir = builders.resolve_data_dir
+
+# Per-channel mean/std of pixels in [0, 1], from each train set (the usual constants).
+KNOWN_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),  # CRD's constants
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet2012_subset": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet2012_real": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet_v2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+STATS_SAMPLE = 10_000  # examples (evenly spaced over train) used for unknown datasets' stats
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a pipeline need to know about a dataset."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple  # (H, W, C); None entries for variable-size images
+    split_sizes: dict  # {split: number of examples}
+    mean: tuple  # per channel, pixels scaled to [0, 1]
+    std: tuple
+
+
+def offline_names() -> tuple:
+    """Names of the datasets we can build offline (`python -m transferlab.data.prepare`)."""
+    return tuple(sorted(builders.OFFLINE_BUILDERS))
+
+
+def _base_name(name: str) -> str:
+    """'imagenet2012/subset:5.0.0' -> 'imagenet2012'."""
+    return re.split(r"[/:]", name, maxsplit=1)[0]
+
+
+def _standard_builder(name: str, root) -> tfds.core.DatasetBuilder:
+    """A builder reading an already-prepared tfds dataset under `root` (never downloads)."""
+    base = _base_name(name)
+    if base in registered.list_imported_builders():
+        builder = tfds.builder(name, data_dir=str(root))
+    elif (root / base).is_dir():  # a dataset prepared elsewhere with its own code
+        try:
+            builder = tfds.core.read_only_builder.builder_from_files(name, data_dir=str(root))
+        except Exception as e:  # pylint: disable=broad-except
+            raise UserError(f"dataset {name!r}: cannot read {root / base} ({type(e).__name__})") from e
+    else:
+        raise ConfigError(
+            f"unknown dataset {name!r}; expected one of: {', '.join(offline_names())}, "
+            f"or a tfds dataset name prepared under {root}"
+        )
+    if not builder.is_prepared():
+        raise UserError(
+            f"dataset {name!r} is not prepared under {root}; prepare it with tfds on a machine "
+            f"with TensorFlow and network (tfds build {base} --file_format=array_record) "
+            f"and copy its {base}/ directory into {root}"
+        )
+    file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+    if file_format != "array_record":
+        raise UserError(
+            f"dataset {name!r} under {root} is stored as {file_format}; random access needs "
+            f"array_record (convert it with: tfds convert_format --dataset_dir="
+            f"{builder.data_dir} --out_file_format=array_record)"
+        )
+    return builder
+
+
+@functools.lru_cache(maxsize=None)
+def _builder(name: str, root) -> tfds.core.DatasetBuilder:
+    """Cached builder for `name` under the resolved `root` (prepares offline datasets)."""
+    if name in builders.OFFLINE_BUILDERS:
+        return builders.prepare(name, root)
+    return _standard_builder(name, root)
+
+
+def get_builder(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
+    """The prepared tfds builder for dataset `name` (see the module docstring)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"dataset name must be a non-empty string, got {name!r}")
+    return _builder(name, resolve_data_dir(data_dir))
+
+
+def check_split(name: str, split: str, builder=None, data_dir=None) -> None:
+    """Raises ConfigError unless every split named in `split` ('train', 'train[:10%]+test') exists."""
+    builder = builder or get_builder(name, data_dir)
+    allowed = list(builder.info.splits.keys())
+    for part in str(split).split("+"):
+        base = part.split("[", 1)[0].strip()
+        if base not in allowed:
+            raise ConfigError(
+                f"unknown split {base!r} for dataset {name!r}; expected one of: "
+                f"{', '.join(sorted(allowed))}"
+            )
+
+
+def get_source(name: str, split: str, data_dir=None):
+    """Random-access source (`len`, `src[i]` -> dict of numpy) over one split of `name`."""
+    builder = get_builder(name, data_dir)
+    check_split(name, split, builder)
+    return builder.as_data_source(split=split)
+
+
+def _features(name: str, builder) -> tuple:
+    """(image feature, label feature), or a UserError if the dataset lacks them."""
+    features = builder.info.features
+    missing = [k for k in ("image", "label") if k not in features]
+    if missing:
+        raise UserError(
+            f"dataset {name!r} has no {missing[0]!r} feature; expected 'image' and 'label', "
+            f"got: {', '.join(features.keys())}"
+        )
+    return features["image"], features["label"]
+
+
+def _train_stats(name: str, builder, channels: int):
+    """Per-channel mean/std of up to STATS_SAMPLE evenly spaced train images, in [0, 1]."""
+    source = builder.as_data_source(split="train")
+    picks = np.unique(np.linspace(0, len(source) - 1, min(len(source), STATS_SAMPLE)).astype(int))
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    count = 0
+    for i in picks:
+        x = np.asarray(source[int(i)]["image"], np.float64).reshape(-1, channels) / 255.0
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+        count += x.shape[0]
+    mean = total / count
+    return tuple(mean.tolist()), tuple(np.sqrt(np.maximum(total_sq / count - mean**2, 0)).tolist())
+
+
+@functools.lru_cache(maxsize=None)
+def _dataset_info(name: str, root) -> DatasetInfo:
+    builder = _builder(name, root)
+    image, label = _features(name, builder)
+    shape = tuple(image.shape)
+    metadata = builder.info.metadata or {}
+    if "mean" in metadata:
+        mean, std = tuple(metadata["mean"]), tuple(metadata["std"])
+    elif _base_name(name) in KNOWN_STATS:
+        mean, std = KNOWN_STATS[_base_name(name)]
+    else:
+        mean, std = _train_stats(name, builder, shape[-1])
+    return DatasetInfo(
+        name=name,
+        num_classes=int(label.num_classes),
+        image_shape=shape,
+        split_sizes={k: int(v.num_examples) for k, v in builder.info.splits.items()},
+        mean=mean,
+        std=std,
+    )
+
+
+def dataset_info(name: str, data_dir=None) -> DatasetInfo:
+    """Classes, image shape, split sizes and normalization constants of dataset `name`."""
+    get_builder(name, data_dir)  # validates the name, prepares offline datasets
+    return _dataset_info(name, resolve_data_dir(data_dir))
