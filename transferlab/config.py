@@ -19,7 +19,7 @@ import ml_collections
 
 from transferlab.errors import ConfigError, unknown_name
 
-TASKS = ("classify", "kd")
+TASKS = ("classify", "kd", "dml")
 OPTIMIZERS = ("sgd", "adamw", "adafactor")
 SCHEDULES = ("constant", "cosine", "step", "linear")
 SELECTIONS = ("last", "best")
@@ -29,7 +29,8 @@ MESH_AXES = ("data", "fsdp")
 TERM_KEYS = ("name", "weight", "student_tap", "teacher_tap", "connector", "warmup_steps", "teacher",
              "embed_dim", "num_negatives", "memory_momentum")
 # Sections whose contents are free-form (checked by the component that owns them).
-FREE_FORM = ("model.kwargs", "teacher.kwargs", "study.arms", "distill.terms", "sharding_rules", "extra_teachers")
+FREE_FORM = ("model.kwargs", "teacher.kwargs", "study.arms", "distill.terms", "sharding_rules", "extra_teachers",
+             "dml.peers")
 
 
 def model_section(name: str = "mlp") -> ml_collections.ConfigDict:
@@ -105,6 +106,13 @@ def defaults() -> ml_collections.ConfigDict:
         "terms": (),  # ({'name': 'kd', 'weight': 1.0, 'temperature': 4.0}, ...)
         "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive
         "teacher_weights": (),  # 'weighted': one weight per teacher (teacher first, then extra_teachers)
+    })
+
+    c.dml = ml_collections.ConfigDict({  # task 'dml': deep mutual learning, arXiv:1706.00384
+        "num_students": 2,  # students trained together (model + peers)
+        "peers": (),  # ({'name': ..., 'kwargs': {...}}, ...) for students 1..; default: copies of `model`
+        "kl_weight": 1.0,  # weight of each student's mimicry (KL to its peers)
+        "temperature": 1.0,  # softmax temperature of the mimicry KL (x T^2)
     })
 
     c.study = ml_collections.ConfigDict({

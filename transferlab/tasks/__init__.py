@@ -1,9 +1,10 @@
 """Tasks: what differs between families (models, loss, batch structure); the trainer is shared."""
 
 from transferlab.tasks.classify import ClassifyTask
+from transferlab.tasks.dml import DMLTask
 from transferlab.tasks.kd import KDTask
 
-TASKS = {"classify": ClassifyTask, "kd": KDTask}
+TASKS = {"classify": ClassifyTask, "kd": KDTask, "dml": DMLTask}
 
 
 def create_task(config, num_classes: int, num_train_examples: int = 0):
