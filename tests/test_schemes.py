@@ -48,3 +48,49 @@ def test_mutual_learning_gradient_is_each_students_own_dml_loss(tmp_path, data_d
 
     expected = jax.grad(own)(state["params"]["model"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), grads["model"], expected)
+
+
+def test_self_distillation_from_an_ema_of_the_student(tmp_path, data_dir):
+    from transferlab import parallel
+    from transferlab.train import Trainer
+    cfg = config_lib.from_dict(base(task="kd", teacher={"checkpoint": "self_ema"},
+                                    distill={"ema_decay": 0.9, "terms": ({"name": "kd", "weight": 0.5},)}))
+    trainer = Trainer(cfg, str(tmp_path / "w"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    trainer.compile(frozen)
+    state = trainer.init_state()
+    before = jax.device_get(state["params"]["model"])
+    batch = parallel.global_batch(trainer.mesh, next(trainer.train_iterator()))
+    state, _ = trainer.jit_train_step(state, frozen, batch)
+    ema = jax.device_get(state["model_state"]["ema"]["params"])
+    # EMA after one step from the pre-update weights: 0.9 * init + 0.1 * init == init
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ema, before)
+    state, _ = trainer.jit_train_step(state, frozen, batch)
+    mid = jax.device_get(state["model_state"]["ema"]["params"])
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(mid), jax.tree.leaves(before)))
+    results = train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert results["test"]["accuracy"] > 0.5
+
+
+def test_data_partition_kd_between_two_pretrained_models(tmp_path, data_dir):
+    """Fantastic Gains (2310.17653): student initialized from its own pretrained run, distilled per sample
+    from whichever of (teacher, its own pretrained self) is more confident in the true class."""
+    teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
+    teacher = {"name": "mlp", "kwargs": {"hidden_sizes": (64,)}}
+    train_and_evaluate(config_lib.from_dict(base(model=teacher, total_steps=30)), teacher_dir)
+    pre = train_and_evaluate(config_lib.from_dict(base(total_steps=10)), student_dir)
+    cfg = config_lib.from_dict(base(
+        task="kd", init_checkpoint=student_dir, teacher={**teacher, "checkpoint": teacher_dir},
+        extra_teachers=({"name": "mlp", "kwargs": {"hidden_sizes": (32,)}, "checkpoint": student_dir},),
+        distill={"teacher_combination": "partition", "ce_weight": 0.0, "terms": ({"name": "kd", "temperature": 1.0},)},
+        total_steps=1, optimizer={"learning_rate": 1e-9}))
+    out = train_and_evaluate(cfg, str(tmp_path / "dp"))
+    # one near-zero step from the pretrained student keeps its accuracy: the init really came from the checkpoint
+    assert out["test"]["accuracy"] == pytest.approx(pre["test"]["accuracy"], abs=0.01)
+    import jax.numpy as jnp
+    from transferlab.train import Trainer
+    task = Trainer(cfg, str(tmp_path / "dp2")).task
+    a = jnp.asarray([[5.0, 0.0], [0.0, 1.0]])
+    b = jnp.asarray([[0.0, 1.0], [0.0, 5.0]])
+    combined = task.combined_logits([{"logits": a}, {"logits": b}], jnp.asarray([0, 1]))
+    np.testing.assert_array_equal(combined, jnp.asarray([[5.0, 0.0], [0.0, 5.0]]))

@@ -64,24 +64,18 @@ class Checkpointer:
         return restored["state"], restored["data"]
 
     def restore_subtree(self, step: int, abstract_subtree: dict):
-        """Restores the top-level parts of the saved train state named in `abstract_subtree` (e.g. a
-        teacher's params and BN statistics) onto its shardings; the rest is read replicated and dropped."""
+        """Restores the parts of the saved train state named two levels deep in `abstract_subtree`
+        (`{'params': {'model': ...}, 'model_state': {'model': ...}}`: a model's params and BN statistics)
+        onto its shardings; the rest (optimizer state, connectors) is read replicated and dropped."""
         metadata = self.manager.item_metadata(step)["state"]
         metadata = getattr(metadata, "tree", metadata)
         sharding = jax.tree.leaves(abstract_subtree)[0].sharding
         is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
                               is_leaf=is_array)
-        for key, wanted in abstract_subtree.items():
-            saved = target.get(key)
-            saved_shapes = jax.tree_util.tree_flatten_with_path(saved)[0] if saved is not None else []
-            wanted_shapes = jax.tree_util.tree_flatten_with_path(wanted)[0]
-            if [(p, x.shape) for p, x in saved_shapes] != [(p, x.shape) for p, x in wanted_shapes]:
-                raise UserError(f"checkpoint {self.directory}/{step}: its {key!r} do not match the configured "
-                                f"model (different architecture or number of classes?)")
-            target[key] = wanted
+        _graft(target, abstract_subtree, f"checkpoint {self.directory}/{step}")
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        return {key: restored["state"][key] for key in abstract_subtree}
+        return _prune(restored["state"], abstract_subtree)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -94,3 +88,28 @@ def abstract_with_shardings(tree, shardings):
     """ShapeDtypeStructs of `tree` carrying concrete `NamedSharding`s (what a reshard restore needs)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
+
+
+def _graft(target: dict, wanted: dict, where: str, depth: int = 2, path: str = "") -> None:
+    """Puts `wanted`'s subtrees at `depth` (e.g. params/model) into `target` in place, checking the
+    saved shapes match; everything else in `target` stays a replicated placeholder read."""
+    for key, value in wanted.items():
+        saved = target.get(key) if isinstance(target, dict) else None
+        if saved is None:
+            raise UserError(f"{where} has no {path + key!r} (saved by a different task or model?)")
+        if depth > 1:
+            _graft(saved, value, where, depth - 1, path + key + "/")
+            continue
+        saved_shapes = [(p, x.shape) for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]]
+        wanted_shapes = [(p, x.shape) for p, x in jax.tree_util.tree_flatten_with_path(value)[0]]
+        if saved_shapes != wanted_shapes:
+            raise UserError(f"{where}: its {path + key!r} do not match the configured model "
+                            f"(different architecture or number of classes?)")
+        target[key] = value
+
+
+def _prune(tree, wanted, depth: int = 2):
+    """The parts of `tree` named by `wanted` down to `depth`."""
+    if depth == 0:
+        return tree
+    return {k: _prune(tree[k], v, depth - 1) for k, v in wanted.items()}

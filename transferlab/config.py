@@ -97,6 +97,7 @@ def defaults() -> ml_collections.ConfigDict:
         "end_factor": 0.0,  # cosine/linear end value as a fraction of the peak
     })
 
+    c.init_checkpoint = ""  # workdir of a finished run whose params (and BN stats) initialize the model
     c.teacher = model_section("")  # kd: the frozen teacher architecture
     c.teacher.checkpoint = ""  # kd: workdir of a trained run; its params are restored read-only
     c.extra_teachers = ()  # kd, multi-teacher: ({'name', 'checkpoint', 'kwargs', 'dtype'}, ...)
@@ -104,8 +105,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.distill = ml_collections.ConfigDict({
         "ce_weight": 1.0,  # weight of the hard-label cross-entropy
         "terms": (),  # ({'name': 'kd', 'weight': 1.0, 'temperature': 4.0}, ...)
-        "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive
+        "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive, partition
         "teacher_weights": (),  # 'weighted': one weight per teacher (teacher first, then extra_teachers)
+        "ema_decay": 0.999,  # teacher.checkpoint='self_ema': decay of the student's EMA teacher
     })
 
     c.dml = ml_collections.ConfigDict({  # task 'dml': deep mutual learning, arXiv:1706.00384
@@ -331,7 +333,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.name not in models.names():
         raise unknown_name("model (model.name)", config.model.name, models.names())
     _check_model_kwargs("model", config.model)
-    if config.task == "kd":
+    if config.task == "kd" and config.teacher.checkpoint != "self_ema":
         if config.teacher.name not in models.names():
             raise unknown_name("model (teacher.name)", config.teacher.name, models.names())
         _choice("teacher.dtype", config.teacher.dtype, DTYPES)

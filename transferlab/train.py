@@ -166,6 +166,8 @@ class Trainer:
         latest = ckpt.latest_step()
         if latest is None:
             state = self.init_state()
+            if config.init_checkpoint:
+                state = self.load_init_checkpoint(state)
             start = 0
         else:
             abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
@@ -188,6 +190,30 @@ class Trainer:
             ckpt.close()
             writer.close()
         return results
+
+    def load_init_checkpoint(self, state):
+        """Replaces the model's params and BN statistics with those of the run in `init_checkpoint`."""
+        from transferlab.tasks.kd import selected_step
+        workdir = self.config.init_checkpoint
+        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise ConfigError(f"config key 'init_checkpoint': no checkpoints in {workdir!r}")
+        ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+        try:
+            step = selected_step(workdir, ckpt)
+            if step is None:
+                raise ConfigError(f"config key 'init_checkpoint': no complete checkpoint in {workdir!r}")
+            part = {"params": {"model": state["params"]["model"]},
+                    "model_state": {"model": state["model_state"]["model"]}}
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), part)
+            restored = ckpt.restore_subtree(step, abstract)
+        finally:
+            ckpt.close()
+        state = {**state, "params": {**state["params"], "model": restored["params"]["model"]},
+                 "model_state": {**state["model_state"], "model": restored["model_state"]["model"]}}
+        if "ema" in state["model_state"]:
+            state["model_state"]["ema"] = {"params": restored["params"]["model"],
+                                           "model_state": restored["model_state"]["model"]}
+        return state
 
     def _loop(self, state, frozen, train_iter, ckpt, writer, start, stop):
         config = self.config

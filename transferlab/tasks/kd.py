@@ -13,9 +13,20 @@ mapping to the teacher's shape gets a trainable connector (params under
 Multi-teacher: `extra_teachers` adds teachers (any architectures). A term with
 `teacher: k` taps teacher k; otherwise a logits term gets the teachers' logits
 combined by `distill.teacher_combination`: `average`, `weighted`
-(`distill.teacher_weights`) or `adaptive` (per-sample weights softmax over
+(`distill.teacher_weights`), `adaptive` (per-sample weights softmax over
 teachers of -CE(teacher, label), the confidence-aware weighting of CA-MKD,
-arXiv:2201.00007); other taps come from teacher 0.
+arXiv:2201.00007) or `partition` (per sample, the teacher most confident in the
+true class: with the student's own pretrained checkpoint as the second teacher
+and `init_checkpoint` set, this is the data-partition transfer between two
+pretrained models of "Fantastic Gains and Where to Find Them", arXiv:2310.17653:
+distil from the teacher where it is more confident, keep the student's own
+knowledge elsewhere); other taps come from teacher 0.
+
+Self-distillation: `teacher.checkpoint = 'self_ema'` makes the teacher an
+exponential moving average of the student itself (decay `distill.ema_decay`,
+kept in the model state and never differentiated; "mean teacher"
+self-distillation, arXiv:1703.01780), updated from the pre-update weights of each
+step.
 
 CRD (arXiv:1910.10699) keeps its memory banks and normalizing constants in the
 model state (`model_state['memory']['term<i>']`, not differentiated) and a
@@ -38,7 +49,8 @@ from transferlab.losses import relation
 from transferlab.tasks import common
 
 RANDOM_TEACHER = "random"  # teacher.checkpoint value for smoke tests and benchmarks only
-COMBINATIONS = ("average", "weighted", "adaptive")
+COMBINATIONS = ("average", "weighted", "adaptive", "partition")
+SELF_EMA = "self_ema"  # teacher.checkpoint value: the teacher is an EMA of the student (self-distillation)
 CRD_DEFAULTS = {"embed_dim": 128, "num_negatives": 16384, "memory_momentum": 0.5}
 
 
@@ -83,6 +95,11 @@ class KDTask:
         self.model = common.build_model(config.model, num_classes)
         self.teacher_sections = [config.teacher] + [_teacher_section(t, i) for i, t in
                                                     enumerate(config.extra_teachers)]
+        self.self_ema = config.teacher.checkpoint == SELF_EMA
+        if self.self_ema:
+            if config.extra_teachers:
+                raise ConfigError("config key 'extra_teachers': not supported with teacher.checkpoint='self_ema'")
+            self.teacher_sections = [config.model]
         self.teachers = [common.build_model(t, num_classes) for t in self.teacher_sections]
         self.terms = [Term(i, t, len(self.teachers)) for i, t in enumerate(config.distill.terms)]
         self.needs_taps = any(t.taps("student") != ["logits"] or t.taps("teacher") != ["logits"]
@@ -96,7 +113,7 @@ class KDTask:
             raise ConfigError(f"config key 'distill.teacher_weights': needs one weight per teacher "
                               f"({len(self.teachers)}), got {tuple(config.distill.teacher_weights)}")
         for i, section in enumerate(self.teacher_sections):
-            if not section.checkpoint:
+            if not self.self_ema and not section.checkpoint:
                 key = "teacher.checkpoint" if i == 0 else f"extra_teachers[{i - 1}].checkpoint"
                 raise ConfigError(f"config key {key!r}: required for task 'kd' (a trained run's workdir, or "
                                   f"{RANDOM_TEACHER!r} for an untrained teacher in smoke tests)")
@@ -121,6 +138,8 @@ class KDTask:
         params, model_state = common.init_model(self.model, student_rng, images)
         all_params = {"model": params, "connectors": {}}
         all_state = {"model": model_state, "connectors": {}, "memory": {}}
+        if self.self_ema:
+            all_state["ema"] = {"params": params, "model_state": model_state}
         if not self.terms:
             return all_params, all_state
         s_shapes = self._tap_shapes(self.model, images)
@@ -168,6 +187,8 @@ class KDTask:
 
     def load_frozen(self, mesh, abstract_images):
         """Teachers' variables restored read-only (replicated on `mesh`) from their checkpoints."""
+        if self.self_ema:
+            return {"teachers": []}
         return {"teachers": [self._load_teacher(i, mesh, abstract_images) for i in range(len(self.teachers))]}
 
     def _load_teacher(self, index, mesh, abstract_images):
@@ -201,10 +222,14 @@ class KDTask:
 
     # ------------------------------------------------------------------ steps
 
-    def teacher_outputs(self, frozen, images):
+    def teacher_variables(self, model_state, frozen):
+        """The teachers' variables: restored ones, or the student's EMA for self-distillation."""
+        return [model_state["ema"]] if self.self_ema else frozen["teachers"]
+
+    def teacher_outputs(self, teacher_variables, images):
         """[(logits, taps)] for every teacher, under stop_gradient."""
         outs = []
-        for model, variables in zip(self.teachers, jax.lax.stop_gradient(frozen["teachers"])):
+        for model, variables in zip(self.teachers, jax.lax.stop_gradient(teacher_variables)):
             logits, _, taps = common.forward(model, variables["params"], variables["model_state"], images,
                                              train=False, taps=self.needs_taps)
             outs.append(jax.lax.stop_gradient(({**taps, "logits": logits})))
@@ -222,17 +247,25 @@ class KDTask:
             w = jnp.asarray(self.config.distill.teacher_weights, jnp.float32)
             return jnp.einsum("k,kbc->bc", w / jnp.sum(w), logits)
         ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[None, :, None], axis=-1)[..., 0]  # [K, B]
-        w = jax.nn.softmax(-ce, axis=0)
+        if combination == "partition":
+            w = jax.nn.one_hot(jnp.argmin(ce, axis=0), len(teacher_taps), axis=0)
+        else:
+            w = jax.nn.softmax(-ce, axis=0)
         return jnp.einsum("kb,kbc->bc", w, logits)
 
     def loss_fn(self, params, model_state, frozen, batch, rng, step):
-        teacher_taps = self.teacher_outputs(frozen, batch["image"])
+        teacher_taps = self.teacher_outputs(self.teacher_variables(model_state, frozen), batch["image"])
         t_logits = self.combined_logits(teacher_taps, batch["label"])
         s_logits, new_model_state, s_taps = common.forward(
             self.model, params["model"], model_state["model"], batch["image"], train=True, taps=self.needs_taps)
         s_taps = {**s_taps, "logits": s_logits}
         new_state = {"model": new_model_state, "connectors": dict(model_state["connectors"]),
                      "memory": dict(model_state["memory"])}
+        if self.self_ema:
+            decay = self.config.distill.ema_decay
+            new_state["ema"] = jax.lax.stop_gradient(jax.tree.map(
+                lambda e, x: decay * e + (1.0 - decay) * x, model_state["ema"],
+                {"params": params["model"], "model_state": new_model_state}))
         ce = common.cross_entropy(s_logits, common.targets(batch, self.num_classes))
         total = self.config.distill.ce_weight * ce
         metrics = {"loss/ce": ce, "accuracy": common.train_accuracy(s_logits, batch["label"]),
@@ -296,7 +329,7 @@ class KDTask:
         logits, _, _ = common.forward(self.model, params["model"], model_state["model"], batch["image"], train=False)
         sums = common.classification_sums(logits, batch["label"], batch["mask"])
         teacher_taps = [{"logits": common.forward(m, v["params"], v["model_state"], batch["image"], train=False)[0]}
-                        for m, v in zip(self.teachers, frozen["teachers"])]
+                        for m, v in zip(self.teachers, self.teacher_variables(model_state, frozen))]
         t_logits = self.combined_logits(teacher_taps, batch["label"])
         mask = batch["mask"].astype(jnp.float32)
         sums["teacher_agreement"] = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)) * mask)
