@@ -94,3 +94,24 @@ def test_data_partition_kd_between_two_pretrained_models(tmp_path, data_dir):
     b = jnp.asarray([[0.0, 1.0], [0.0, 5.0]])
     combined = task.combined_logits([{"logits": a}, {"logits": b}], jnp.asarray([0, 1]))
     np.testing.assert_array_equal(combined, jnp.asarray([[5.0, 0.0], [0.0, 5.0]]))
+
+
+def test_born_again_generations_and_their_ensemble(tmp_path, data_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    workdir = str(tmp_path / "ban")
+    proc = subprocess.run([sys.executable, "-m", "transferlab.main", "--config",
+                           "experiments/kd/born_again.py:generations=2,seeds=1,steps=8", "--workdir", workdir,
+                           "--config.dataset.name=digits", "--config.model.name=mlp",
+                           "--config.model.kwargs.hidden_sizes=(32,)", "--config.batch_size=32",
+                           "--config.log_every_steps=4"], cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    gen2 = json.load(open(os.path.join(workdir, "gen2", "seed_0", "config.json")))
+    assert gen2["teacher"]["checkpoint"] == os.path.join(os.path.abspath(workdir), "gen1", "seed_0")
+    rows = {r["arm"]: r for r in json.load(open(os.path.join(workdir, "results.json")))["arms"]}
+    assert set(rows) == {"gen0", "gen1", "gen2", "ensemble"}
+    ens = json.load(open(os.path.join(workdir, "ensemble", "seed_0", "results.json")))
+    assert ens["test"]["count"] == 360 and 0.0 < ens["test"]["accuracy"] <= 1.0

@@ -29,7 +29,7 @@ MESH_AXES = ("data", "fsdp")
 TERM_KEYS = ("name", "weight", "student_tap", "teacher_tap", "connector", "warmup_steps", "teacher",
              "embed_dim", "num_negatives", "memory_momentum")
 # Sections whose contents are free-form (checked by the component that owns them).
-FREE_FORM = ("model.kwargs", "teacher.kwargs", "study.arms", "distill.terms", "sharding_rules", "extra_teachers",
+FREE_FORM = ("model.kwargs", "teacher.kwargs", "study.arms", "study.ensembles", "distill.terms", "sharding_rules", "extra_teachers",
              "dml.peers")
 
 
@@ -98,7 +98,7 @@ def defaults() -> ml_collections.ConfigDict:
     })
 
     c.init_checkpoint = ""  # workdir of a finished run whose params (and BN stats) initialize the model
-    c.teacher = model_section("")  # kd: the frozen teacher architecture
+    c.teacher = model_section("")  # kd: the frozen teacher architecture ('' = the student's, born-again)
     c.teacher.checkpoint = ""  # kd: workdir of a trained run; its params are restored read-only
     c.extra_teachers = ()  # kd, multi-teacher: ({'name', 'checkpoint', 'kwargs', 'dtype'}, ...)
 
@@ -120,6 +120,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.study = ml_collections.ConfigDict({
         "seeds": (),  # non-empty: run every arm for each seed and write a results table
         "arms": (),  # ({'name': ..., 'overrides': {'dotted.key': value}, 'seeds': (0,)}, ...)
+        "ensembles": (),  # ({'name': ..., 'arms': (arm names)}, ...): per-seed ensembles evaluated at the end
     })
     return c
 
@@ -334,10 +335,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise unknown_name("model (model.name)", config.model.name, models.names())
     _check_model_kwargs("model", config.model)
     if config.task == "kd" and config.teacher.checkpoint != "self_ema":
-        if config.teacher.name not in models.names():
+        if config.teacher.name and config.teacher.name not in models.names():
             raise unknown_name("model (teacher.name)", config.teacher.name, models.names())
         _choice("teacher.dtype", config.teacher.dtype, DTYPES)
-        _check_model_kwargs("teacher", config.teacher)
+        if config.teacher.name:
+            _check_model_kwargs("teacher", config.teacher)
         for i, extra in enumerate(config.extra_teachers):
             name = dict(extra).get("name")
             if name not in models.names():

@@ -17,31 +17,39 @@ import os
 from transferlab import config as config_lib, report
 
 
+def _substitute(value, workdir: str, seed: int):
+    if isinstance(value, str):
+        return value.replace("{workdir}", workdir).replace("{seed}", str(seed))
+    return value
+
+
 def resolve_arms(config, workdir: str) -> list[tuple[str, int, object]]:
     """[(arm name, seed, validated config)] in execution order."""
     workdir = os.path.abspath(workdir)
     runs = []
     for i, arm in enumerate(config.study.arms):
-        base = copy.deepcopy(config)
-        base.study.arms, base.study.seeds = (), ()
-        for key, value in dict(arm.get("overrides", {})).items():
-            if isinstance(value, str):
-                value = value.replace("{workdir}", workdir)
-            config_lib.apply_override(base, key, value)
         seeds = tuple(arm.get("seeds", ())) or tuple(config.study.seeds) or (config.seed,)
         for seed in seeds:
-            run = copy.deepcopy(base)
-            run.seed = int(seed)
+            run = copy.deepcopy(config)
+            run.study.arms, run.study.seeds, run.study.ensembles = (), (), ()
             try:
+                for key, value in dict(arm.get("overrides", {})).items():
+                    config_lib.apply_override(run, key, _substitute(value, workdir, seed))
+                run.seed = int(seed)
                 config_lib.validate(run)
             except config_lib.ConfigError as e:
                 raise config_lib.ConfigError(f"study.arms[{i}] ({arm['name']}): {e}") from None
             runs.append((arm["name"], int(seed), run))
+    names = {name for name, _, _ in runs}
+    for i, ens in enumerate(config.study.ensembles):
+        if not isinstance(ens, dict) or set(ens) != {"name", "arms"} or not set(ens["arms"]) <= names:
+            raise config_lib.ConfigError(f"study.ensembles[{i}]: expected {{'name': ..., 'arms': (arm names)}} "
+                                         f"with arms from {sorted(names)}; got {ens!r}")
     return runs
 
 
 def run_study(config, workdir: str, train_fn) -> dict:
-    """Runs every (arm, seed) not yet finished, then writes and returns the results table."""
+    """Runs every (arm, seed) not yet finished, then the ensembles, and writes the results table."""
     runs = resolve_arms(config, workdir)
     for arm, seed, run_config in runs:
         run_dir = os.path.join(workdir, arm, f"seed_{seed}")
@@ -52,4 +60,23 @@ def run_study(config, workdir: str, train_fn) -> dict:
         out = train_fn(run_config, run_dir)
         if "preempted_at_step" in out:
             return out
-    return report.write_study_report(workdir, [arm for arm, _, _ in runs])
+    arms = [arm for arm, _, _ in runs]
+    for ens in config.study.ensembles:
+        _run_ensemble(ens, runs, workdir)
+        arms.append(ens["name"])
+    return report.write_study_report(workdir, arms)
+
+
+def _run_ensemble(ens, runs, workdir: str) -> None:
+    """Evaluates, per seed, the ensemble of the given arms' selected checkpoints."""
+    from transferlab.ensemble import evaluate_ensemble
+    by_seed = {}
+    for arm, seed, run_config in runs:
+        if arm in ens["arms"]:
+            by_seed.setdefault(seed, []).append((run_config, os.path.join(workdir, arm, f"seed_{seed}")))
+    for seed, members in sorted(by_seed.items()):
+        out_dir = os.path.join(workdir, ens["name"], f"seed_{seed}")
+        if os.path.exists(os.path.join(out_dir, "results.json")):
+            continue
+        print(f"[study] ensemble {ens['name']} seed {seed}: {len(members)} members", flush=True)
+        evaluate_ensemble(members, out_dir)

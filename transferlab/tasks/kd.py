@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from transferlab import losses
-from transferlab.config import TERM_KEYS
+from transferlab.config import TERM_KEYS, model_section
 from transferlab.errors import ConfigError, UserError
 from transferlab.losses import connectors as connector_lib
 from transferlab.losses import relation
@@ -93,7 +93,7 @@ class KDTask:
         self.num_classes = num_classes
         self.num_train_examples = num_train_examples
         self.model = common.build_model(config.model, num_classes)
-        self.teacher_sections = [config.teacher] + [_teacher_section(t, i) for i, t in
+        self.teacher_sections = [_primary_teacher(config)] + [_teacher_section(t, i) for i, t in
                                                     enumerate(config.extra_teachers)]
         self.self_ema = config.teacher.checkpoint == SELF_EMA
         if self.self_ema:
@@ -337,9 +337,18 @@ class KDTask:
         return sums
 
 
+def _primary_teacher(config):
+    """`teacher`, or the student's own architecture when `teacher.name` is empty (born-again)."""
+    if config.teacher.name:
+        return config.teacher
+    section = model_section(config.model.name)
+    section.dtype, section.kwargs = config.model.dtype, config.model.kwargs
+    section.checkpoint = config.teacher.checkpoint
+    return section
+
+
 def _teacher_section(raw, index):
     """An `extra_teachers` entry as a model section (name, dtype, kwargs, checkpoint)."""
-    from transferlab.config import model_section
     raw = dict(raw)
     unknown = set(raw) - {"name", "dtype", "kwargs", "checkpoint"}
     if unknown or "name" not in raw:

@@ -1,0 +1,43 @@
+"""Born-again networks (Furlanello et al., arXiv:1805.04770) on MNIST-5k: a chain of generations.
+
+Generation 0 is trained from labels; generation k is the same architecture
+distilled from generation k-1 of the same seed (`teacher.name` left empty:
+the teacher has the student's architecture) (KD, or the paper's CWTM / DKPP
+objectives with `loss=cwtm|dkpp`); the table adds the ensemble of generations
+1..K (averaged probabilities). Each run selects its last step. Run:
+
+  python -m transferlab.main --config experiments/kd/born_again.py --workdir runs/ban
+  python -m transferlab.main --config experiments/kd/born_again.py:generations=2,seeds=1,steps=100 --workdir runs/ban_short
+"""
+
+import ml_collections
+
+from transferlab.config import parse_arg
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    steps = int(args.get("steps", 600))
+    generations = int(args.get("generations", 3))
+    loss = args.get("loss", "kd")
+    c = ml_collections.ConfigDict()
+    c.total_steps = steps
+    c.batch_size = 64
+    c.eval_batch_size = 256
+    c.log_every_steps = 100
+    c.eval_every_steps = steps
+    c.checkpoint_every_steps = steps
+    c.dataset = {"name": "mnist5k"}
+    c.augment = {"crop_padding": 2}
+    c.model = {"name": "lenet5"}
+    c.optimizer = {"name": "sgd", "learning_rate": 0.05}
+    c.schedule = {"name": "cosine", "warmup_steps": steps // 20}
+    terms = ({"name": loss, "weight": 1.0},)
+    arms = [{"name": "gen0", "overrides": {"task": "classify"}}]
+    for k in range(1, generations + 1):
+        arms.append({"name": f"gen{k}", "overrides": {
+            "task": "kd", "teacher.checkpoint": f"{{workdir}}/gen{k - 1}/seed_{{seed}}",
+            "distill.ce_weight": 1.0 if loss == "kd" else 0.0, "distill.terms": terms}})
+    c.study = {"seeds": tuple(range(int(args.get("seeds", 3)))), "arms": tuple(arms),
+               "ensembles": ({"name": "ensemble", "arms": tuple(f"gen{k}" for k in range(1, generations + 1))},)}
+    return c
