@@ -1,5 +1,7 @@
 """KD schemes beyond one teacher: mutual learning, self-distillation, born-again generations, caching."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -115,3 +117,38 @@ def test_born_again_generations_and_their_ensemble(tmp_path, data_dir):
     assert set(rows) == {"gen0", "gen1", "gen2", "ensemble"}
     ens = json.load(open(os.path.join(workdir, "ensemble", "seed_0", "results.json")))
     assert ens["test"]["count"] == 360 and 0.0 < ens["test"]["accuracy"] <= 1.0
+
+
+def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
+    import jax.numpy as jnp
+    from transferlab import parallel
+    from transferlab.tasks import teacher_cache
+    from transferlab.train import Trainer
+    teacher_dir = str(tmp_path / "teacher")
+    teacher = {"name": "mlp", "kwargs": {"hidden_sizes": (64,)}}
+    train_and_evaluate(config_lib.from_dict(base(model=teacher, total_steps=10)), teacher_dir)
+    cache_dir = str(tmp_path / "data")
+    import shutil
+    shutil.copytree(os.path.join(data_dir, "digits"), os.path.join(cache_dir, "digits"))
+
+    def kd(cache, **kw):
+        return config_lib.from_dict(base(task="kd", dataset={"name": "digits", "data_dir": cache_dir},
+                                         teacher={**teacher, "checkpoint": teacher_dir},
+                                         distill={"teacher_cache": cache, "terms": ({"name": "kd"},)}, **kw))
+    cached, live = Trainer(kd(True), str(tmp_path / "c")), Trainer(kd(False), str(tmp_path / "l"))
+    frozen_c = cached.task.load_frozen(cached.mesh, cached.abstract_images)
+    frozen_l = live.task.load_frozen(live.mesh, live.abstract_images)
+    assert len(os.listdir(os.path.join(cache_dir, "transferlab_teacher_cache"))) == 1
+    state = jax.device_get(cached.init_state())
+    batch = {k: jnp.asarray(v) for k, v in next(cached.train_iterator()).items()}
+    loss_c, (_, m_c) = cached.task.loss_fn(state["params"], state["model_state"], frozen_c, batch, None, jnp.int32(0))
+    loss_l, (_, m_l) = live.task.loss_fn(state["params"], state["model_state"], frozen_l, batch, None, jnp.int32(0))
+    assert float(loss_c) == pytest.approx(float(loss_l), rel=1e-5)
+    table = np.asarray(frozen_c["cache"][0])
+    assert teacher_cache.verify(table, live.task.teachers[0], frozen_l["teachers"][0], live.config, live.mesh, 64) \
+        <= teacher_cache.AGREEMENT_ATOL
+    results = train_and_evaluate(kd(True), str(tmp_path / "run"))
+    assert results["test"]["accuracy"] > 0.3
+    from transferlab.errors import ConfigError
+    with pytest.raises(ConfigError, match="fixed inputs"):
+        Trainer(kd(True, augment={"flip": True}), str(tmp_path / "bad"))

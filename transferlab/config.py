@@ -107,6 +107,7 @@ def defaults() -> ml_collections.ConfigDict:
         "terms": (),  # ({'name': 'kd', 'weight': 1.0, 'temperature': 4.0}, ...)
         "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive, partition
         "teacher_weights": (),  # 'weighted': one weight per teacher (teacher first, then extra_teachers)
+        "teacher_cache": False,  # cache the teachers' train-split logits in the data dir (needs fixed inputs)
         "ema_decay": 0.999,  # teacher.checkpoint='self_ema': decay of the student's EMA teacher
     })
 

@@ -28,6 +28,10 @@ kept in the model state and never differentiated; "mean teacher"
 self-distillation, arXiv:1703.01780), updated from the pre-update weights of each
 step.
 
+Teacher-output caching (`distill.teacher_cache`, see `teacher_cache`): for
+fixed inputs the teachers' train-split logits are computed once and looked up
+by example index, so no teacher forward runs in the step.
+
 CRD (arXiv:1910.10699) keeps its memory banks and normalizing constants in the
 model state (`model_state['memory']['term<i>']`, not differentiated) and a
 trainable teacher-side embedding head in `params['connectors']['term<i>_teacher']`.
@@ -105,6 +109,9 @@ class KDTask:
         self.needs_taps = any(t.taps("student") != ["logits"] or t.taps("teacher") != ["logits"]
                               for t in self.terms)
         self.connectors = {}
+        if config.distill.teacher_cache:
+            from transferlab.tasks.teacher_cache import check_cacheable
+            check_cacheable(config, self.terms)
         combination = config.distill.teacher_combination
         if combination not in COMBINATIONS:
             raise ConfigError(f"config key 'distill.teacher_combination': {combination!r} is not one of "
@@ -186,10 +193,20 @@ class KDTask:
                                          "z": -jnp.ones((2,), jnp.float32)}
 
     def load_frozen(self, mesh, abstract_images):
-        """Teachers' variables restored read-only (replicated on `mesh`) from their checkpoints."""
+        """Teachers' variables restored read-only (replicated on `mesh`) from their checkpoints; with
+        `distill.teacher_cache`, their cached train-split logits instead of the variables."""
         if self.self_ema:
             return {"teachers": []}
-        return {"teachers": [self._load_teacher(i, mesh, abstract_images) for i in range(len(self.teachers))]}
+        loaded = [self._load_teacher(i, mesh, abstract_images) for i in range(len(self.teachers))]
+        if not self.config.distill.teacher_cache:
+            return {"teachers": [variables for variables, _ in loaded]}
+        from transferlab.parallel import replicated
+        from transferlab.tasks import teacher_cache
+        batch = self.config.eval_batch_size or self.config.batch_size
+        tables = [teacher_cache.load_or_build(model, variables, section, step, self.config, mesh, batch)
+                  for model, section, (variables, step) in zip(self.teachers, self.teacher_sections, loaded)]
+        return {"teachers": [variables for variables, _ in loaded],
+                "cache": [jax.device_put(t, replicated(mesh)) for t in tables]}
 
     def _load_teacher(self, index, mesh, abstract_images):
         from transferlab.checkpoint import Checkpointer, abstract_with_shardings
@@ -203,7 +220,7 @@ class KDTask:
             init = jax.jit(lambda x: common.init_model(model, jax.random.key(self.config.seed + 1 + index), x),
                            out_shardings=(shardings["params"]["model"], shardings["model_state"]["model"]))
             params, state = init(jnp.zeros(abstract_images.shape, abstract_images.dtype))
-            return {"params": params, "model_state": state}
+            return {"params": params, "model_state": state}, -1
         workdir = section.checkpoint
         ckpt_dir = os.path.join(workdir, "checkpoints")
         if not os.path.isdir(ckpt_dir):
@@ -218,7 +235,7 @@ class KDTask:
             raise UserError(f"{where}: {e}") from None
         finally:
             ckpt.close()
-        return {"params": restored["params"]["model"], "model_state": restored["model_state"]["model"]}
+        return {"params": restored["params"]["model"], "model_state": restored["model_state"]["model"]}, step
 
     # ------------------------------------------------------------------ steps
 
@@ -254,7 +271,10 @@ class KDTask:
         return jnp.einsum("kb,kbc->bc", w, logits)
 
     def loss_fn(self, params, model_state, frozen, batch, rng, step):
-        teacher_taps = self.teacher_outputs(self.teacher_variables(model_state, frozen), batch["image"])
+        if "cache" in frozen:
+            teacher_taps = [{"logits": jax.lax.stop_gradient(table[batch["index"]])} for table in frozen["cache"]]
+        else:
+            teacher_taps = self.teacher_outputs(self.teacher_variables(model_state, frozen), batch["image"])
         t_logits = self.combined_logits(teacher_taps, batch["label"])
         s_logits, new_model_state, s_taps = common.forward(
             self.model, params["model"], model_state["model"], batch["image"], train=True, taps=self.needs_taps)

@@ -1,0 +1,98 @@
+"""Teacher-output caching: teacher logits computed once over the train split, stored in the
+data directory, and looked up by example index instead of running the teacher each step.
+
+Valid only when the student sees the same fixed inputs the cache was made from,
+so it requires augmentation off (no crop, flip, mixup or cutmix) and logits-only
+distillation terms. Files live at
+`<data_dir>/transferlab_teacher_cache/<dataset>-<split>-<key>.npy`, where the key
+hashes the teacher's architecture, checkpoint directory and selected step; they
+are written atomically and reused by later runs. On creation the cached rows of
+the first batch are checked against a live teacher forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transferlab import data, parallel
+from transferlab.errors import ConfigError, UserError
+from transferlab.tasks import common
+
+AGREEMENT_ATOL = 1e-4
+
+
+def check_cacheable(config, terms) -> None:
+    augment = config.augment
+    if augment.crop_padding or augment.flip or augment.mixup_alpha or augment.cutmix_alpha:
+        raise ConfigError("config key 'distill.teacher_cache': teacher outputs can only be cached for fixed "
+                          "inputs; turn augmentation off (augment.crop_padding=0, flip=False, mixup/cutmix 0)")
+    for term in terms:
+        if term.taps("teacher") != ["logits"]:
+            raise ConfigError(f"config key 'distill.teacher_cache': {term.where} taps teacher "
+                              f"{term.teacher_tap!r}; only logits are cached")
+
+
+def cache_path(config, section, step, split) -> str:
+    key = json.dumps({"name": section.name, "kwargs": dict(section.kwargs), "dtype": section.dtype,
+                      "checkpoint": os.path.abspath(section.checkpoint), "step": step}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    root = data.resolve_data_dir(config.dataset.data_dir or None) / "transferlab_teacher_cache"
+    return str(root / f"{config.dataset.name.replace('/', '_')}-{split}-{digest}.npy")
+
+
+def teacher_logits_table(model, variables, config, mesh, batch_size) -> np.ndarray:
+    """[N, C] teacher logits of every example of the train split, in index order."""
+    split = config.dataset.train_split
+    forward = jax.jit(lambda v, x: common.forward(model, v["params"], v["model_state"], x, train=False)[0]
+                      .astype(jnp.float32))
+    rows = {}
+    for local in data.eval_batches(config.dataset.name, split, batch_size, data_dir=config.dataset.data_dir or None,
+                                   process_index=jax.process_index(), process_count=jax.process_count()):
+        batch = parallel.global_batch(mesh, local)
+        logits, index, mask = _host(forward(variables, batch["image"])), _host(batch["index"]), _host(batch["mask"])
+        for i, row in zip(index[mask], logits[mask]):
+            rows[int(i)] = row
+    return np.stack([rows[i] for i in range(len(rows))])
+
+
+def _host(x):
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1
+                      else jax.device_get(x))
+
+
+def load_or_build(model, variables, section, step, config, mesh, batch_size) -> np.ndarray:
+    path = cache_path(config, section, step, config.dataset.train_split)
+    if os.path.exists(path):
+        return np.load(path)
+    table = teacher_logits_table(model, variables, config, mesh, batch_size)
+    verify(table, model, variables, config, mesh, batch_size)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, table)
+        os.replace(tmp, path)
+    return table
+
+
+def verify(table, model, variables, config, mesh, batch_size) -> float:
+    """Max |cached - live| teacher logits on the first train batch; UserError if they disagree."""
+    first = next(iter(data.eval_batches(config.dataset.name, config.dataset.train_split, batch_size,
+                                        data_dir=config.dataset.data_dir or None)))
+    batch = parallel.global_batch(mesh, first) if jax.process_count() == 1 else None
+    if batch is None:
+        return 0.0
+    live = _host(common.forward(model, variables["params"], variables["model_state"], batch["image"],
+                                train=False)[0].astype(jnp.float32))
+    mask = np.asarray(first["mask"])
+    diff = float(np.max(np.abs(table[np.asarray(first["index"])[mask]] - live[mask])))
+    if diff > AGREEMENT_ATOL:
+        raise UserError(f"teacher cache disagrees with the live teacher (max |diff| {diff:.3g})")
+    return diff
