@@ -193,6 +193,10 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path, data_dir):
     proc = cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI,
                 "--config.model.kwargs.hidden_sizes=(16,)", "--config.total_steps=40"])
     assert proc.returncode == 2 and "checkpoint" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    with open(os.path.join(workdir, "config.json")) as f:  # nothing already written is lost
+        assert json.load(f)["model"]["kwargs"]["hidden_sizes"] == [32]
+    assert cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI,
+                "--config.total_steps=30"]).returncode == 0  # the original config still resumes
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path, data_dir):

@@ -11,6 +11,7 @@ written on 8 devices restores onto 2 (or onto another mesh shape).
 
 from __future__ import annotations
 
+import collections
 import os
 
 import jax
@@ -53,8 +54,23 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), metrics=metrics)
 
+    def _check_compatible(self, step: int, abstract_state) -> None:
+        """A clear error before Orbax reads anything if the saved arrays differ from the target's."""
+        metadata = self.manager.item_metadata(step)["state"]
+        metadata = getattr(metadata, "tree", metadata)
+        is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+        saved = collections.Counter(tuple(m.shape) for m in jax.tree.leaves(metadata, is_leaf=is_array)
+                                    if is_array(m))
+        wanted = collections.Counter(tuple(x.shape) for x in jax.tree.leaves(abstract_state))
+        if saved != wanted:
+            extra, missing = saved - wanted, wanted - saved
+            raise UserError(f"checkpoint {self.directory}/{step} does not match this config (model or optimizer "
+                            f"changed?): saved arrays of shapes {sorted(extra)[:3]} where this config expects "
+                            f"{sorted(missing)[:3]}; use a new --workdir for a different model")
+
     def restore(self, step: int, abstract_state):
         """Restores (state, data_state) at `step` onto the shardings carried by `abstract_state`."""
+        self._check_compatible(step, abstract_state)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))

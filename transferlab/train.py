@@ -157,39 +157,41 @@ class Trainer:
     def run(self) -> dict:
         config, workdir = self.config, self.workdir
         os.makedirs(workdir, exist_ok=True)
-        write_config(config, workdir)
         start_time = time.time()
         frozen = self.task.load_frozen(self.mesh, self.abstract_images)
         self.compile(frozen)
         ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-        train_iter = self.train_iterator()
-        latest = ckpt.latest_step()
-        if latest is None:
-            state = self.init_state()
-            if config.init_checkpoint:
-                state = self.load_init_checkpoint(state)
-            start = 0
-        else:
-            abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
-            state, data_state = ckpt.restore(latest, abstract)
-            train_iter.set_state(data_state)
-            start = int(latest)
-        writer = MetricWriter(workdir, config.total_steps, start_step=start if latest is not None else -1)
-        if latest is not None:
-            writer.write(start, {"event": "resumed"})
-        stop = _SigtermFlag()
+        writer = stop = None
         try:
+            train_iter = self.train_iterator()
+            latest = ckpt.latest_step()
+            if latest is None:
+                state = self.init_state()
+                if config.init_checkpoint:
+                    state = self.load_init_checkpoint(state)
+                start = 0
+            else:  # resume; an incompatible checkpoint raises here, before anything in workdir changes
+                abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
+                state, data_state = ckpt.restore(latest, abstract)
+                train_iter.set_state(data_state)
+                start = int(latest)
+            write_config(config, workdir)
+            writer = MetricWriter(workdir, config.total_steps, start_step=start if latest is not None else -1)
+            if latest is not None:
+                writer.write(start, {"event": "resumed"})
+            stop = _SigtermFlag()
             state = self._loop(state, frozen, train_iter, ckpt, writer, start, stop)
             if stop.raised:
                 ckpt.wait()
                 return {"preempted_at_step": int(state["step"])}
-            results = self._finish(state, frozen, ckpt, writer, time.time() - start_time)
+            return self._finish(state, frozen, ckpt, writer, time.time() - start_time)
         finally:
-            stop.restore()
+            if stop is not None:
+                stop.restore()
             ckpt.wait()
             ckpt.close()
-            writer.close()
-        return results
+            if writer is not None:
+                writer.close()
 
     def load_init_checkpoint(self, state):
         """Replaces the model's params and BN statistics with those of the run in `init_checkpoint`."""

@@ -1,0 +1,45 @@
+"""KD as function matching (Beyer et al., arXiv:2106.05237) on MNIST-5k, with mixup / cutmix KD.
+
+The teacher and the student see the same aggressively augmented view (the
+augmentation runs once, before both forwards, in the jitted step), the loss is
+KD alone (ce_weight 0, T=1) and training is long ("consistent and patient").
+`aug=mixup|cutmix|both|none` picks the batch mixing; the student arm without KD
+uses the same augmentation with soft-label cross-entropy. Selection: last step.
+
+  python -m transferlab.main --config experiments/kd/function_matching.py --workdir runs/fm
+  python -m transferlab.main --config experiments/kd/function_matching.py:aug=cutmix,steps=200,seeds=1 --workdir runs/fm_short
+"""
+
+import ml_collections
+
+from transferlab.config import parse_arg
+
+MIXING = {"mixup": (1.0, 0.0), "cutmix": (0.0, 1.0), "both": (1.0, 1.0), "none": (0.0, 0.0)}
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    steps = int(args.get("steps", 1500))
+    mixup, cutmix = MIXING[args.get("aug", "both")]
+    c = ml_collections.ConfigDict()
+    c.total_steps = steps
+    c.batch_size = 64
+    c.eval_batch_size = 256
+    c.log_every_steps = 100
+    c.eval_every_steps = steps
+    c.checkpoint_every_steps = steps
+    c.dataset = {"name": "mnist5k"}
+    c.augment = {"crop_padding": 2, "mixup_alpha": mixup, "cutmix_alpha": cutmix}
+    c.model = {"name": "mlp", "kwargs": {"hidden_sizes": (64,)}}
+    c.optimizer = {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4}
+    c.schedule = {"name": "cosine", "warmup_steps": steps // 20}
+    teacher = {"task": "classify", "model.name": "lenet5", "model.kwargs": {}, "augment.mixup_alpha": 0.0,
+               "augment.cutmix_alpha": 0.0}
+    kd = {"task": "kd", "teacher.name": "lenet5", "teacher.checkpoint": "{workdir}/teacher/seed_0",
+          "distill.ce_weight": 0.0, "distill.terms": ({"name": "kd", "weight": 1.0, "temperature": 1.0},)}
+    c.study = {"seeds": tuple(range(int(args.get("seeds", 3)))), "arms": (
+        {"name": "teacher", "overrides": teacher, "seeds": (0,)},
+        {"name": "student", "overrides": {"task": "classify"}},
+        {"name": "student+fm", "overrides": kd},
+    )}
+    return c
