@@ -152,3 +152,38 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
     from transferlab.errors import ConfigError
     with pytest.raises(ConfigError, match="fixed inputs"):
         Trainer(kd(True, augment={"flip": True}), str(tmp_path / "bad"))
+
+
+def test_hard_augmentor_is_pushed_to_hurt_the_student_and_keep_the_teacher(tmp_path, data_dir):
+    import jax.numpy as jnp
+    from transferlab.tasks import hard_augment
+    from transferlab.train import Trainer
+    # gradient reversal: identity forward, negated backward
+    assert float(jax.grad(lambda x: hard_augment.gradient_reversal(x) * 3.0)(1.0)) == -3.0
+    # identity warp leaves the image unchanged
+    images = jnp.asarray(np.random.RandomState(0).rand(2, 8, 8, 1), jnp.float32)
+    eye = jnp.tile(jnp.asarray([[1.0, 0, 0], [0, 1.0, 0]]), (2, 1, 1))
+    np.testing.assert_allclose(hard_augment.warp(images, eye), images, atol=1e-5)
+    teacher_dir = str(tmp_path / "teacher")
+    teacher = {"name": "mlp", "kwargs": {"hidden_sizes": (64,)}}
+    train_and_evaluate(config_lib.from_dict(base(model=teacher, total_steps=20)), teacher_dir)
+    cfg = config_lib.from_dict(base(task="kd", teacher={**teacher, "checkpoint": teacher_dir},
+                                    distill={"hard_augment": {"enabled": True, "consistency_weight": 0.0},
+                                             "terms": ({"name": "kd"},)}))
+    trainer = Trainer(cfg, str(tmp_path / "kd"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    state = jax.device_get(trainer.init_state())
+    batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator()).items()}
+    rng = jax.random.PRNGKey(0)
+
+    def loss(p):
+        return trainer.task.loss_fn(p, state["model_state"], frozen, batch, rng, jnp.int32(0))[0]
+
+    g = jax.grad(loss)(state["params"])["augmentor"]
+    norm = float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g))))
+    assert norm > 0
+    step = jax.tree.map(lambda p, d: p - 1e-3 * d, state["params"]["augmentor"], g)  # a small SGD step on the total
+    after = loss({**state["params"], "augmentor": step})
+    assert float(after) > float(loss(state["params"]))  # the reversed gradient made the student's loss larger
+    results = train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert np.isfinite(results["test"]["loss"])

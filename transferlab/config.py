@@ -108,7 +108,14 @@ def defaults() -> ml_collections.ConfigDict:
         "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive, partition
         "teacher_weights": (),  # 'weighted': one weight per teacher (teacher first, then extra_teachers)
         "teacher_cache": False,  # cache the teachers' train-split logits in the data dir (needs fixed inputs)
-        "ema_decay": 0.999,  # teacher.checkpoint='self_ema': decay of the student's EMA teacher
+        "ema_decay": 0.999,
+        "hard_augment": ml_collections.ConfigDict({  # HARD learned hard augmentations, arXiv:2305.14890
+            "enabled": False,
+            "scale": 0.3,  # max deviation of the affine warp from the identity (normalized coordinates)
+            "hidden": 32,  # augmentor MLP width
+            "noise_dim": 8,  # per-sample noise fed to the augmentor
+            "consistency_weight": 1.0,  # keeps the teacher's prediction on the warped image
+        }),  # teacher.checkpoint='self_ema': decay of the student's EMA teacher
     })
 
     c.dml = ml_collections.ConfigDict({  # task 'dml': deep mutual learning, arXiv:1706.00384

@@ -28,6 +28,10 @@ kept in the model state and never differentiated; "mean teacher"
 self-distillation, arXiv:1703.01780), updated from the pre-update weights of each
 step.
 
+Learned hard augmentations (`distill.hard_augment`, HARD arXiv:2305.14890, see
+`hard_augment`): an affine augmentor trained in the same step to maximize the
+student's loss while keeping the teacher's prediction.
+
 Teacher-output caching (`distill.teacher_cache`, see `teacher_cache`): for
 fixed inputs the teachers' train-split logits are computed once and looked up
 by example index, so no teacher forward runs in the step.
@@ -50,7 +54,7 @@ from transferlab.config import TERM_KEYS, model_section
 from transferlab.errors import ConfigError, UserError
 from transferlab.losses import connectors as connector_lib
 from transferlab.losses import relation
-from transferlab.tasks import common
+from transferlab.tasks import common, hard_augment
 
 RANDOM_TEACHER = "random"  # teacher.checkpoint value for smoke tests and benchmarks only
 COMBINATIONS = ("average", "weighted", "adaptive", "partition")
@@ -109,6 +113,11 @@ class KDTask:
         self.needs_taps = any(t.taps("student") != ["logits"] or t.taps("teacher") != ["logits"]
                               for t in self.terms)
         self.connectors = {}
+        hard = config.distill.hard_augment
+        self.hard = hard_augment.AffineAugmentor(hidden=hard.hidden, scale=hard.scale) if hard.enabled else None
+        if self.hard is not None and config.distill.teacher_cache:
+            raise ConfigError("config key 'distill.teacher_cache': not possible with distill.hard_augment "
+                              "(the inputs change every step)")
         if config.distill.teacher_cache:
             from transferlab.tasks.teacher_cache import check_cacheable
             check_cacheable(config, self.terms)
@@ -147,6 +156,9 @@ class KDTask:
         all_state = {"model": model_state, "connectors": {}, "memory": {}}
         if self.self_ema:
             all_state["ema"] = {"params": params, "model_state": model_state}
+        if self.hard is not None:
+            z = jnp.zeros((images.shape[0], self.config.distill.hard_augment.noise_dim), jnp.float32)
+            all_params["augmentor"] = self.hard.init(jax.random.fold_in(rng, 7), z)["params"]
         if not self.terms:
             return all_params, all_state
         s_shapes = self._tap_shapes(self.model, images)
@@ -270,7 +282,26 @@ class KDTask:
             w = jax.nn.softmax(-ce, axis=0)
         return jnp.einsum("kb,kbc->bc", w, logits)
 
+    def _hard_augment(self, params, model_state, frozen, batch, rng):
+        """The batch warped by the learned augmentor, and the augmentor's teacher-consistency loss."""
+        images = batch["image"]
+        z = jax.random.normal(jax.random.fold_in(rng, 104729), (images.shape[0],
+                                                               self.config.distill.hard_augment.noise_dim))
+        theta = self.hard.apply({"params": params["augmentor"]}, z)
+        hard_images = hard_augment.warp(images, hard_augment.gradient_reversal(theta))
+        teacher = jax.lax.stop_gradient(self.teacher_variables(model_state, frozen)[0])
+        model = self.teachers[0]
+        clean = jax.lax.stop_gradient(common.forward(model, teacher["params"], teacher["model_state"], images,
+                                                     train=False)[0]).astype(jnp.float32)
+        warped = common.forward(model, teacher["params"], teacher["model_state"], hard_augment.warp(images, theta),
+                                train=False)[0].astype(jnp.float32)
+        consistency = losses.get("kd").fn(warped, clean, batch, temperature=1.0)
+        return {**batch, "image": hard_images}, consistency
+
     def loss_fn(self, params, model_state, frozen, batch, rng, step):
+        consistency = None
+        if self.hard is not None:
+            batch, consistency = self._hard_augment(params, model_state, frozen, batch, rng)
         if "cache" in frozen:
             teacher_taps = [{"logits": jax.lax.stop_gradient(table[batch["index"]])} for table in frozen["cache"]]
         else:
@@ -308,6 +339,9 @@ class KDTask:
                 value = term.spec.fn(student, teacher_in, batch, **term.hparams)
             total = total + term.weight_at(step) * value
             metrics[f"loss/{term.key}_{term.name}"] = value
+        if consistency is not None:
+            total = total + self.config.distill.hard_augment.consistency_weight * consistency
+            metrics["loss/hard_teacher_consistency"] = consistency
         metrics["loss/total"] = total
         return total, (new_state, metrics)
 
