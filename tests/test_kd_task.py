@@ -169,3 +169,36 @@ def test_crd_keeps_and_updates_its_memory_bank(tmp_path, teacher_dir):
     assert (after["z"] > 0).all() and np.isfinite(float(metrics["loss/term1_crd"]))
     state, _ = trainer.jit_train_step(state, frozen, parallel.global_batch(trainer.mesh, batch))
     np.testing.assert_array_equal(jax.device_get(state["model_state"]["memory"]["term1"]["z"]), after["z"])
+
+
+def test_trilateral_ratio_network_learns_by_lookahead(tmp_path, teacher_dir):
+    terms = ({"name": "trilateral", "weight": 1.0},)
+    cfg = config_lib.from_dict(base(task="kd", model={"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
+                                    teacher={**TEACHER, "checkpoint": teacher_dir},
+                                    distill={"ce_weight": 0.0, "terms": terms}))
+    trainer = Trainer(cfg, str(tmp_path / "kd"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    state = jax.device_get(trainer.init_state())
+    batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator()).items()}
+    grads, (_, metrics) = jax.grad(trainer.task.loss_fn, has_aux=True)(
+        state["params"], state["model_state"], frozen, batch, None, jnp.int32(0))
+    ratio_grad = grads["connectors"]["term0_ratio"]
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(ratio_grad))
+    assert "loss/term0_ratio_lookahead_ce" in metrics
+    # the student's gradient is that of the fused loss with the ratio held fixed (the look-ahead doesn't reach it)
+    from transferlab import losses
+    from transferlab.losses import logit
+    task = trainer.task
+    t_logits = task.teacher_outputs(frozen["teachers"], batch["image"])[0]["logits"]
+    s0 = task.model.apply({"params": state["params"]["model"]}, batch["image"], train=True)
+    feats = logit.trilateral_features(s0, t_logits, batch["label"], temperature=4.0)
+    ratio = task.ratio_net.apply({"params": state["params"]["connectors"]["term0_ratio"]}, feats)
+
+    def fused(theta):
+        s = task.model.apply({"params": theta}, batch["image"], train=True)
+        return losses.get("trilateral").fn(s, t_logits, {**batch, "fusion_ratio": ratio}, temperature=4.0)
+
+    expected = jax.grad(fused)(state["params"]["model"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads["model"], expected)
+    results = train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert np.isfinite(results["test"]["loss"])

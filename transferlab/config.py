@@ -109,6 +109,7 @@ def defaults() -> ml_collections.ConfigDict:
         "teacher_weights": (),  # 'weighted': one weight per teacher (teacher first, then extra_teachers)
         "teacher_cache": False,  # cache the teachers' train-split logits in the data dir (needs fixed inputs)
         "ema_decay": 0.999,
+        "trilateral_lookahead_lr": 0.05,  # 'trilateral' term: virtual SGD step of the ratio network's look-ahead
         "hard_augment": ml_collections.ConfigDict({  # HARD learned hard augmentations, arXiv:2305.14890
             "enabled": False,
             "scale": 0.3,  # max deviation of the affine warp from the identity (normalized coordinates)

@@ -36,6 +36,9 @@ Teacher-output caching (`distill.teacher_cache`, see `teacher_cache`): for
 fixed inputs the teachers' train-split logits are computed once and looked up
 by example index, so no teacher forward runs in the step.
 
+TGeo-KD (`trilateral`, arXiv:2312.15112) learns its per-sample fusion ratio with
+a one-step look-ahead in the same step (see `_trilateral_term`).
+
 CRD (arXiv:1910.10699) keeps its memory banks and normalizing constants in the
 model state (`model_state['memory']['term<i>']`, not differentiated) and a
 trainable teacher-side embedding head in `params['connectors']['term<i>_teacher']`.
@@ -53,6 +56,7 @@ from transferlab import losses
 from transferlab.config import TERM_KEYS, model_section
 from transferlab.errors import ConfigError, UserError
 from transferlab.losses import connectors as connector_lib
+from transferlab.losses import logit as logit_losses
 from transferlab.losses import relation
 from transferlab.tasks import common, hard_augment
 
@@ -178,6 +182,9 @@ class KDTask:
             if term.crd is not None:
                 self._init_crd(term, key, s_list[0], t_list[0], all_params, all_state)
                 continue
+            if term.name == "trilateral":
+                self._init_ratio_net(term, key, s_list[0], all_params)
+                continue
             if use_connector:
                 target = t_list if term.spec.multi_tap else t_list[0]
                 self._add_connector(term.key, term.connector, target, s_list, term.spec.multi_tap, key,
@@ -191,6 +198,42 @@ class KDTask:
         variables = dict(module.init({"params": rng}, dummy if multi else dummy[0], train=False))
         all_params["connectors"][key] = variables.pop("params", {})
         all_state["connectors"][key] = variables
+
+    def _init_ratio_net(self, term, rng, logits_shape, all_params):
+        """TGeo-KD's fusion-ratio network over the trilateral features (7C + 7 inputs)."""
+        self.ratio_net = connector_lib.FusionRatioMLP()
+        feats = jnp.zeros((logits_shape[0], 7 * logits_shape[-1] + 7), jnp.float32)
+        all_params["connectors"][term.key + "_ratio"] = self.ratio_net.init({"params": rng}, feats)["params"]
+
+    def _trilateral_term(self, term, params, model_state, batch, s_logits, t_logits):
+        """TGeo-KD (arXiv:2312.15112): per-sample KD/CE fusion ratio from the trilateral geometry, learned by
+        a one-step look-ahead (bilevel, first order in the outer problem): the ratio network gets the
+        gradient of the student's cross-entropy after a virtual SGD step (lr `trilateral_lookahead_lr`) on
+        the fused loss; the student gets the fused loss with the ratio held fixed. Simplification: the outer
+        objective uses the same training batch, not a held-out split."""
+        phi = params["connectors"][term.key + "_ratio"]
+        labels = batch["label"]
+        temperature = term.hparams["temperature"]
+
+        def ratio(phi_, student_logits):
+            feats = logit_losses.trilateral_features(student_logits, t_logits, labels, temperature=temperature)
+            return self.ratio_net.apply({"params": phi_}, feats)
+
+        fused = term.spec.fn(s_logits, t_logits, {**batch, "fusion_ratio": jax.lax.stop_gradient(
+            ratio(phi, s_logits))}, **term.hparams)
+
+        theta = jax.lax.stop_gradient(params["model"])
+        state = jax.lax.stop_gradient(model_state["model"])
+
+        def inner(theta_, phi_):
+            logits = common.forward(self.model, theta_, state, batch["image"], train=True)[0]
+            return term.spec.fn(logits, t_logits, {**batch, "fusion_ratio": ratio(phi_, logits)}, **term.hparams)
+
+        lr = self.config.distill.trilateral_lookahead_lr
+        ahead = jax.tree.map(lambda w, g: w - lr * g, theta, jax.grad(inner)(theta, phi))
+        outer = common.cross_entropy(common.forward(self.model, ahead, state, batch["image"], train=True)[0],
+                                     common.targets(batch, self.num_classes))
+        return fused, outer
 
     def _init_crd(self, term, rng, s_shape, t_shape, all_params, all_state):
         if not self.num_train_examples:
@@ -330,6 +373,10 @@ class KDTask:
             if term.crd is not None:
                 value = self._crd_term(term, params, model_state, new_state, student[0], teacher_in[0], batch,
                                        jax.random.fold_in(rng, n))
+            elif term.name == "trilateral":
+                value, outer = self._trilateral_term(term, params, model_state, batch, student[0], teacher_in[0])
+                total = total + outer  # only the ratio network has a gradient here
+                metrics[f"loss/{term.key}_ratio_lookahead_ce"] = outer
             else:
                 if term.key in self.connectors:
                     student, new_state["connectors"][term.key] = self._connect(
