@@ -1,0 +1,157 @@
+"""Experiment configs: every file loads and validates, every CIFAR-100 row compiles and trains 2 steps,
+every method preset validates and trains, and the KD table runs end to end through the CLI."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+
+from transferlab import config as config_lib, losses, methods, parallel, study
+from transferlab.data import builders
+from transferlab.errors import ConfigError
+from transferlab.train import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "**", "*.py"), recursive=True))
+CIFAR_DIR = os.path.join(REPO, "experiments", "kd", "cifar100")
+ROWS = sorted(p for p in glob.glob(os.path.join(CIFAR_DIR, "*.py")) if not p.endswith("teacher.py"))
+CIFAR_INFO = SimpleNamespace(num_classes=100, image_shape=(32, 32, 3), split_sizes={"train": 50000, "test": 10000})
+SMOKE = ["--config.teacher.checkpoint=random", "--config.batch_size=8", "--config.mesh_shape=data=-1"]
+
+
+def rel(path):
+    return os.path.relpath(path, REPO)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=rel)
+def test_every_experiment_file_loads_and_validates(path, tmp_path):
+    config = config_lib.load(path)
+    if config.study.arms:
+        assert study.resolve_arms(config, str(tmp_path))  # every arm's config validates
+
+
+def test_the_ten_cifar100_rows_exist():
+    pairs = {os.path.basename(p)[:-3] for p in ROWS}
+    assert pairs == {"resnet56_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2",
+                     "wrn_40_2_wrn_40_1", "vgg13_vgg8", "resnet32x4_shufflenetv2", "resnet32x4_shufflenetv1",
+                     "wrn_40_2_shufflenetv1", "vgg13_mobilenetv2"}
+
+
+@pytest.mark.parametrize("path", ROWS, ids=rel)
+def test_cifar100_row_recipe(path):
+    config = config_lib.load(path + ":teacher_ckpt=/ckpt/teacher")
+    student = config.model.name
+    assert config.task == "kd" and config.teacher.checkpoint == "/ckpt/teacher"
+    assert config.dataset.name == "cifar100" and config.dataset.train_split == "train"
+    assert config.selection == "last"  # the periodic eval on 'test' never selects a checkpoint
+    assert config.total_steps == 240 * 50000 // 64 and config.batch_size == 64
+    assert config.optimizer.learning_rate == (0.01 if student in methods.LIGHT_MODELS else 0.05)
+    assert config.schedule.name == "step" and config.schedule.boundaries == (150 / 240, 180 / 240, 210 / 240)
+    assert config.augment.crop_padding == 4 and config.augment.flip
+    assert [dict(t) for t in config.distill.terms] == [{"name": "kd", "weight": 0.9, "temperature": 4.0}]
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_every_method_loads_in_a_cifar100_row(method):
+    config = config_lib.load(os.path.join(CIFAR_DIR, "resnet56_resnet20.py") + f":method={method}")
+    assert [t["name"] for t in config.distill.terms] == [t["name"] for t in methods.distill_section(method)["terms"]]
+
+
+def test_bad_config_arguments_name_the_culprit():
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        config_lib.load(os.path.join(CIFAR_DIR, "vgg13_vgg8.py") + ":method=nope")
+    with pytest.raises(ConfigError, match="'metod'"):
+        config_lib.load(os.path.join(CIFAR_DIR, "vgg13_vgg8.py") + ":metod=kd")
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        config_lib.load(os.path.join(REPO, "experiments", "kd", "table.py") + ":methods=kd+nope")
+
+
+# --------------------------------------------------------------------------- method presets
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_distill_section_validates(method):
+    section = methods.distill_section(method, warmup_steps=100)
+    assert set(section) == {"ce_weight", "terms"} and section["terms"]
+    assert all(t["name"] in losses.names() for t in section["terms"])
+    config = config_lib.from_dict({"task": "kd", "model": {"name": "resnet8"},
+                                   "teacher": {"name": "resnet14", "checkpoint": "random"}, "distill": section})
+    assert len(config.distill.terms) == len(section["terms"])
+
+
+def test_distill_section_overrides():
+    assert methods.distill_section("dkd", beta=2.0)["terms"][0]["beta"] == 2.0
+    assert methods.distill_section("dkd", warmup_steps=7)["terms"][0]["warmup_steps"] == 7
+    crd_kd = methods.distill_section("crd", kd_weight=1.0)  # RepDistiller's CRD+KD
+    assert [(t["name"], t["weight"]) for t in crd_kd["terms"]] == [("crd", 0.8), ("kd", 1.0)]
+    assert methods.distill_section("kd", ce_weight=0.5)["ce_weight"] == 0.5
+    with pytest.raises(ConfigError, match="unknown method 'fitnets'"):
+        methods.distill_section("fitnets")
+    with pytest.raises(ConfigError, match="unknown override 'beta'"):
+        methods.distill_section("kd", beta=1.0)
+
+
+# --------------------------------------------------------------------------- compile and train
+
+
+def two_steps(config):
+    """The real jitted train step, twice, on synthetic CIFAR-shaped inputs; returns the last metrics."""
+    trainer = Trainer(config, "/nonexistent-workdir", info=CIFAR_INFO)
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    trainer.compile(frozen)
+    state = trainer.init_state()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+                 "label": rng.integers(0, 100, size=8).astype(np.int32),
+                 "index": np.arange(8 * i, 8 * i + 8, dtype=np.int32)}
+        state, metrics = trainer.jit_train_step(state, frozen, parallel.global_batch(trainer.mesh, batch))
+    assert int(state["step"]) == 2
+    return jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("path", ROWS, ids=rel)
+def test_cifar100_row_compiles_and_trains_two_steps(path):
+    metrics = two_steps(config_lib.load(path, SMOKE))
+    assert np.isfinite(metrics["loss/total"]) and np.isfinite(metrics["loss/term0_kd"])
+
+
+def test_every_method_trains_in_one_step():
+    """All presets' terms in one KD step (one compile instead of one per method) on a small CIFAR pair."""
+    sections = {m: methods.distill_section(m, warmup_steps=1) for m in methods.METHODS}
+    terms = [t for section in sections.values() for t in section["terms"]]
+    config = config_lib.load(os.path.join(CIFAR_DIR, "resnet56_resnet20.py"),
+                             SMOKE + ["--config.model.name=resnet8", "--config.teacher.name=resnet14"])
+    config.distill.terms = tuple(terms)
+    config_lib.validate(config)
+    metrics = two_steps(config)
+    assert np.isfinite(metrics["loss/total"])
+    for i, term in enumerate(terms):
+        assert np.isfinite(metrics[f"loss/term{i}_{term['name']}"]), term
+
+
+# --------------------------------------------------------------------------- the KD table, end to end
+
+
+def test_kd_table_runs_through_the_cli(tmp_path, data_dir):
+    builders.prepare("mnist5k", data_dir)
+    workdir = str(tmp_path / "table")
+    proc = subprocess.run([sys.executable, "-m", "transferlab.main", "--config",
+                           "experiments/kd/table.py:steps=4,seeds=1,methods=kd+fitnet", "--workdir", workdir],
+                          cwd=REPO, env={**os.environ, "TFDS_DATA_DIR": data_dir}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for arm in ("teacher", "student", "student+kd", "student+fitnet"):
+        with open(os.path.join(workdir, arm, "seed_0", "results.json"), encoding="utf-8") as f:
+            results = json.load(f)
+        assert results["selection"] == "last step" and results["test"]["count"] == 1000
+    assert os.path.exists(os.path.join(workdir, "results.md"))
