@@ -15,6 +15,7 @@ import pytest
 from transferlab import config as config_lib, losses, methods, parallel, study
 from transferlab.data import builders
 from transferlab.errors import ConfigError
+from transferlab.tasks import common
 from transferlab.train import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,6 +138,41 @@ def test_every_method_trains_in_one_step():
     assert np.isfinite(metrics["loss/total"])
     for i, term in enumerate(terms):
         assert np.isfinite(metrics[f"loss/term{i}_{term['name']}"]), term
+
+
+# Known incompatibilities (loss-side; see trg in the docstring of transferlab/methods.py): TRG's token graphs need the
+# same number of tokens (H*W) on both sides, and the ShuffleNet students' stage3 is 4x4 where the teachers' is 8x8.
+TRACE_XFAIL = {(row, "trg") for row in ("resnet32x4_shufflenetv1", "resnet32x4_shufflenetv2", "wrn_40_2_shufflenetv1")}
+
+
+def trace_step(config):
+    """Traces (no compile) the jitted train step: tap names, connectors and loss shapes are all checked."""
+    trainer = Trainer(config, "/nonexistent-workdir", info=CIFAR_INFO)
+    teacher = trainer.task.teachers[0]
+    params, state = jax.eval_shape(lambda x: common.init_model(teacher, jax.random.key(0), x), trainer.abstract_images)
+    batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), np.float32),
+             "label": jax.ShapeDtypeStruct((8,), np.int32), "index": jax.ShapeDtypeStruct((8,), np.int32)}
+    frozen = {"teachers": [{"params": params, "model_state": state}]}
+    return jax.eval_shape(trainer.train_step, trainer.abstract_state, frozen, batch)[1]
+
+
+@pytest.mark.parametrize("path", ROWS, ids=rel)
+def test_every_method_traces_on_every_cifar100_row(path):
+    """Every method preset (with the row's per-pair hyper-parameters) in one traced step of each row."""
+    row = os.path.basename(path)[:-3]
+    config = config_lib.load(path, SMOKE)
+    teacher, student = config.teacher.name, config.model.name
+    terms = [t for m in methods.METHODS if (row, m) not in TRACE_XFAIL
+             for t in methods.distill_section(m, warmup_steps=1, **methods.pair_overrides(m, teacher, student))["terms"]]
+    config.distill.terms = tuple(terms)
+    metrics = trace_step(config)
+    assert all(f"loss/term{i}_{t['name']}" in metrics for i, t in enumerate(terms))
+
+
+@pytest.mark.parametrize("row, method", sorted(TRACE_XFAIL))
+@pytest.mark.xfail(reason="trg needs equal token counts; ShuffleNet stage3 is 4x4, the teachers' 8x8", strict=False)
+def test_known_incompatible_method_and_row(row, method):
+    trace_step(config_lib.load(os.path.join(CIFAR_DIR, row + ".py") + f":method={method}", SMOKE))
 
 
 # --------------------------------------------------------------------------- the KD table, end to end

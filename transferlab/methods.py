@@ -41,7 +41,8 @@ and `configs/cifar100/`). T is the temperature.
                                                                          classes its weight is 1 and it equals KD, so it takes KD's
                                                                          weights: its row should match KD's)
   trg             1.0   trg 1, tau=0.1, stage3 tokens                  arXiv:2306.12442 (no public recipe or peer code: the loss's
-                                                                         defaults, unchecked)
+                                                                         defaults, unchecked). Needs as many student as teacher
+                                                                         tokens: not the ShuffleNet rows (stage3 4x4 vs 8x8)
 
 Not presets: `trilateral` (arXiv:2312.15112) needs a per-sample fusion ratio in
 the batch that the KD task does not compute. `kd_std` is KD+LS only: the
