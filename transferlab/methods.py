@@ -62,6 +62,7 @@ import inspect
 
 import ml_collections
 
+from transferlab.config import parse_arg
 from transferlab.errors import ConfigError, unknown_name
 
 KD_TEMPERATURE = 4.0
@@ -71,15 +72,12 @@ def _term(name, weight, **hparams):
     return {"name": name, "weight": float(weight), **hparams}
 
 
-def _kd_term(weight, warmup_steps=0):
-    term = _term("kd", weight, temperature=KD_TEMPERATURE)
-    if warmup_steps:
-        term["warmup_steps"] = int(warmup_steps)
-    return term
-
-
 def _warm(term, warmup_steps):
     return {**term, "warmup_steps": int(warmup_steps)} if warmup_steps else term
+
+
+def _kd_term(weight, warmup_steps=0):
+    return _warm(_term("kd", weight, temperature=KD_TEMPERATURE), warmup_steps)
 
 
 def kd(warmup_steps=0):
@@ -182,17 +180,17 @@ CIFAR100_TRAIN_SIZE = 50000
 EPOCHS = 240
 BATCH_SIZE = 64
 TOTAL_STEPS = EPOCHS * CIFAR100_TRAIN_SIZE // BATCH_SIZE  # 187,500
-
-
-def epochs_to_steps(epochs: float) -> int:
-    """Steps of `epochs` CIFAR-100 epochs at batch 64 (781.25 steps per epoch)."""
-    return int(epochs * TOTAL_STEPS // EPOCHS)
 LIGHT_MODELS = ("mobilenetv2", "mobile_half", "shufflenetv1", "shufflenetv2")  # lr 0.01 (RepDistiller)
 # mdistiller configs/cifar100/dkd/*.yaml: DKD beta per (teacher, student); 8 elsewhere.
 DKD_BETA = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0, ("wrn_40_2", "wrn_16_2"): 6.0,
             ("wrn_40_2", "wrn_40_1"): 6.0, ("vgg13", "vgg8"): 6.0, ("vgg13", "mobilenetv2"): 6.0}
 # mdistiller configs/cifar100/reviewkd.yaml (resnet32x4 -> resnet8x4); 1.0 elsewhere (cfg.py).
 REVIEWKD_WEIGHT = {("resnet32x4", "resnet8x4"): 5.0}
+
+
+def epochs_to_steps(epochs: float) -> int:
+    """Steps of `epochs` CIFAR-100 epochs at batch 64 (781.25 steps per epoch)."""
+    return int(epochs * TOTAL_STEPS // EPOCHS)
 
 
 def cifar100_base(model: str) -> ml_collections.ConfigDict:
@@ -252,7 +250,6 @@ def cifar100_recipe(teacher: str, student: str, method: str = "kd",
 
 def cifar100_config(teacher: str, student: str, arg: str | None) -> ml_collections.ConfigDict:
     """`cifar100_recipe` from a config-file argument 'method=NAME,teacher_ckpt=PATH' (both optional)."""
-    from transferlab.config import parse_arg
     args = parse_arg(arg)
     unknown = set(args) - {"method", "teacher_ckpt"}
     if unknown:
