@@ -4,7 +4,9 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_experimental_ynn_fusion_type=").strip()
+                           " --xla_cpu_experimental_ynn_fusion_type="
+                           # LLVM -O0: halves compile time, which dominates these tiny tests (same HLO, same math)
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
 
 import jax  # noqa: E402  (after XLA_FLAGS)
