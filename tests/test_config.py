@@ -56,6 +56,7 @@ def test_overrides_are_typed(tmp_path):
     ("c.schedule = {'name': 'zigzag'}", "schedule.name"),
     ("c.mesh_shape = 'data=-1,model=2'", "mesh_shape"),
     ("c.total_steps = 0", "total_steps"),
+    ("c.selection_metric = 'f1'", "selection_metric"),
     ("c.optimizer = {'freeze': '(['}", "optimizer.freeze"),
     ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'nope'},)}", "nope"),
     ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'kd', 'tmp': 3},)}", "tmp"),

@@ -23,6 +23,7 @@ TASKS = ("classify", "kd", "dml")
 OPTIMIZERS = ("sgd", "adamw", "adafactor")
 SCHEDULES = ("constant", "cosine", "step", "linear")
 SELECTIONS = ("last", "best")
+SELECTION_METRICS = r"accuracy|top5_accuracy|teacher_agreement|ensemble_accuracy|peer\d+_accuracy"
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp")
 # Keys of a distill.terms entry that are not loss hparams.
@@ -330,6 +331,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "schedule.warmup_steps", "augment.crop_padding", "augment.mixup_alpha",
               "augment.cutmix_alpha", allow_zero=True)
     parse_mesh_shape(config.mesh_shape)
+    if not re.fullmatch(SELECTION_METRICS, config.selection_metric):
+        raise ConfigError(f"config key 'selection_metric': {config.selection_metric!r} is not a higher-is-better "
+                          "eval metric; expected accuracy, top5_accuracy, teacher_agreement (kd), "
+                          "ensemble_accuracy or peerK_accuracy (dml)")
     if config.optimizer.freeze:
         _regex("optimizer.freeze", config.optimizer.freeze)
     for i, rule in enumerate(config.sharding_rules):
