@@ -1,0 +1,511 @@
+"""KD train-step throughput and memory: transferlab (JAX, CPU) vs torchdistill (PyTorch, CPU).
+
+For each teacher -> student pair (CIFAR shapes: 32x32x3 inputs, 100 classes) it times
+
+    kd       one full train step: teacher forward (frozen, eval mode) + student
+             forward/backward + SGD update; loss 0.1 * CE + 0.9 * Hinton KD (T = 4)
+    student  the student's plain supervised step (CE only) with the same optimizer
+    teacher  the teacher's forward pass alone (eval mode, no gradient)
+
+on both sides, and checks the target  kd <= student + 1.05 * teacher.
+
+transferlab side: the library's own jitted step (`Trainer.jit_train_step`, built from
+a config with `teacher.checkpoint='random'` and dataset info given, so no data or
+trained teacher is needed); the teacher forward is `jax.jit(teacher.apply)` on the
+frozen variables. torch side: `bench/torch_models.py` (same architectures, parameter
+counts checked equal), torchdistill's `KDLoss` (alpha=0.1, beta=0.9, T=4: returns
+0.1 * CE + 0.9 * T^2 * KL(batchmean), which is exactly transferlab's
+`ce_weight * CE + weight * kd` with kd = T^2 * KL(batchmean)), SGD momentum 0.9,
+weight decay 5e-4 on every parameter (transferlab is configured with
+`decay_norms_and_biases=True` to match), `torch.set_num_threads(2)`.
+
+Every measurement runs in its own subprocess, so the peak RSS (`resource.getrusage`)
+is that of one program on one side only; JAX and torch never share a process.
+JAX variants: XLA flags (YNNPACK fusion off vs XLA's default) and the residual-block
+`fusion_barrier` model kwarg (off vs on).
+
+    .venv-bench/bin/python bench/kd_step.py                      # both pairs, all variants
+    .venv-bench/bin/python bench/kd_step.py --pairs resnet32x4:resnet8x4 --iters 5
+    .venv-bench/bin/python bench/kd_step.py --variants ynn_off --fusion-barrier on
+
+Timing: `--warmup` untimed calls (the first is reported as the compile/first-call
+time), then the median of `--iters` calls, each ended by `block_until_ready` (JAX)
+or by the synchronous return of `optimizer.step()` (torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 100
+IMAGE_SHAPE = (32, 32, 3)
+TEMPERATURE = 4.0
+CE_WEIGHT, KD_WEIGHT = 0.1, 0.9
+LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
+TARGET_TEACHER_FACTOR = 1.05
+# XLA_FLAGS per JAX variant. YNNPACK fusions off measured 10-25% faster on this 2-core CPU.
+VARIANTS = {"ynn_off": "--xla_cpu_experimental_ynn_fusion_type=", "default": ""}
+# The house peer figure for resnet56 -> resnet20 (torchdistill, seconds per step, this machine class).
+HOUSE_PEER = {"resnet56:resnet20": {"kd": 0.27, "student": 0.18, "teacher": 0.175}}
+WHATS = ("kd", "student", "teacher")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _cpu_busy_s() -> float:
+    """Busy CPU seconds of the whole machine so far (all cores; /proc/stat), or 0 if unreadable."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _time_calls(fn, warmup: int, iters: int) -> dict:
+    """First-call seconds, then the median and min of `iters` calls after `warmup` calls in all.
+
+    `cpu_median_s` is this process's CPU time per call (all threads; about 2x the wall time
+    when both cores are kept busy). Also the share of the machine's CPUs busy with *other* processes during the timed calls
+    ('other_load', 0..1): the dev machine is shared, so a figure taken under load says so.
+    """
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        fn()
+    times, cpu_times = [], []
+    busy0, own0, wall0 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
+    for _ in range(iters):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    wall = time.perf_counter() - wall0
+    other = max(0.0, (_cpu_busy_s() - busy0) - (_own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
+    return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times),
+            "cpu_median_s": statistics.median(cpu_times), "other_load": round(other, 3)}
+
+
+# --------------------------------------------------------------------------- JAX worker
+
+
+def _jax_worker(args) -> dict:
+    import jax
+    import numpy as np
+
+    from transferlab import config as config_lib, models, parallel
+    from transferlab.errors import ConfigError
+    from transferlab.train import Trainer
+    from types import SimpleNamespace
+
+    teacher, student = args.pair.split(":")
+    rss_after_import = _peak_rss_mib()
+
+    def model_kwargs(name):
+        if args.fusion_barrier == "n/a":
+            return {}
+        kwargs = {"fusion_barrier": args.fusion_barrier == "on"}
+        try:
+            models.create(name, num_classes=NUM_CLASSES, **kwargs)
+        except ConfigError:
+            return None  # the model has no such kwarg
+        return kwargs
+
+    s_kwargs, t_kwargs = model_kwargs(student), model_kwargs(teacher)
+    if s_kwargs is None or t_kwargs is None:
+        return {"error": f"models {args.pair} take no 'fusion_barrier' kwarg"}
+    base = {
+        "batch_size": args.batch, "mesh_shape": "data=1", "total_steps": 1000, "seed": 0,
+        "model": {"name": student, "kwargs": s_kwargs},
+        "optimizer": {"name": "sgd", "learning_rate": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+                      "decay_norms_and_biases": True},
+        "schedule": {"name": "constant"},
+    }
+    if args.what == "student":
+        cfg = config_lib.from_dict({**base, "task": "classify"})
+    else:
+        cfg = config_lib.from_dict({
+            **base, "task": "kd",
+            "teacher": {"name": teacher, "checkpoint": "random", "kwargs": t_kwargs},
+            "distill": {"ce_weight": CE_WEIGHT,
+                        "terms": ({"name": "kd", "weight": KD_WEIGHT, "temperature": TEMPERATURE},)},
+        })
+    # CIFAR-100's dataset info, given to the Trainer so that no data set is needed.
+    fields = {"name": "cifar100", "num_classes": NUM_CLASSES, "image_shape": IMAGE_SHAPE,
+              "split_sizes": {"train": 50000, "validation": 0, "test": 10000},
+              "mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762)}
+    try:
+        from transferlab.data import DatasetInfo
+        info = DatasetInfo(**fields)
+    except (ImportError, TypeError):  # an older/newer DatasetInfo: duck-type it
+        info = SimpleNamespace(**fields, splits=fields["split_sizes"])
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((args.batch, *IMAGE_SHAPE), dtype=np.float32)
+    labels = rng.integers(0, NUM_CLASSES, args.batch).astype(np.int32)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(cfg, workdir=workdir, devices=jax.devices()[:1], info=info)
+        frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+        box = {}
+        if args.what == "teacher":
+            # The (first) teacher's module and frozen variables, as the KD task holds them.
+            teacher_model = (trainer.task.teachers[0] if hasattr(trainer.task, "teachers")
+                             else trainer.task.teacher)
+            teacher_vars = frozen["teachers"][0] if "teachers" in frozen else frozen
+            variables = {"params": teacher_vars["params"], **teacher_vars["model_state"]}
+            x = parallel.global_batch(trainer.mesh, {"image": images})["image"]
+            forward = jax.jit(lambda v, x: teacher_model.apply(v, x, train=False))
+            fn = lambda: forward(variables, x).block_until_ready()  # noqa: E731
+            params = variables["params"]
+        else:
+            trainer.compile(frozen)
+            box["state"] = trainer.init_state()
+            batch = parallel.global_batch(trainer.mesh, {"image": images, "label": labels,
+                                                         "index": np.arange(args.batch, dtype=np.int32)})
+
+            def fn():
+                box["state"], metrics = trainer.jit_train_step(box["state"], frozen, batch)
+                jax.block_until_ready((box["state"], metrics))
+                box["metrics"] = metrics
+            params = box["state"]["params"]["model"]
+        n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+        timing = _time_calls(fn, args.warmup, args.iters)
+        extra = {}
+        if "metrics" in box:
+            extra["loss"] = float(box["metrics"].get("loss/total", box["metrics"].get("loss/ce")))
+    return {**timing, "peak_rss_mib": _peak_rss_mib(),
+            "rss_after_import_mib": rss_after_import, "params": n_params, **extra}
+
+
+# --------------------------------------------------------------------------- torch worker
+
+
+def _torch_worker(args) -> dict:
+    import torch
+    from torchdistill.losses.mid_level import KDLoss
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_models
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    rss_after_import = _peak_rss_mib()
+    teacher_name, student_name = args.pair.split(":")
+    x = torch.randn(args.batch, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2])
+    y = torch.randint(0, NUM_CLASSES, (args.batch,))
+    student = torch_models.create(student_name, NUM_CLASSES).train()
+    teacher = torch_models.create(teacher_name, NUM_CLASSES).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    # alpha * CE + beta * T^2 * KL(batchmean): the same function as transferlab's 0.1 CE + 0.9 kd.
+    kd_loss = KDLoss("fc", "output", "fc", "output", temperature=TEMPERATURE, alpha=CE_WEIGHT, beta=KD_WEIGHT)
+    ce_loss = torch.nn.CrossEntropyLoss()
+    box = {}
+
+    def kd_step():
+        with torch.no_grad():
+            t_logits = teacher(x)
+        s_logits = student(x)
+        loss = kd_loss({"fc": {"output": s_logits}}, {"fc": {"output": t_logits}}, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        box["loss"] = loss
+
+    def student_step():
+        loss = ce_loss(student(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        box["loss"] = loss
+
+    def teacher_forward():
+        with torch.no_grad():
+            teacher(x)
+
+    fn = {"kd": kd_step, "student": student_step, "teacher": teacher_forward}[args.what]
+    model = teacher if args.what == "teacher" else student
+    timing = _time_calls(fn, args.warmup, args.iters)
+    extra = {"loss": float(box["loss"])} if "loss" in box else {}
+    return {**timing, "peak_rss_mib": _peak_rss_mib(),
+            "rss_after_import_mib": rss_after_import, "params": sum(p.numel() for p in model.parameters()),
+            "threads": torch.get_num_threads(), **extra}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _machine_load(sample_s: float = 1.0) -> float:
+    """Share of all CPUs busy over `sample_s` seconds (this driver itself sleeps meanwhile)."""
+    busy0, t0 = _cpu_busy_s(), time.perf_counter()
+    time.sleep(sample_s)
+    return (_cpu_busy_s() - busy0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+
+
+def _wait_idle(max_wait_s: float, threshold: float = 0.2) -> float:
+    """Waits (up to `max_wait_s`) until other processes use < `threshold` of the CPUs; returns the last load."""
+    deadline = time.perf_counter() + max_wait_s
+    load = _machine_load()
+    while load >= threshold and time.perf_counter() < deadline:
+        load = _machine_load(2.0)
+    return load
+
+
+def _run_worker(side: str, pair: str, what: str, args, variant: str = "", fusion_barrier: str = "n/a") -> dict:
+    """One measurement in a fresh subprocess; re-measured (up to --retries times) if other
+    processes took > 25% of the CPUs meanwhile, keeping the least disturbed result."""
+    best = None
+    for _ in range(1 + max(args.retries, 0)):
+        out = _run_worker_once(side, pair, what, args, variant, fusion_barrier)
+        if "error" in out:
+            return out
+        if best is None or out["other_load"] < best["other_load"]:
+            best = out
+        if best["other_load"] <= 0.25:
+            break
+    return best
+
+
+def _run_worker_once(side, pair, what, args, variant, fusion_barrier) -> dict:
+    if args.wait_idle > 0:
+        _wait_idle(args.wait_idle)
+    env = dict(os.environ)
+    if side == "jax":
+        env["XLA_FLAGS"] = VARIANTS[variant]
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--what", what, "--pair", pair,
+           "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
+           "--fusion-barrier-value", fusion_barrier]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    out = json.loads(lines[-1][len("RESULT "):])
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def _ms(r) -> str:
+    return f"{1e3 * r['median_s']:.0f}" if r and "median_s" in r else "—"
+
+
+def _versions() -> dict:
+    code = ("import json, importlib.metadata as m\n"
+            "v = {}\n"
+            "for p in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchdistill'):\n"
+            "    try: v[p] = m.version(p)\n"
+            "    except m.PackageNotFoundError: v[p] = None\n"
+            "print(json.dumps(v))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return {}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", default="resnet32x4:resnet8x4,resnet56:resnet20",
+                   help="comma-separated teacher:student pairs")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations, the first being the compile")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--variants", default="ynn_off,default", help=f"JAX XLA_FLAGS variants: {','.join(VARIANTS)}")
+    p.add_argument("--fusion-barrier", default="both", choices=("both", "on", "off"),
+                   help="residual-block fusion_barrier model kwarg of the JAX models")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/torchdistill side")
+    p.add_argument("--wait-idle", type=float, default=60.0,
+                   help="before each measurement, wait up to this many seconds for other processes to use "
+                        "< 20%% of the CPUs (0: don't wait); the load seen while timing is reported anyway")
+    p.add_argument("--retries", type=int, default=1,
+                   help="re-measure a figure taken while other processes used > 25%% of the CPUs")
+    p.add_argument("--json", default="", help="also write every raw measurement to this file")
+    # internal: one measurement in this process
+    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--what", choices=WHATS, help=argparse.SUPPRESS)
+    p.add_argument("--pair", help=argparse.SUPPRESS)
+    p.add_argument("--fusion-barrier-value", default="n/a", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        args.fusion_barrier = args.fusion_barrier_value
+        result = (_jax_worker if args.worker == "jax" else _torch_worker)(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    pairs = [x.strip() for x in args.pairs.split(",") if x.strip()]
+    for pair in pairs:
+        if pair.count(":") != 1:
+            p.error(f"--pairs: expected teacher:student, got {pair!r}")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
+    barriers = ["off", "on"] if args.fusion_barrier == "both" else [args.fusion_barrier]
+    versions = _versions()
+    started = datetime.datetime.now()
+    print(f"# KD step benchmark, {started:%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs ({_cpu_name()}), "
+          f"batch {args.batch}, warmup {args.warmup}, median of {args.iters}")
+    print("# " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + f", transferlab git {_git_commit()}")
+    print("# command: " + " ".join(["python", os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
+          flush=True)
+
+    raw = []
+    rows = []  # (pair, label, {what: result})
+    for pair in pairs:
+        torch_results = None
+        if not args.no_torch and versions.get("torch") and versions.get("torchdistill"):
+            torch_results = {w: _run_worker("torch", pair, w, args) for w in WHATS}
+            rows.append((pair, "torch + torchdistill", torch_results))
+            raw.append({"pair": pair, "side": "torch", **{w: torch_results[w] for w in WHATS}})
+            _progress(pair, "torch", torch_results)
+        elif not args.no_torch:
+            print("# torch/torchdistill not installed in this interpreter: run `bash bench/setup_peer.sh` and "
+                  "use .venv-bench/bin/python", flush=True)
+        for variant in variants:
+            for barrier in barriers:
+                res = {w: _run_worker("jax", pair, w, args, variant, barrier) for w in WHATS}
+                label = f"transferlab {variant}, barrier {barrier}"
+                rows.append((pair, label, res))
+                raw.append({"pair": pair, "side": "jax", "variant": variant, "fusion_barrier": barrier,
+                            **{w: res[w] for w in WHATS}})
+                _progress(pair, label, res)
+        rows.append((pair, None, torch_results))  # marker: ratios against this pair's torch row
+
+    print()
+    print(_table(rows))
+    print()
+    print(_target_table(rows))
+    print()
+    print(_memory_table(rows))
+    print(f"\n# total wall time {(datetime.datetime.now() - started).total_seconds():.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "versions": versions, "results": raw}, f, indent=1)
+    return 0
+
+
+def _progress(pair, label, res):
+    parts = []
+    for w in WHATS:
+        r = res[w]
+        parts.append(f"{w} {_ms(r)} ms (min {1e3 * r['min_s']:.0f}, other load {100 * r['other_load']:.0f}%)"
+                     if "error" not in r else f"{w} ERROR {r['error']}")
+    print(f"# {pair:22s} {label:32s} " + ", ".join(parts), flush=True)
+
+
+def _by_pair(rows):
+    out = {}
+    for pair, label, res in rows:
+        if label is not None:
+            out.setdefault(pair, []).append((label, res))
+    return out
+
+
+def _ok(res, w):
+    return res is not None and "median_s" in res.get(w, {})
+
+
+def _table(rows) -> str:
+    lines = ["| pair (teacher → student) | implementation | KD step ms | student step ms | teacher fwd ms "
+             "| KD ratio tl/torch | KD speed-up torch/tl | student ratio | teacher ratio | first call s (KD) "
+             "| KD min ms | other load % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    torch_of = {pair: res for pair, label, res in rows if label is None}
+    for pair, entries in _by_pair(rows).items():
+        ref = torch_of.get(pair)
+        for label, res in entries:
+            cells = [_ms(res.get(w)) for w in WHATS]
+            ratios = []
+            for w in WHATS:
+                if label.startswith("transferlab") and _ok(res, w) and _ok(ref, w):
+                    ratios.append(res[w]["median_s"] / ref[w]["median_s"])
+                else:
+                    ratios.append(None)
+            fmt = lambda r: "—" if r is None else f"{r:.2f}"  # noqa: E731
+            speedup = "—" if ratios[0] is None else f"{1 / ratios[0]:.2f}×"
+            first = f"{res['kd']['first_s']:.1f}" if _ok(res, "kd") else "—"
+            best = f"{1e3 * res['kd']['min_s']:.0f}" if _ok(res, "kd") else "—"
+            loads = [res[w]["other_load"] for w in WHATS if _ok(res, w)]
+            load = f"{100 * max(loads):.0f}" if loads else "—"
+            lines.append(f"| {pair.replace(':', ' → ')} | {label} | {' | '.join(cells)} | {fmt(ratios[0])} | "
+                         f"{speedup} | {fmt(ratios[1])} | {fmt(ratios[2])} | {first} | {best} | {load} |")
+        house = HOUSE_PEER.get(pair)
+        if house:
+            lines.append(f"| {pair.replace(':', ' → ')} | house peer figure (torchdistill) | "
+                         f"{1e3 * house['kd']:.0f} | {1e3 * house['student']:.0f} | {1e3 * house['teacher']:.0f} "
+                         f"| | | | | | | |")
+    return "\n".join(lines)
+
+
+def _target_table(rows) -> str:
+    lines = [f"| pair | implementation | KD step ms | student + {TARGET_TEACHER_FACTOR} × teacher ms "
+             "| KD overhead over student + teacher ms | target met |",
+             "|---|---|---:|---:|---:|:---:|"]
+    for pair, entries in _by_pair(rows).items():
+        for label, res in entries:
+            if not all(_ok(res, w) for w in WHATS):
+                continue
+            kd, st, te = (1e3 * res[w]["median_s"] for w in WHATS)
+            bound = st + TARGET_TEACHER_FACTOR * te
+            lines.append(f"| {pair.replace(':', ' → ')} | {label} | {kd:.0f} | {bound:.0f} | {kd - st - te:+.0f} | "
+                         f"{'yes' if kd <= bound else 'no'} |")
+    return "\n".join(lines)
+
+
+def _memory_table(rows) -> str:
+    lines = ["| pair | implementation | peak RSS MiB: KD step | student step | teacher fwd "
+             "| RSS after imports | params student / teacher |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for pair, entries in _by_pair(rows).items():
+        for label, res in entries:
+            mem = [f"{res[w]['peak_rss_mib']:.0f}" if _ok(res, w) else "—" for w in WHATS]
+            base = f"{res['kd']['rss_after_import_mib']:.0f}" if _ok(res, "kd") else "—"
+            n_s = f"{res['student']['params']:,}" if _ok(res, "student") else "—"
+            n_t = f"{res['teacher']['params']:,}" if _ok(res, "teacher") else "—"
+            lines.append(f"| {pair.replace(':', ' → ')} | {label} | {' | '.join(mem)} | {base} | {n_s} / {n_t} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
