@@ -43,10 +43,13 @@ and `configs/cifar100/`). T is the temperature.
   trg             1.0   trg 1, tau=0.1, stage3 tokens                  arXiv:2306.12442 (no public recipe or peer code: the loss's
                                                                          defaults, unchecked). Needs as many student as teacher
                                                                          tokens: not the ShuffleNet rows (stage3 4x4 vs 8x8)
+  trilateral      0.0   trilateral 1, T=4 (holds the CE itself)        TGeo-KD, arXiv:2312.15112 (no recipe we could check; the ratio network
+                                                                         learns by the KD task's one-step look-ahead on the training
+                                                                         batch, `distill.trilateral_lookahead_lr`, not on the paper's
+                                                                         held-out split)
 
-Not presets: `trilateral` (arXiv:2312.15112) needs a per-sample fusion ratio in
-the batch that the KD task does not compute. `kd_std` is KD+LS only: the
-paper's DKD+LS standardizes DKD's logits, which the `dkd` loss has no option for.
+`kd_std` is KD+LS only: the paper's DKD+LS standardizes DKD's logits, which the
+`dkd` loss has no option for.
 
 `warmup_steps` (an int, steps) is the length of the linear warm-up of the terms
 the sources warm up (dkd, reviewkd, nd's kd); `cifar100_recipe` sets it to 20 of
@@ -142,6 +145,10 @@ def class_relation(warmup_steps=0):
     return {"ce_weight": 0.1, "terms": (_term("class_relation", 0.9, temperature=KD_TEMPERATURE),)}
 
 
+def trilateral(warmup_steps=0):
+    return {"ce_weight": 0.0, "terms": (_term("trilateral", 1.0, temperature=KD_TEMPERATURE),)}
+
+
 def trg(warmup_steps=0):
     return {"ce_weight": 1.0, "terms": (_term("trg", 1.0, tau=0.1),)}
 
@@ -149,7 +156,7 @@ def trg(warmup_steps=0):
 METHODS = {
     "kd": kd, "dkd": dkd, "dist": dist, "kd_std": kd_std, "fitnet": fitnet, "at": at, "sp": sp, "rkd": rkd,
     "pkt": pkt, "crd": crd, "nd": nd, "reviewkd": reviewkd, "cwtm": cwtm, "dkpp": dkpp,
-    "class_relation": class_relation, "trg": trg,
+    "class_relation": class_relation, "trg": trg, "trilateral": trilateral,
 }
 
 
