@@ -109,7 +109,15 @@ def _time_calls(fn, warmup: int, iters: int) -> dict:
 # --------------------------------------------------------------------------- JAX worker
 
 
-def _jax_worker(args) -> dict:
+def jax_step(pair: str, what: str, batch_size: int, fusion_barrier: str = "n/a", distill=None):
+    """transferlab's jitted `what` ('kd', 'student' or 'teacher') for `pair` on CIFAR-100 shapes.
+
+    Returns (fn, student_or_teacher_params, box): `fn()` runs one step and blocks;
+    `box['metrics']` holds the last step's metrics. `distill` replaces the KD section
+    (default: 0.1 * CE + 0.9 * KD at T = 4). Needs no data set and no trained teacher
+    (`teacher.checkpoint='random'`). Returns (None, error message, None) when a model
+    takes no `fusion_barrier` kwarg.
+    """
     import jax
     import numpy as np
 
@@ -118,13 +126,12 @@ def _jax_worker(args) -> dict:
     from transferlab.train import Trainer
     from types import SimpleNamespace
 
-    teacher, student = args.pair.split(":")
-    rss_after_import = _peak_rss_mib()
+    teacher, student = pair.split(":")
 
     def model_kwargs(name):
-        if args.fusion_barrier == "n/a":
+        if fusion_barrier == "n/a":
             return {}
-        kwargs = {"fusion_barrier": args.fusion_barrier == "on"}
+        kwargs = {"fusion_barrier": fusion_barrier == "on"}
         try:
             models.create(name, num_classes=NUM_CLASSES, **kwargs)
         except ConfigError:
@@ -133,23 +140,23 @@ def _jax_worker(args) -> dict:
 
     s_kwargs, t_kwargs = model_kwargs(student), model_kwargs(teacher)
     if s_kwargs is None or t_kwargs is None:
-        return {"error": f"models {args.pair} take no 'fusion_barrier' kwarg"}
+        return None, f"models {pair} take no 'fusion_barrier' kwarg", None
     base = {
-        "batch_size": args.batch, "mesh_shape": "data=1", "total_steps": 1000, "seed": 0,
+        "batch_size": batch_size, "mesh_shape": "data=1", "total_steps": 1000, "seed": 0,
         "model": {"name": student, "kwargs": s_kwargs},
         "optimizer": {"name": "sgd", "learning_rate": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
                       "decay_norms_and_biases": True},
         "schedule": {"name": "constant"},
     }
-    if args.what == "student":
+    if what == "student":
         cfg = config_lib.from_dict({**base, "task": "classify"})
     else:
+        if distill is None:
+            distill = {"ce_weight": CE_WEIGHT,
+                       "terms": ({"name": "kd", "weight": KD_WEIGHT, "temperature": TEMPERATURE},)}
         cfg = config_lib.from_dict({
-            **base, "task": "kd",
-            "teacher": {"name": teacher, "checkpoint": "random", "kwargs": t_kwargs},
-            "distill": {"ce_weight": CE_WEIGHT,
-                        "terms": ({"name": "kd", "weight": KD_WEIGHT, "temperature": TEMPERATURE},)},
-        })
+            **base, "task": "kd", "teacher": {"name": teacher, "checkpoint": "random", "kwargs": t_kwargs},
+            "distill": distill})
     # CIFAR-100's dataset info, given to the Trainer so that no data set is needed.
     fields = {"name": "cifar100", "num_classes": NUM_CLASSES, "image_shape": IMAGE_SHAPE,
               "split_sizes": {"train": 50000, "validation": 0, "test": 10000},
@@ -160,39 +167,47 @@ def _jax_worker(args) -> dict:
     except (ImportError, TypeError):  # an older/newer DatasetInfo: duck-type it
         info = SimpleNamespace(**fields, splits=fields["split_sizes"])
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((args.batch, *IMAGE_SHAPE), dtype=np.float32)
-    labels = rng.integers(0, NUM_CLASSES, args.batch).astype(np.int32)
+    images = rng.standard_normal((batch_size, *IMAGE_SHAPE), dtype=np.float32)
+    labels = rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)
 
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(cfg, workdir=workdir, devices=jax.devices()[:1], info=info)
-        frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
-        box = {}
-        if args.what == "teacher":
-            # The (first) teacher's module and frozen variables, as the KD task holds them.
-            teacher_model = (trainer.task.teachers[0] if hasattr(trainer.task, "teachers")
-                             else trainer.task.teacher)
-            teacher_vars = frozen["teachers"][0] if "teachers" in frozen else frozen
-            variables = {"params": teacher_vars["params"], **teacher_vars["model_state"]}
-            x = parallel.global_batch(trainer.mesh, {"image": images})["image"]
-            forward = jax.jit(lambda v, x: teacher_model.apply(v, x, train=False))
-            fn = lambda: forward(variables, x).block_until_ready()  # noqa: E731
-            params = variables["params"]
-        else:
-            trainer.compile(frozen)
-            box["state"] = trainer.init_state()
-            batch = parallel.global_batch(trainer.mesh, {"image": images, "label": labels,
-                                                         "index": np.arange(args.batch, dtype=np.int32)})
+    workdir = tempfile.mkdtemp(prefix="kd_bench_")  # never written: no checkpoints are saved
+    trainer = Trainer(cfg, workdir=workdir, devices=jax.devices()[:1], info=info)
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    box = {}
+    if what == "teacher":
+        # The (first) teacher's module and frozen variables, as the KD task holds them.
+        teacher_model = (trainer.task.teachers[0] if hasattr(trainer.task, "teachers")
+                         else trainer.task.teacher)
+        teacher_vars = frozen["teachers"][0] if "teachers" in frozen else frozen
+        variables = {"params": teacher_vars["params"], **teacher_vars["model_state"]}
+        x = parallel.global_batch(trainer.mesh, {"image": images})["image"]
+        forward = jax.jit(lambda v, x: teacher_model.apply(v, x, train=False))
+        return (lambda: forward(variables, x).block_until_ready()), variables["params"], box
+    trainer.compile(frozen)
+    box["state"] = trainer.init_state()
+    batch = parallel.global_batch(trainer.mesh, {"image": images, "label": labels,
+                                                 "index": np.arange(batch_size, dtype=np.int32)})
 
-            def fn():
-                box["state"], metrics = trainer.jit_train_step(box["state"], frozen, batch)
-                jax.block_until_ready((box["state"], metrics))
-                box["metrics"] = metrics
-            params = box["state"]["params"]["model"]
-        n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
-        timing = _time_calls(fn, args.warmup, args.iters)
-        extra = {}
-        if "metrics" in box:
-            extra["loss"] = float(box["metrics"].get("loss/total", box["metrics"].get("loss/ce")))
+    def fn():
+        box["state"], metrics = trainer.jit_train_step(box["state"], frozen, batch)
+        jax.block_until_ready((box["state"], metrics))
+        box["metrics"] = metrics
+    return fn, box["state"]["params"]["model"], box
+
+
+def _jax_worker(args) -> dict:
+    import jax
+    import numpy as np
+
+    rss_after_import = _peak_rss_mib()
+    fn, params, box = jax_step(args.pair, args.what, args.batch, args.fusion_barrier)
+    if fn is None:
+        return {"error": params}
+    n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+    timing = _time_calls(fn, args.warmup, args.iters)
+    extra = {}
+    if "metrics" in box:
+        extra["loss"] = float(box["metrics"].get("loss/total", box["metrics"].get("loss/ce")))
     return {**timing, "peak_rss_mib": _peak_rss_mib(),
             "rss_after_import_mib": rss_after_import, "params": n_params, **extra}
 

@@ -84,6 +84,49 @@ def test_kd_loss_value_matches_a_hand_computation(tmp_path, teacher_dir):
     assert float(loss) == pytest.approx(expected, rel=1e-4)
 
 
+def _loss_parts(tmp_path, teacher_dir, terms, rng=None):
+    cfg = config_lib.from_dict(base(task="kd", model={"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
+                                    teacher={**TEACHER, "checkpoint": teacher_dir},
+                                    distill={"ce_weight": 0.0, "terms": terms}))
+    trainer = Trainer(cfg, str(tmp_path / "kd"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    state = jax.device_get(trainer.init_state())
+    batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator()).items()}
+    s = trainer.task.model.apply({"params": state["params"]["model"], **state["model_state"]["model"]},
+                                 batch["image"], train=True)
+    teacher = frozen["teachers"][0]
+    t = trainer.task.teachers[0].apply({"params": teacher["params"], **teacher["model_state"]}, batch["image"],
+                                       train=False)
+    loss = lambda key: trainer.task.loss_fn(state["params"], state["model_state"], frozen, batch, key,  # noqa: E731
+                                            jnp.int32(0))[0]
+    return loss, s, t, batch
+
+
+def test_standardize_logits_makes_any_logit_term_its_ls_variant(tmp_path, teacher_dir):
+    """DKD+LS (arXiv:2403.01427): the term sees z-scored student and teacher logits."""
+    from transferlab import losses
+    from transferlab.losses.logit import standardize
+    terms = ({"name": "dkd", "temperature": 2.0, "standardize_logits": True},)
+    loss, s, t, batch = _loss_parts(tmp_path, teacher_dir, terms)
+    expected = losses.get("dkd").fn(standardize(s), standardize(t), batch, temperature=2.0)
+    plain = losses.get("dkd").fn(s, t, batch, temperature=2.0)
+    assert float(loss(None)) == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(expected) - float(plain)) > 1e-3
+    with pytest.raises(ConfigError, match=r"terms\[0\]\.standardize_logits: only for logit terms"):
+        Trainer(kd_config(teacher_dir, terms=({"name": "fitnet", "student_tap": "features",
+                                                "teacher_tap": "features", "standardize_logits": True},)),
+                str(tmp_path / "bad"))
+    with pytest.raises(ConfigError, match="standardize_logits: expected true or false"):
+        Trainer(kd_config(teacher_dir, terms=({"name": "kd", "standardize_logits": "yes"},)), str(tmp_path / "b2"))
+
+
+def test_dkpp_draws_a_fresh_permutation_each_step(tmp_path, teacher_dir):
+    loss, *_ = _loss_parts(tmp_path, teacher_dir, ({"name": "dkpp"},))
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    assert float(loss(k1)) == float(loss(k1))
+    assert float(loss(k1)) != float(loss(k2))
+
+
 def test_feature_term_with_connector_trains(tmp_path, teacher_dir):
     terms = ({"name": "kd", "weight": 0.9, "temperature": 4.0},
              {"name": "fitnet", "weight": 1.0, "student_tap": "features", "teacher_tap": "features",

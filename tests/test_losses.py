@@ -342,3 +342,16 @@ def test_shape_mismatches_are_config_errors():
         losses.get("at").fn(s, t[:1], batch)
     with pytest.raises(ConfigError, match="lists of taps"):
         losses.get("reviewkd").fn(s[0], t[0], batch)
+
+
+def test_trg_compares_different_grids_on_the_coarser_one():
+    s, _, batch = example("trg")                      # student [B, 4, 4, 8]
+    t_fine = _normal(9, (s.shape[0], 8, 8, 8))        # teacher on an 8x8 grid
+    t_pooled = t_fine.reshape(s.shape[0], 4, 2, 4, 2, 8).mean(axis=(2, 4))
+    fn = losses.get("trg").fn
+    np.testing.assert_allclose(fn(s, t_fine, batch), fn(s, t_pooled, batch), rtol=1e-6)
+    np.testing.assert_allclose(fn(t_fine, s, batch), fn(t_pooled, s, batch), rtol=1e-6)
+    with pytest.raises(ConfigError, match="'trg'.*not integer multiples"):
+        fn(s, _normal(9, (s.shape[0], 6, 6, 8)), batch)
+    with pytest.raises(ConfigError, match="'trg'.*equal counts"):
+        fn(s.reshape(s.shape[0], 16, 8), t_fine.reshape(s.shape[0], 64, 8), batch)

@@ -28,7 +28,7 @@ DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp")
 # Keys of a distill.terms entry that are not loss hparams.
 TERM_KEYS = ("name", "weight", "student_tap", "teacher_tap", "connector", "warmup_steps", "teacher",
-             "embed_dim", "num_negatives", "memory_momentum")
+             "standardize_logits", "embed_dim", "num_negatives", "memory_momentum")
 # Sections whose contents are free-form (checked by the component that owns them).
 FREE_FORM = ("model.kwargs", "teacher.kwargs", "study.arms", "study.ensembles", "distill.terms", "sharding_rules", "extra_teachers",
              "dml.peers")
@@ -105,7 +105,10 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.distill = ml_collections.ConfigDict({
         "ce_weight": 1.0,  # weight of the hard-label cross-entropy
-        "terms": (),  # ({'name': 'kd', 'weight': 1.0, 'temperature': 4.0}, ...)
+        # ({'name': 'kd', 'weight': 1.0, 'temperature': 4.0}, ...). Besides the loss's hparams a term takes
+        # weight, warmup_steps (linear ramp), student_tap / teacher_tap, connector, teacher (index), and
+        # standardize_logits (z-score both logits first, arXiv:2403.01427, e.g. DKD+LS; logits taps only).
+        "terms": (),
         "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive, partition
         "teacher_weights": (),  # 'weighted': one weight per teacher (teacher first, then extra_teachers)
         "teacher_cache": False,  # cache the teachers' train-split logits in the data dir (needs fixed inputs)

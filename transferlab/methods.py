@@ -41,8 +41,8 @@ and `configs/cifar100/`). T is the temperature.
                                                                          classes its weight is 1 and it equals KD, so it takes KD's
                                                                          weights: its row should match KD's)
   trg             1.0   trg 1, tau=0.1, stage3 tokens                  arXiv:2306.12442 (no public recipe or peer code: the loss's
-                                                                         defaults, unchecked). Needs as many student as teacher
-                                                                         tokens: not the ShuffleNet rows (stage3 4x4 vs 8x8)
+                                                                         defaults, unchecked). On the ShuffleNet rows (stage3 4x4
+                                                                         vs 8x8) the teacher map is average-pooled to 4x4 first
   trilateral      0.0   trilateral 1, T=4 (holds the CE itself)        TGeo-KD, arXiv:2312.15112 (no recipe we could check; the ratio network
                                                                          learns by the KD task's one-step look-ahead on the training
                                                                          batch, `distill.trilateral_lookahead_lr`, not on the paper's

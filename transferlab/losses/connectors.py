@@ -21,13 +21,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from transferlab import errors
+from transferlab.models.batch_norm import BatchNorm
 
 # kaiming_uniform_(a=1) of the reference ABF convs: gain 1, fan-in, uniform.
 _KAIMING_A1 = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
 def _batch_norm(train: bool, name=None):
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def resize_nearest(x, out_hw):

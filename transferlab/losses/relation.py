@@ -122,6 +122,34 @@ def _tokens(x):
     return x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim == 4 else x
 
 
+def _pool_to(x, out_hw):
+    """Average-pool an NHWC map by integer factors to `out_hw`."""
+    b, h, w, c = x.shape
+    fh, fw = h // out_hw[0], w // out_hw[1]
+    return jnp.mean(x.reshape(b, out_hw[0], fh, out_hw[1], fw, c), axis=(2, 4))
+
+
+def _common_token_grid(student, teacher):
+    """Bring two NHWC maps to the same token grid: the larger is average-pooled to the smaller.
+
+    Token sequences ([B, N, D]) must already agree in N; anything else is a one-line ConfigError.
+    """
+    if student.ndim == 4 and teacher.ndim == 4 and student.shape[1:3] != teacher.shape[1:3]:
+        (sh, sw), (th, tw) = student.shape[1:3], teacher.shape[1:3]
+        if sh >= th and sw >= tw and sh % th == 0 and sw % tw == 0:
+            return _pool_to(student, (th, tw)), teacher
+        if th >= sh and tw >= sw and th % sh == 0 and tw % sw == 0:
+            return student, _pool_to(teacher, (sh, sw))
+        raise errors.ConfigError(f"loss 'trg': student token grid {sh}x{sw} and teacher grid {th}x{tw} are not "
+                                 "integer multiples of each other; choose other taps")
+    s_tokens = student.shape[1] * (student.shape[2] if student.ndim == 4 else 1)
+    t_tokens = teacher.shape[1] * (teacher.shape[2] if teacher.ndim == 4 else 1)
+    if s_tokens != t_tokens:
+        raise errors.ConfigError(f"loss 'trg': student has {s_tokens} tokens {tuple(student.shape)}, teacher "
+                                 f"{t_tokens} {tuple(teacher.shape)}; token graphs need equal counts")
+    return student, teacher
+
+
 @register("trg", taps=("stage3", "stage3"), connector="linear")
 def trg(student, teacher, batch, *, tau=0.1, w_graph=1.0, w_context=1.0):
     """Token-level relationship graph KD (TRG), "Knowledge Distillation via Token-level
@@ -136,9 +164,14 @@ def trg(student, teacher, batch, *, tau=0.1, w_graph=1.0, w_context=1.0):
                 other tokens of the same instance)
       loss = w_graph * graph + w_context * context
     The contextual term needs equal widths (connector 'linear'); set w_context = 0 to
-    distil only the graph across widths.
+    distil only the graph across widths. Feature maps on different grids (e.g. a
+    ShuffleNet's 4x4 stage against a ResNet's 8x8) are compared on the coarser
+    grid: the finer map is average-pooled by the integer factor first.
     """
     s, t = _tokens(student), _tokens(teacher)
+    if s.shape[1] != t.shape[1]:
+        student, teacher = _common_token_grid(f32(student), f32(teacher))
+        s, t = _tokens(student), _tokens(teacher)
     n = s.shape[1]
     diag = jnp.eye(n, dtype=jnp.bool_)[None, :, :]
     s_n, t_n = l2_normalize(s), l2_normalize(t)

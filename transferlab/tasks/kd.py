@@ -85,6 +85,14 @@ class Term:
         if self.teacher is not None and self.teacher not in range(num_teachers):
             raise ConfigError(f"{self.where}.teacher: {self.teacher!r} is not a teacher index (0..{num_teachers - 1})")
         self.crd = {k: raw.get(k, v) for k, v in CRD_DEFAULTS.items()} if self.name == "crd" else None
+        self.standardize_logits = raw.get("standardize_logits", False)
+        if not isinstance(self.standardize_logits, bool):
+            raise ConfigError(f"{self.where}.standardize_logits: expected true or false, got "
+                              f"{self.standardize_logits!r}")
+        if self.standardize_logits and (self.taps("student") != ["logits"] or self.taps("teacher") != ["logits"]
+                                        or self.crd is not None):
+            raise ConfigError(f"{self.where}.standardize_logits: only for logit terms (student_tap and "
+                              f"teacher_tap 'logits'), not {self.name!r} on {self.student_tap!r}/{self.teacher_tap!r}")
         self.hparams = losses.resolve_hparams(self.name, {k: v for k, v in raw.items() if k not in TERM_KEYS})
 
     def taps(self, which: str):
@@ -383,7 +391,11 @@ class KDTask:
                         term.key, params, model_state, student, term.spec.multi_tap)
                 if not term.spec.multi_tap:
                     student, teacher_in = student[0], teacher_in[0]
-                value = term.spec.fn(student, teacher_in, batch, **term.hparams)
+                if term.standardize_logits:  # logit standardization as a plug-in, arXiv:2403.01427
+                    student, teacher_in = logit_losses.standardize(student), logit_losses.standardize(teacher_in)
+                # a fresh key per term and step for losses that sample (dkpp's permutation)
+                term_batch = batch if rng is None else {**batch, "rng": jax.random.fold_in(rng, 7919 + n)}
+                value = term.spec.fn(student, teacher_in, term_batch, **term.hparams)
             total = total + term.weight_at(step) * value
             metrics[f"loss/{term.key}_{term.name}"] = value
         if consistency is not None:
