@@ -4,8 +4,10 @@ For one teacher -> student pair on CIFAR-100 shapes (32x32x3, 100 classes, batch
 it builds the library's jitted KD step once per method preset of
 `transferlab.methods` (the CIFAR-100 hyper-parameters of `experiments/kd/cifar100/`,
 with the pair's per-pair overrides), plus the student's plain supervised step, and
-times them *interleaved in one process*: every round runs each step once, so slow
-drifts of a shared machine hit all methods alike. Reported per method: the median
+times them *interleaved in one process*: every round runs each step twice and times
+the second call (the first absorbs the previous method's after-effects, such as
+CRD's half-gigabyte negatives gather being freed), so slow drifts of a shared
+machine hit all methods alike. Reported per method: the median
 step time, and its overhead over the plain-KD step (`kd`: 0.1 * CE + 0.9 * KD, T=4)
 in ms and % of the KD step. Negative overheads within the noise (see the `kd` row's
 spread) mean "no measurable overhead".
@@ -27,6 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo (transferlab)
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
 
 import kd_step  # noqa: E402  (bench/kd_step.py: the shared step builder and machine-load helpers)
@@ -95,6 +98,7 @@ def main(argv=None) -> int:
     busy0, own0, wall0 = kd_step._cpu_busy_s(), kd_step._own_cpu_s(), time.perf_counter()
     for _ in range(args.rounds):
         for name, fn in steps.items():
+            fn()  # untimed: absorbs what the previous method left behind (e.g. CRD's large buffers freed)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

@@ -355,3 +355,14 @@ def test_trg_compares_different_grids_on_the_coarser_one():
         fn(s, _normal(9, (s.shape[0], 6, 6, 8)), batch)
     with pytest.raises(ConfigError, match="'trg'.*equal counts"):
         fn(s.reshape(s.shape[0], 16, 8), t_fine.reshape(s.shape[0], 64, 8), batch)
+
+
+def test_crd_dense_and_gathered_scores_agree(monkeypatch):
+    """crd_scores' two strategies (matmul over the whole bank vs gathering K+1 rows) are the same math."""
+    from transferlab.losses import relation
+    s, t, batch = example("crd")
+    grad = jax.grad(lambda s_: losses.get("crd").fn(s_, t, batch))
+    dense_value, dense_grad = losses.get("crd").fn(s, t, batch), grad(s)
+    monkeypatch.setattr(relation, "CRD_DENSE_SCORE_FACTOR", 0)  # force the gather
+    np.testing.assert_allclose(losses.get("crd").fn(s, t, batch), dense_value, rtol=1e-5)
+    np.testing.assert_allclose(grad(s), dense_grad, rtol=1e-4, atol=1e-7)

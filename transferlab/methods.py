@@ -21,6 +21,9 @@ and `configs/cifar100/`). T is the temperature.
                                                                          beta=gamma=1, tau=4 with loss weights 1.5-7 per pair)
   kd_std          0.1   kd_std 9, T=2                                  logit standardization on KD, arXiv:2403.01427
                                                                          (authors' mdistiller fork: --logit-stand --base-temp 2 --kd-weight 9)
+  dkd_std         1.0   dkd 1 on z-scored logits (`standardize_logits`),  DKD + logit standardization, arXiv:2403.01427 (our choice: DKD's
+                        alpha=1, beta per pair, T=2, DKD's warm-up       weights and warm-up, LS's base temperature 2; the paper's
+                                                                         DKD+LS settings are not checked)
   fitnet          1.0   fitnet 100 on stage2 (conv1x1+BN regressor)    arXiv:1412.6550; RepDistiller -a 0 -b 100 (hint_layer 2), mdistiller
   at              1.0   at 1 with beta=1000, p=2, stages 1-3           arXiv:1612.03928; RepDistiller -a 0 -b 1000, mdistiller
   sp              1.0   sp 3000 on stage3                              arXiv:1907.09682; RepDistiller -a 0 -b 3000, mdistiller
@@ -100,6 +103,11 @@ def kd_std(warmup_steps=0):
     return {"ce_weight": 0.1, "terms": (_term("kd_std", 9.0, temperature=2.0),)}
 
 
+def dkd_std(warmup_steps=0, beta=8.0):
+    term = _term("dkd", 1.0, alpha=1.0, beta=float(beta), temperature=2.0, standardize_logits=True)
+    return {"ce_weight": 1.0, "terms": (_warm(term, warmup_steps),)}
+
+
 def fitnet(warmup_steps=0):
     return {"ce_weight": 1.0, "terms": (_term("fitnet", 100.0, student_tap="stage2", teacher_tap="stage2"),)}
 
@@ -154,7 +162,7 @@ def trg(warmup_steps=0):
 
 
 METHODS = {
-    "kd": kd, "dkd": dkd, "dist": dist, "kd_std": kd_std, "fitnet": fitnet, "at": at, "sp": sp, "rkd": rkd,
+    "kd": kd, "dkd": dkd, "dist": dist, "kd_std": kd_std, "dkd_std": dkd_std, "fitnet": fitnet, "at": at, "sp": sp, "rkd": rkd,
     "pkt": pkt, "crd": crd, "nd": nd, "reviewkd": reviewkd, "cwtm": cwtm, "dkpp": dkpp,
     "class_relation": class_relation, "trg": trg, "trilateral": trilateral,
 }
@@ -231,7 +239,7 @@ def cifar100_base(model: str) -> ml_collections.ConfigDict:
 
 def pair_overrides(method: str, teacher: str, student: str) -> dict:
     """Per-(teacher, student) hyper-parameters of the sources (DKD's beta, ReviewKD's weight)."""
-    if method == "dkd":
+    if method in ("dkd", "dkd_std"):
         return {"beta": DKD_BETA.get((teacher, student), 8.0)}
     if method == "reviewkd":
         return {"weight": REVIEWKD_WEIGHT.get((teacher, student), 1.0)}

@@ -199,10 +199,25 @@ def trg(student, teacher, batch, *, tau=0.1, w_graph=1.0, w_context=1.0):
 CRD_KEYS = ("crd_memory_student", "crd_memory_teacher", "crd_contrast_idx")
 
 
+# Score every memory row (a [B, N] matmul) instead of gathering the [B, K+1, d] rows when
+# N <= this factor * (K+1): the gather moves B*(K+1)*d floats through memory (0.5 GB per
+# side at CIFAR-100's K = 16384, B = 64, d = 128), the matmul is cheap compute.
+CRD_DENSE_SCORE_FACTOR = 8
+
+
 def crd_scores(embed, memory, contrast_idx, temperature):
-    """[B, K+1] exp(<memory[idx_bk], embed_b> / T); the memory rows are constants."""
-    rows = jax.lax.stop_gradient(memory)[contrast_idx]
-    return jnp.exp(jnp.einsum("bkd,bd->bk", rows, embed) / temperature)
+    """[B, K+1] exp(<memory[idx_bk], embed_b> / T); the memory rows are constants.
+
+    Two equal ways (same math, float rounding apart): all N scores as one matmul, then
+    the K+1 picked per row (small banks: CIFAR), or a gather of the K+1 rows per sample
+    (banks much larger than K: ImageNet). See `CRD_DENSE_SCORE_FACTOR`.
+    """
+    memory = jax.lax.stop_gradient(memory)
+    if memory.shape[0] <= CRD_DENSE_SCORE_FACTOR * contrast_idx.shape[1]:
+        dots = jnp.take_along_axis(embed @ memory.T, contrast_idx, axis=1)
+    else:
+        dots = jnp.einsum("bkd,bd->bk", memory[contrast_idx], embed)
+    return jnp.exp(dots / temperature)
 
 
 def crd_nce(probs, num_data, eps=1e-7):
