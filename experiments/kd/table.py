@@ -25,7 +25,13 @@ whole table took 48 min on 2 cores shared with other jobs (results/kd.md).
   python -m transferlab.main --config experiments/kd/table.py:steps=100,seeds=1,methods=kd+dkd+fitnet --workdir runs/kd_short
 
 Arguments: `steps=` (student steps), `seeds=` (how many, from 0), `methods=`
-(names joined by '+'; default all).
+(names joined by '+'; default all), `dataset=` (default `mnist5k`; the other bundled
+real sets work the same way: `digits` (sklearn's 8x8 digits: the ResNets' stages
+run at 8/4/2 pixels) and `fashion_mnist_deb` (Debian's Fashion-MNIST package, when
+installed), or any prepared tfds name):
+
+  python -m transferlab.main --config experiments/kd/table.py:dataset=digits --workdir runs/kd_table_digits
+  python -m transferlab.main --config experiments/kd/table.py:dataset=fashion_mnist_deb --workdir runs/kd_table_fmnist
 """
 
 import ml_collections
@@ -35,7 +41,7 @@ from transferlab.errors import ConfigError
 from transferlab.methods import METHODS, distill_section
 
 TEACHER, STUDENT = "resnet20", "resnet8"
-ARGS = ("steps", "seeds", "methods")
+ARGS = ("steps", "seeds", "methods", "dataset")
 
 
 def get_config(arg=None):
@@ -54,7 +60,7 @@ def get_config(arg=None):
     c.eval_every_steps = 0
     c.checkpoint_every_steps = 0
     c.selection = "last"
-    c.dataset = {"name": "mnist5k"}
+    c.dataset = {"name": args.get("dataset", "mnist5k")}
     c.augment = {"crop_padding": 2}
     c.model = {"name": STUDENT}
     c.optimizer = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
