@@ -62,29 +62,9 @@ def test_teacher_restored_equals_the_teacher_run(tmp_path, teacher_dir):
                  jax.device_get(state["params"]["model"]))
 
 
-def test_kd_loss_value_matches_a_hand_computation(tmp_path, teacher_dir):
-    """With ce_weight=0 the total loss is exactly T^2 * KL(p_t || p_s) at temperature T."""
-    cfg = config_lib.from_dict(base(task="kd", model={"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
-                                    teacher={**TEACHER, "checkpoint": teacher_dir},
-                                    distill={"ce_weight": 0.0, "terms": ({"name": "kd", "temperature": 2.0},)}))
-    trainer = Trainer(cfg, str(tmp_path / "kd"))
-    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
-    state = jax.device_get(trainer.init_state())
-    batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator()).items()}
-    loss, _ = trainer.task.loss_fn(state["params"], state["model_state"], frozen, batch, None, jnp.int32(0))
-    s = trainer.task.model.apply({"params": state["params"]["model"], **state["model_state"]["model"]},
-                                 batch["image"], train=True)
-    teacher = frozen["teachers"][0]
-    t = trainer.task.teachers[0].apply({"params": teacher["params"], **teacher["model_state"]}, batch["image"],
-                                       train=False)
-    s, t = np.asarray(s, np.float64) / 2.0, np.asarray(t, np.float64) / 2.0
-    log_ps = s - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True)) - s.max(1, keepdims=True)
-    log_pt = t - np.log(np.exp(t - t.max(1, keepdims=True)).sum(1, keepdims=True)) - t.max(1, keepdims=True)
-    expected = 4.0 * np.mean(np.sum(np.exp(log_pt) * (log_pt - log_ps), axis=1))
-    assert float(loss) == pytest.approx(expected, rel=1e-4)
-
-
-def _loss_parts(tmp_path, teacher_dir, terms, rng=None):
+def _loss_setup(tmp_path, teacher_dir, terms):
+    """A KD task with ce_weight 0 and `terms`, its initial state, one batch, and the student's and
+    teacher's logits on it."""
     cfg = config_lib.from_dict(base(task="kd", model={"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
                                     teacher={**TEACHER, "checkpoint": teacher_dir},
                                     distill={"ce_weight": 0.0, "terms": terms}))
@@ -97,9 +77,24 @@ def _loss_parts(tmp_path, teacher_dir, terms, rng=None):
     teacher = frozen["teachers"][0]
     t = trainer.task.teachers[0].apply({"params": teacher["params"], **teacher["model_state"]}, batch["image"],
                                        train=False)
-    loss = lambda key: trainer.task.loss_fn(state["params"], state["model_state"], frozen, batch, key,  # noqa: E731
+    return trainer, state, frozen, batch, s, t
+
+
+def _loss_of(trainer, state, frozen, batch):
+    """The task's total loss as a function of the per-step key."""
+    return lambda key: trainer.task.loss_fn(state["params"], state["model_state"], frozen, batch, key,
                                             jnp.int32(0))[0]
-    return loss, s, t, batch
+
+
+def test_kd_loss_value_matches_a_hand_computation(tmp_path, teacher_dir):
+    """With ce_weight=0 the total loss is exactly T^2 * KL(p_t || p_s) at temperature T."""
+    trainer, state, frozen, batch, s, t = _loss_setup(tmp_path, teacher_dir, ({"name": "kd", "temperature": 2.0},))
+    loss = _loss_of(trainer, state, frozen, batch)(None)
+    s, t = np.asarray(s, np.float64) / 2.0, np.asarray(t, np.float64) / 2.0
+    log_ps = s - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True)) - s.max(1, keepdims=True)
+    log_pt = t - np.log(np.exp(t - t.max(1, keepdims=True)).sum(1, keepdims=True)) - t.max(1, keepdims=True)
+    expected = 4.0 * np.mean(np.sum(np.exp(log_pt) * (log_pt - log_ps), axis=1))
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
 
 
 def test_standardize_logits_makes_any_logit_term_its_ls_variant(tmp_path, teacher_dir):
@@ -107,7 +102,8 @@ def test_standardize_logits_makes_any_logit_term_its_ls_variant(tmp_path, teache
     from transferlab import losses
     from transferlab.losses.logit import standardize
     terms = ({"name": "dkd", "temperature": 2.0, "standardize_logits": True},)
-    loss, s, t, batch = _loss_parts(tmp_path, teacher_dir, terms)
+    trainer, state, frozen, batch, s, t = _loss_setup(tmp_path, teacher_dir, terms)
+    loss = _loss_of(trainer, state, frozen, batch)
     expected = losses.get("dkd").fn(standardize(s), standardize(t), batch, temperature=2.0)
     plain = losses.get("dkd").fn(s, t, batch, temperature=2.0)
     assert float(loss(None)) == pytest.approx(float(expected), rel=1e-5)
@@ -121,7 +117,7 @@ def test_standardize_logits_makes_any_logit_term_its_ls_variant(tmp_path, teache
 
 
 def test_dkpp_draws_a_fresh_permutation_each_step(tmp_path, teacher_dir):
-    loss, *_ = _loss_parts(tmp_path, teacher_dir, ({"name": "dkpp"},))
+    loss = _loss_of(*_loss_setup(tmp_path, teacher_dir, ({"name": "dkpp"},))[:4])
     k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
     assert float(loss(k1)) == float(loss(k1))
     assert float(loss(k1)) != float(loss(k2))
@@ -215,14 +211,7 @@ def test_crd_keeps_and_updates_its_memory_bank(tmp_path, teacher_dir):
 
 
 def test_trilateral_ratio_network_learns_by_lookahead(tmp_path, teacher_dir):
-    terms = ({"name": "trilateral", "weight": 1.0},)
-    cfg = config_lib.from_dict(base(task="kd", model={"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
-                                    teacher={**TEACHER, "checkpoint": teacher_dir},
-                                    distill={"ce_weight": 0.0, "terms": terms}))
-    trainer = Trainer(cfg, str(tmp_path / "kd"))
-    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
-    state = jax.device_get(trainer.init_state())
-    batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator()).items()}
+    trainer, state, frozen, batch, _, _ = _loss_setup(tmp_path, teacher_dir, ({"name": "trilateral", "weight": 1.0},))
     grads, (_, metrics) = jax.grad(trainer.task.loss_fn, has_aux=True)(
         state["params"], state["model_state"], frozen, batch, None, jnp.int32(0))
     ratio_grad = grads["connectors"]["term0_ratio"]
@@ -243,5 +232,5 @@ def test_trilateral_ratio_network_learns_by_lookahead(tmp_path, teacher_dir):
 
     expected = jax.grad(fused)(state["params"]["model"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads["model"], expected)
-    results = train_and_evaluate(cfg, str(tmp_path / "run"))
+    results = train_and_evaluate(trainer.config, str(tmp_path / "run"))
     assert np.isfinite(results["test"]["loss"])
