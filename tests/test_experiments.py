@@ -152,7 +152,8 @@ def trace_step(config):
     params, state = jax.eval_shape(lambda x: common.init_model(teacher, jax.random.key(0), x), trainer.abstract_images)
     batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), np.float32),
              "label": jax.ShapeDtypeStruct((8,), np.int32), "index": jax.ShapeDtypeStruct((8,), np.int32)}
-    frozen = {"teachers": [{"params": params, "model_state": state}]}
+    frozen = {"teachers": [{"params": params, "model_state": state}],
+              "class_means": trainer.task.abstract_class_means(trainer.abstract_images)}
     return jax.eval_shape(trainer.train_step, trainer.abstract_state, frozen, batch)[1]
 
 

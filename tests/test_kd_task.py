@@ -123,6 +123,45 @@ def test_dkpp_draws_a_fresh_permutation_each_step(tmp_path, teacher_dir):
     assert float(loss(k1)) != float(loss(k2))
 
 
+def test_nd_uses_the_teachers_train_split_class_means(tmp_path, teacher_dir):
+    """ND (arXiv:2305.17007) with class_means='train' (the default): per-class means of the teacher's
+    features over the un-augmented train split, computed once in load_frozen and used by the loss."""
+    from transferlab import data, losses
+    trainer, state, frozen, batch, _, _ = _loss_setup(tmp_path, teacher_dir, ({"name": "nd"},))
+    means = np.asarray(frozen["class_means"]["term0"])
+    teacher = frozen["teachers"][0]
+    feats, labels = [], []
+    for b in data.eval_batches("digits", "train", 100):
+        _, taps = trainer.task.teachers[0].apply({"params": teacher["params"], **teacher["model_state"]},
+                                                 b["image"], train=False, mutable=["intermediates"])
+        keep = np.asarray(b["mask"]).astype(bool)
+        feats.append(np.asarray(taps["intermediates"]["features"][0])[keep])
+        labels.append(np.asarray(b["label"])[keep])
+    feats, labels = np.concatenate(feats), np.concatenate(labels)
+    assert len(labels) == 1257 and means.shape == (10, feats.shape[1])
+    expected = np.stack([feats[labels == c].mean(axis=0) for c in range(10)])
+    np.testing.assert_allclose(means, expected, rtol=1e-5, atol=1e-6)
+
+    def terms_value(means_or_none):
+        student = trainer.task.model.apply({"params": state["params"]["model"], **state["model_state"]["model"]},
+                                           batch["image"], train=True, mutable=["intermediates"])[1]
+        s = trainer.task.connectors["term0"].apply({"params": state["params"]["connectors"]["term0"]},
+                                                   student["intermediates"]["features"][0])
+        t = trainer.task.teachers[0].apply({"params": teacher["params"], **teacher["model_state"]}, batch["image"],
+                                           train=False, mutable=["intermediates"])[1]["intermediates"]["features"][0]
+        return losses.get("nd").fn(s, t, batch, class_means=means_or_none)
+
+    loss = _loss_of(trainer, state, frozen, batch)(None)
+    assert float(loss) == pytest.approx(float(terms_value(means)), rel=1e-5)
+    assert abs(float(terms_value(means)) - float(terms_value(None))) > 1e-4  # in-batch means differ
+    with pytest.raises(ConfigError, match=r"terms\[0\]\.class_means: 'mean' is not one of train, batch"):
+        Trainer(kd_config(teacher_dir, terms=({"name": "nd", "class_means": "mean"},)), str(tmp_path / "b1"))
+    self_ema = config_lib.from_dict(base(task="kd", teacher={"checkpoint": "self_ema"},
+                                         distill={"terms": ({"name": "nd"},)}))
+    with pytest.raises(ConfigError, match="class_means: 'train' needs a fixed teacher"):
+        Trainer(self_ema, str(tmp_path / "b2"))
+
+
 def test_feature_term_with_connector_trains(tmp_path, teacher_dir):
     terms = ({"name": "kd", "weight": 0.9, "temperature": 4.0},
              {"name": "fitnet", "weight": 1.0, "student_tap": "features", "teacher_tap": "features",

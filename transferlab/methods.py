@@ -33,8 +33,8 @@ and `configs/cifar100/`). T is the temperature.
                         T=0.07, memory momentum 0.5                      (CRD+KD of RepDistiller: kd_weight=1)
   nd              1.0   kd 1 (T=4, warm-up 20 epochs) + nd 2           arXiv:2305.17007 "KD++"; the authors' CIFAR script
                                                                          (resnet56->resnet20 weights; other pairs use kd 1-4, nd 0.5-2).
-                                                                         Our nd uses in-batch teacher class means, not the
-                                                                         training-set means of the paper.
+                                                                         nd's class means are the teacher's over the train
+                                                                         split, computed once before training (as the paper)
   reviewkd        1.0   reviewkd 1 (5 for resnet32x4->resnet8x4),      arXiv:2104.09044; mdistiller REVIEWKD (cfg.py and
                         warm-up 20 epochs                                configs/cifar100/reviewkd.yaml)
   cwtm            0.0   cwtm 1                                         born-again networks, arXiv:1805.04770 (the CWTM loss

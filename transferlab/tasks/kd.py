@@ -39,6 +39,11 @@ by example index, so no teacher forward runs in the step.
 TGeo-KD (`trilateral`, arXiv:2312.15112) learns its per-sample fusion ratio with
 a one-step look-ahead in the same step (see `_trilateral_term`).
 
+ND (arXiv:2305.17007): a `nd` term's `class_means` is 'train' (default, the paper's:
+the teacher's mean feature per class over the un-augmented train split, computed in
+`load_frozen` by `class_means.teacher_class_means` and passed in `frozen`) or 'batch'
+(in-batch means of the same-label samples).
+
 CRD (arXiv:1910.10699) keeps its memory banks and normalizing constants in the
 model state (`model_state['memory']['term<i>']`, not differentiated) and a
 trainable teacher-side embedding head in `params['connectors']['term<i>_teacher']`.
@@ -64,6 +69,7 @@ RANDOM_TEACHER = "random"  # teacher.checkpoint value for smoke tests and benchm
 COMBINATIONS = ("average", "weighted", "adaptive", "partition")
 SELF_EMA = "self_ema"  # teacher.checkpoint value: the teacher is an EMA of the student (self-distillation)
 CRD_DEFAULTS = {"embed_dim": 128, "num_negatives": 16384, "memory_momentum": 0.5}
+ND_CLASS_MEANS = ("train", "batch")  # nd term's class_means: teacher means over the train split, or in-batch
 
 
 class Term:
@@ -85,6 +91,11 @@ class Term:
         if self.teacher is not None and self.teacher not in range(num_teachers):
             raise ConfigError(f"{self.where}.teacher: {self.teacher!r} is not a teacher index (0..{num_teachers - 1})")
         self.crd = {k: raw.get(k, v) for k, v in CRD_DEFAULTS.items()} if self.name == "crd" else None
+        # nd: the teacher's class means over the train split (the paper's), or in-batch means
+        self.class_means = raw.pop("class_means", ND_CLASS_MEANS[0]) if self.name == "nd" else None
+        if self.name == "nd" and self.class_means not in ND_CLASS_MEANS:
+            raise ConfigError(f"{self.where}.class_means: {self.class_means!r} is not one of "
+                              f"{', '.join(ND_CLASS_MEANS)}")
         self.standardize_logits = raw.get("standardize_logits", False)
         if not isinstance(self.standardize_logits, bool):
             raise ConfigError(f"{self.where}.standardize_logits: expected true or false, got "
@@ -124,6 +135,9 @@ class KDTask:
         self.terms = [Term(i, t, len(self.teachers)) for i, t in enumerate(config.distill.terms)]
         self.needs_taps = any(t.taps("student") != ["logits"] or t.taps("teacher") != ["logits"]
                               for t in self.terms)
+        if self.self_ema and self._class_means_terms():
+            raise ConfigError(f"{self._class_means_terms()[0].where}.class_means: 'train' needs a fixed teacher; "
+                              "with teacher.checkpoint='self_ema' use 'batch'")
         self.connectors = {}
         hard = config.distill.hard_augment
         self.hard = hard_augment.AffineAugmentor(hidden=hard.hidden, scale=hard.scale) if hard.enabled else None
@@ -261,15 +275,48 @@ class KDTask:
         if self.self_ema:
             return {"teachers": []}
         loaded = [self._load_teacher(i, mesh, abstract_images) for i in range(len(self.teachers))]
+        frozen = {"teachers": [variables for variables, _ in loaded]}
+        means = self._class_means(mesh, abstract_images, frozen["teachers"])
+        if means:
+            frozen["class_means"] = means
         if not self.config.distill.teacher_cache:
-            return {"teachers": [variables for variables, _ in loaded]}
+            return frozen
         from transferlab.parallel import replicated
         from transferlab.tasks import teacher_cache
         batch = self.config.eval_batch_size or self.config.batch_size
         tables = [teacher_cache.load_or_build(model, variables, section, step, self.config, mesh, batch)
                   for model, section, (variables, step) in zip(self.teachers, self.teacher_sections, loaded)]
-        return {"teachers": [variables for variables, _ in loaded],
-                "cache": [jax.device_put(t, replicated(mesh)) for t in tables]}
+        return {**frozen, "cache": [jax.device_put(t, replicated(mesh)) for t in tables]}
+
+    def _class_means_terms(self):
+        return [t for t in self.terms if t.class_means == "train"]
+
+    def abstract_class_means(self, abstract_images):
+        """{term key: ShapeDtypeStruct [K, ...]} of the class means `load_frozen` provides."""
+        out = {}
+        for term in self._class_means_terms():
+            tap = self._tap_shapes(self.teachers[term.teacher or 0], abstract_images)[term.taps("teacher")[0]]
+            out[term.key] = jax.ShapeDtypeStruct((self.num_classes,) + tuple(tap.shape[1:]), jnp.float32)
+        return out
+
+    def _class_means(self, mesh, abstract_images, teacher_vars):
+        """ND's teacher class means per term (`tasks.class_means`); random teachers (benchmarks, smoke
+        tests, no data) get seeded random means of the right shape."""
+        from transferlab.parallel import replicated
+        from transferlab.tasks.class_means import teacher_class_means
+        out = {}
+        shapes = self.abstract_class_means(abstract_images)
+        for term in self._class_means_terms():
+            index = term.teacher or 0
+            if self.teacher_sections[index].checkpoint == RANDOM_TEACHER:
+                key = jax.random.fold_in(jax.random.key(self.config.seed), 7 + index)
+                means = jax.random.normal(key, shapes[term.key].shape, jnp.float32)
+            else:
+                batch = self.config.eval_batch_size or self.config.batch_size
+                means = teacher_class_means(self.teachers[index], teacher_vars[index], term.taps("teacher")[0],
+                                            self.config, mesh, batch, self.num_classes)
+            out[term.key] = jax.device_put(means, replicated(mesh))
+        return out
 
     def _load_teacher(self, index, mesh, abstract_images):
         from transferlab.checkpoint import Checkpointer, abstract_with_shardings
@@ -395,7 +442,10 @@ class KDTask:
                     student, teacher_in = logit_losses.standardize(student), logit_losses.standardize(teacher_in)
                 # a fresh key per term and step for losses that sample (dkpp's permutation)
                 term_batch = batch if rng is None else {**batch, "rng": jax.random.fold_in(rng, 7919 + n)}
-                value = term.spec.fn(student, teacher_in, term_batch, **term.hparams)
+                hparams = term.hparams
+                if term.class_means == "train":
+                    hparams = {**hparams, "class_means": frozen["class_means"][term.key]}
+                value = term.spec.fn(student, teacher_in, term_batch, **hparams)
             total = total + term.weight_at(step) * value
             metrics[f"loss/{term.key}_{term.name}"] = value
         if consistency is not None:
