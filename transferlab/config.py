@@ -19,11 +19,12 @@ import ml_collections
 
 from transferlab.errors import ConfigError, unknown_name
 
-TASKS = ("classify", "kd", "dml")
+TASKS = ("classify", "kd", "dml", "sla_sd")
 OPTIMIZERS = ("sgd", "adamw", "adafactor")
 SCHEDULES = ("constant", "cosine", "step", "linear")
 SELECTIONS = ("last", "best")
-SELECTION_METRICS = r"accuracy|top5_accuracy|teacher_agreement|ensemble_accuracy|peer\d+_accuracy"
+SELECTION_METRICS = (r"accuracy|top5_accuracy|teacher_agreement|ensemble_accuracy|peer\d+_accuracy"
+                     r"|aggregated_accuracy|joint_accuracy")
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp")
 # Keys of a distill.terms entry that are not loss hparams.
@@ -128,6 +129,14 @@ def defaults() -> ml_collections.ConfigDict:
         "peers": (),  # ({'name': ..., 'kwargs': {...}}, ...) for students 1..; default: copies of `model`
         "kl_weight": 1.0,  # weight of each student's mimicry (KL to its peers)
         "temperature": 1.0,  # softmax temperature of the mimicry KL (x T^2)
+    })
+
+    c.sla = ml_collections.ConfigDict({  # task 'sla_sd': label augmentation + self-distillation, arXiv:1910.05872
+        "transform": "rotation",  # rotation (4 copies: 0/90/180/270 degrees) or color_permutation (6 RGB orders)
+        "temperature": 1.0,  # of the self-distillation KL (x T^2)
+        "joint_weight": 1.0,  # CE of the joint (class, transformation) head over all copies
+        "single_weight": 1.0,  # CE of the model's own head on the untransformed image
+        "distill_weight": 1.0,  # KL from the aggregated joint prediction to the single head
     })
 
     c.study = ml_collections.ConfigDict({
@@ -327,6 +336,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", config.schedule.name, SCHEDULES)
     _choice("model.dtype", config.model.dtype, DTYPES)
+    _choice("sla.transform", config.sla.transform, ("rotation", "color_permutation"))
+    _positive(config, "sla.temperature")
+    _positive(config, "sla.joint_weight", "sla.single_weight", "sla.distill_weight", allow_zero=True)
     _positive(config, "total_steps", "batch_size", "log_every_steps", "keep_checkpoints",
               "optimizer.accumulate_steps")
     _positive(config, "eval_every_steps", "checkpoint_every_steps", "eval_batch_size",
@@ -337,7 +349,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not re.fullmatch(SELECTION_METRICS, config.selection_metric):
         raise ConfigError(f"config key 'selection_metric': {config.selection_metric!r} is not a higher-is-better "
                           "eval metric; expected accuracy, top5_accuracy, teacher_agreement (kd), "
-                          "ensemble_accuracy or peerK_accuracy (dml)")
+                          "ensemble_accuracy or peerK_accuracy (dml), "
+                          "aggregated_accuracy or joint_accuracy (sla_sd)")
     if config.optimizer.freeze:
         _regex("optimizer.freeze", config.optimizer.freeze)
     for i, rule in enumerate(config.sharding_rules):

@@ -12,7 +12,9 @@ CIFAR-100 preset: Hinton KD (arXiv:1503.02531), DKD (arXiv:2203.08679), DIST
 (arXiv:2305.17007), ReviewKD (arXiv:2104.09044), CWTM and DKPP of born-again
 networks (arXiv:1805.04770), class-relation KD (arXiv:2307.09158), TRG
 (arXiv:2306.12442) and TGeo-KD (arXiv:2312.15112); the module docstring of transferlab/methods.py says where
-each recipe comes from. Every student run uses the same schedule: SGD lr 0.05,
+each recipe comes from. One teacher-free arm, `sla_sd`: self-supervised label
+augmentation with self-distillation (arXiv:1910.05872, task `sla_sd`, 4 rotations,
+the paper's defaults; the student sees 4x the images per step). Every student run uses the same schedule: SGD lr 0.05,
 momentum 0.9, weight decay 5e-4, lr x0.1 at 150/180/210 of 240 "epochs" (the
 CIFAR-100 recipe's shape), batch 64, pad-2 crop (no flip: digits), warm-ups of
 20/240 of the run; the teacher trains twice as long. Selection: the last step
@@ -42,6 +44,8 @@ from transferlab.methods import METHODS, distill_section
 
 TEACHER, STUDENT = "resnet20", "resnet8"
 ARGS = ("steps", "seeds", "methods", "dataset")
+# Teacher-free self-distillation arms: name -> config overrides.
+SELF_DISTILLATION = {"sla_sd": {"task": "sla_sd"}}
 
 
 def get_config(arg=None):
@@ -50,7 +54,7 @@ def get_config(arg=None):
         raise ConfigError(f"config argument {sorted(set(args) - set(ARGS))[0]!r}: expected {', '.join(ARGS)}")
     steps = int(args.get("steps", 250))
     seeds = tuple(range(int(args.get("seeds", 3))))
-    names = args["methods"].split("+") if args.get("methods") else list(METHODS)
+    names = args["methods"].split("+") if args.get("methods") else [*METHODS, *SELF_DISTILLATION]
 
     c = ml_collections.ConfigDict()
     c.total_steps = steps
@@ -71,6 +75,9 @@ def get_config(arg=None):
                 "task": "classify", "model.name": TEACHER, "total_steps": 2 * steps}},
             {"name": "student", "overrides": {"task": "classify"}}]
     for name in names:
+        if name in SELF_DISTILLATION:
+            arms.append({"name": f"student+{name}", "overrides": SELF_DISTILLATION[name]})
+            continue
         section = distill_section(name, warmup_steps=steps * 20 // 240)
         arms.append({"name": f"student+{name}", "overrides": {
             "task": "kd", "teacher.name": TEACHER, "teacher.checkpoint": "{workdir}/teacher/seed_0",

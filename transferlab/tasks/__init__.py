@@ -3,8 +3,9 @@
 from transferlab.tasks.classify import ClassifyTask
 from transferlab.tasks.dml import DMLTask
 from transferlab.tasks.kd import KDTask
+from transferlab.tasks.sla import SLASelfDistillTask
 
-TASKS = {"classify": ClassifyTask, "kd": KDTask, "dml": DMLTask}
+TASKS = {"classify": ClassifyTask, "kd": KDTask, "dml": DMLTask, "sla_sd": SLASelfDistillTask}
 
 
 def create_task(config, num_classes: int, num_train_examples: int = 0):
