@@ -1,0 +1,68 @@
+"""Export: a run's deployable model only (connectors, joint heads, optimizer state dropped)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from transferlab import checkpoint, config as config_lib, export
+from transferlab.tasks import common
+from transferlab.train import Trainer, train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fitnet_run(tmp_path):
+    """A 4-step KD run on digits whose FitNet term trains a student-side connector."""
+    cfg = config_lib.from_dict({
+        "task": "kd", "dataset": {"name": "digits"}, "total_steps": 4, "batch_size": 32, "eval_batch_size": 64,
+        "log_every_steps": 2, "eval_every_steps": 0, "checkpoint_every_steps": 4,
+        "schedule": {"name": "constant"}, "optimizer": {"learning_rate": 0.05},
+        "model": {"name": "mlp", "kwargs": {"hidden_sizes": (16,)}},
+        "teacher": {"name": "mlp", "checkpoint": "random", "kwargs": {"hidden_sizes": (32,)}},
+        "distill": {"terms": ({"name": "fitnet", "weight": 1.0, "student_tap": "features",
+                               "teacher_tap": "features", "connector": "linear"},)}})
+    run = str(tmp_path / "run")
+    train_and_evaluate(cfg, run)
+    return cfg, run
+
+
+def test_export_keeps_only_the_student_and_reproduces_its_logits(tmp_path, data_dir):
+    cfg, run = _fitnet_run(tmp_path)
+    out = str(tmp_path / "exported")
+    info = export.export(run, out)
+    assert info["name"] == "mlp" and info["num_classes"] == 10 and info["step"] == 4
+    module, variables = export.load(out)
+
+    trainer = Trainer(cfg, run)
+    ckpt = checkpoint.Checkpointer(run, read_only=True)
+    state, _ = ckpt.restore(4, checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings))
+    ckpt.close()
+    assert "connectors" in state["params"]  # the run trained one ...
+    assert set(variables) == {"params"} and "connectors" not in variables["params"]  # ... the export has none
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), variables["params"],
+                 jax.device_get(state["params"]["model"]))
+    images = np.asarray(next(trainer.train_iterator())["image"])
+    expected = common.forward(trainer.task.model, state["params"]["model"], state["model_state"]["model"],
+                              images, train=False)[0]
+    np.testing.assert_allclose(module.apply(variables, images, train=False), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_export_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "transferlab.export", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "TFDS_DATA_DIR": data_dir})
+
+    missing = cli("--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "config.json" in missing.stderr and len(missing.stderr.splitlines()) == 1
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    (tmp_path / "nope").mkdir()
+    (tmp_path / "nope" / "config.json").write_text(json.dumps({}))
+    busy = cli("--workdir", str(tmp_path / "nope"), "--out", str(occupied))
+    assert busy.returncode == 2 and "not empty" in busy.stderr and len(busy.stderr.splitlines()) == 1
+    assert (occupied / "keep.txt").read_text() == "mine"

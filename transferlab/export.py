@@ -1,0 +1,124 @@
+"""Export a finished run's deployable model: the student's params and BN statistics, nothing else.
+
+    python -m transferlab.export --workdir RUN --out DIR
+
+Reads RUN/config.json (the resolved config every run writes) and the checkpoint the run's
+selection rule chose (`results.json`'s `selected_step`, else the latest), restores only
+`params['model']` and `model_state['model']`, and drops the rest: KD connectors, the SLA
+joint head, a self-distillation EMA teacher, optimizer state. Writes
+
+    DIR/variables/   an Orbax checkpoint of the flax variables {'params': ..., 'batch_stats': ...}
+    DIR/model.json   {name, kwargs, dtype, num_classes, image_shape, source run, step, git commit}
+
+`load(DIR)` gives back `(module, variables)` for `module.apply(variables, images, train=False)`.
+Bad input (no such run, no checkpoint, DIR not empty) is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+MODEL_FILE = "model.json"
+VARIABLES_DIR = "variables"
+
+
+def export(run_dir: str, out_dir: str) -> dict:
+    """Writes the export of `run_dir` into `out_dir`; returns the model.json content."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from transferlab import checkpoint, config as config_lib
+    from transferlab.errors import UserError
+    from transferlab.parallel import replicated
+    from transferlab.tasks import common
+    from transferlab.tasks.kd import selected_step
+    from transferlab.train import Trainer
+
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"--workdir {run_dir!r}: no config.json (not a transferlab run directory)")
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise UserError(f"--out {out_dir!r} exists and is not empty; choose a new directory")
+    with open(config_path, encoding="utf-8") as f:
+        resolved = json.load(f)
+    versions = resolved.pop("_versions", {})
+    config = config_lib.from_dict(resolved)
+    trainer = Trainer(config, run_dir)
+    model = trainer.task.model if hasattr(trainer.task, "model") else trainer.task.models[0]
+    params, state = jax.eval_shape(lambda x: common.init_model(model, jax.random.key(0), x), trainer.abstract_images)
+    target = {"params": {"model": params}, "model_state": {"model": state}}
+    target = checkpoint.abstract_with_shardings(target, jax.tree.map(lambda _: replicated(trainer.mesh), target))
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        raise UserError(f"--workdir {run_dir!r}: no checkpoints directory")
+    ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
+    try:
+        step = selected_step(run_dir, ckpt)
+        if step is None:
+            raise UserError(f"--workdir {run_dir!r}: no complete checkpoint")
+        restored = ckpt.restore_subtree(step, target)
+    finally:
+        ckpt.close()
+    variables = {"params": restored["params"]["model"], **restored["model_state"]["model"]}
+    info = {"name": config.model.name, "kwargs": config_lib.to_plain(config.model.kwargs),
+            "dtype": config.model.dtype, "num_classes": trainer.task.num_classes,
+            "image_shape": list(trainer.abstract_images.shape[1:]), "source_run": os.path.abspath(run_dir),
+            "step": int(step), "git_commit": versions.get("git_commit", "unknown")}
+    os.makedirs(out_dir, exist_ok=True)
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(os.path.join(os.path.abspath(out_dir), VARIABLES_DIR), variables)
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, MODEL_FILE), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+    return info
+
+
+def load(export_dir: str):
+    """(module, variables) of an export: `module.apply(variables, images, train=False)` gives logits."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from transferlab import models
+    from transferlab.errors import UserError
+    from transferlab.tasks import common
+
+    path = os.path.join(export_dir, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{export_dir!r}: no {MODEL_FILE} (not a transferlab export)")
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    module = models.create(info["name"], num_classes=info["num_classes"], dtype=common.DTYPES[info["dtype"]],
+                           **info["kwargs"])
+    images = jax.ShapeDtypeStruct((1, *info["image_shape"]), jax.numpy.float32)
+    params, state = jax.eval_shape(lambda x: common.init_model(module, jax.random.key(0), x), images)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            {"params": params, **state})
+    with ocp.StandardCheckpointer() as reader:
+        variables = reader.restore(os.path.join(os.path.abspath(export_dir), VARIABLES_DIR), abstract)
+    return module, variables
+
+
+def main(argv=None) -> int:
+    from transferlab.main import _OneLineParser
+    parser = _OneLineParser(prog="python -m transferlab.export", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a finished (or checkpointed) run directory")
+    parser.add_argument("--out", required=True, help="new directory for the exported model")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from transferlab.errors import UserError
+    from transferlab.main import _configure_environment
+    _configure_environment()
+    try:
+        info = export(args.workdir, args.out)
+    except UserError as e:
+        print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"exported {info['name']} (step {info['step']}) of {args.workdir} to {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
