@@ -100,6 +100,27 @@ class Checkpointer:
         self.manager.close()
 
 
+def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, error=UserError):
+    """(restored `abstract_subtree`, step) from the checkpoint the run in `workdir` selected
+    (its results.json), else its latest: a model's params and BN statistics for a teacher,
+    an init checkpoint or an export. `where` (a config key or flag) leads every one-line error."""
+    from transferlab.tasks.kd import selected_step
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise error(f"{where}: no checkpoints in {workdir!r} (expected {ckpt_dir})")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        step = selected_step(workdir, ckpt)
+        if step is None:
+            raise error(f"{where}: {ckpt_dir} holds no complete checkpoint")
+        try:
+            return ckpt.restore_subtree(step, abstract_subtree), step
+        except UserError as e:
+            raise error(f"{where}: {e}") from None
+    finally:
+        ckpt.close()
+
+
 def abstract_with_shardings(tree, shardings):
     """ShapeDtypeStructs of `tree` carrying concrete `NamedSharding`s (what a reshard restore needs)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -34,7 +34,6 @@ def export(run_dir: str, out_dir: str) -> dict:
     from transferlab.errors import UserError
     from transferlab.parallel import replicated
     from transferlab.tasks import common
-    from transferlab.tasks.kd import selected_step
     from transferlab.train import Trainer
 
     config_path = os.path.join(run_dir, "config.json")
@@ -51,16 +50,7 @@ def export(run_dir: str, out_dir: str) -> dict:
     params, state = jax.eval_shape(lambda x: common.init_model(model, jax.random.key(0), x), trainer.abstract_images)
     target = {"params": {"model": params}, "model_state": {"model": state}}
     target = checkpoint.abstract_with_shardings(target, jax.tree.map(lambda _: replicated(trainer.mesh), target))
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-        raise UserError(f"--workdir {run_dir!r}: no checkpoints directory")
-    ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
-    try:
-        step = selected_step(run_dir, ckpt)
-        if step is None:
-            raise UserError(f"--workdir {run_dir!r}: no complete checkpoint")
-        restored = ckpt.restore_subtree(step, target)
-    finally:
-        ckpt.close()
+    restored, step = checkpoint.restore_selected_subtree(run_dir, target, f"--workdir {run_dir!r}")
     variables = {"params": restored["params"]["model"], **restored["model_state"]["model"]}
     info = {"name": config.model.name, "kwargs": config_lib.to_plain(config.model.kwargs),
             "dtype": config.model.dtype, "num_classes": trainer.task.num_classes,

@@ -195,21 +195,11 @@ class Trainer:
 
     def load_init_checkpoint(self, state):
         """Replaces the model's params and BN statistics with those of the run in `init_checkpoint`."""
-        from transferlab.tasks.kd import selected_step
-        workdir = self.config.init_checkpoint
-        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-            raise ConfigError(f"config key 'init_checkpoint': no checkpoints in {workdir!r}")
-        ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-        try:
-            step = selected_step(workdir, ckpt)
-            if step is None:
-                raise ConfigError(f"config key 'init_checkpoint': no complete checkpoint in {workdir!r}")
-            part = {"params": {"model": state["params"]["model"]},
-                    "model_state": {"model": state["model_state"]["model"]}}
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), part)
-            restored = ckpt.restore_subtree(step, abstract)
-        finally:
-            ckpt.close()
+        part = {"params": {"model": state["params"]["model"]},
+                "model_state": {"model": state["model_state"]["model"]}}
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), part)
+        restored, _ = checkpoint.restore_selected_subtree(self.config.init_checkpoint, abstract,
+                                                          "config key 'init_checkpoint'", ConfigError)
         state = {**state, "params": {**state["params"], "model": restored["params"]["model"]},
                  "model_state": {**state["model_state"], "model": restored["model_state"]["model"]}}
         if "ema" in state["model_state"]:

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 
 from transferlab import losses
 from transferlab.config import TERM_KEYS, model_section
-from transferlab.errors import ConfigError, UserError
+from transferlab.errors import ConfigError
 from transferlab.losses import connectors as connector_lib
 from transferlab.losses import logit as logit_losses
 from transferlab.losses import relation
@@ -319,7 +319,7 @@ class KDTask:
         return out
 
     def _load_teacher(self, index, mesh, abstract_images):
-        from transferlab.checkpoint import Checkpointer, abstract_with_shardings
+        from transferlab.checkpoint import abstract_with_shardings, restore_selected_subtree
         from transferlab.parallel import replicated
         model, section = self.teachers[index], self.teacher_sections[index]
         where = "teacher.checkpoint" if index == 0 else f"extra_teachers[{index - 1}].checkpoint"
@@ -331,20 +331,7 @@ class KDTask:
                            out_shardings=(shardings["params"]["model"], shardings["model_state"]["model"]))
             params, state = init(jnp.zeros(abstract_images.shape, abstract_images.dtype))
             return {"params": params, "model_state": state}, -1
-        workdir = section.checkpoint
-        ckpt_dir = os.path.join(workdir, "checkpoints")
-        if not os.path.isdir(ckpt_dir):
-            raise UserError(f"{where}: no checkpoints in {workdir!r} (expected {ckpt_dir})")
-        ckpt = Checkpointer(workdir, read_only=True)
-        step = selected_step(workdir, ckpt)
-        if step is None:
-            raise UserError(f"{where}: {ckpt_dir} holds no complete checkpoint")
-        try:
-            restored = ckpt.restore_subtree(step, abstract_with_shardings(target, shardings))
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-        finally:
-            ckpt.close()
+        restored, step = restore_selected_subtree(section.checkpoint, abstract_with_shardings(target, shardings), where)
         return {"params": restored["params"]["model"], "model_state": restored["model_state"]["model"]}, step
 
     # ------------------------------------------------------------------ steps
