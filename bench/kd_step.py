@@ -27,6 +27,13 @@ JAX variants: XLA flags (YNNPACK fusion off vs XLA's default) and the residual-b
     .venv-bench/bin/python bench/kd_step.py                      # both pairs, all variants
     .venv-bench/bin/python bench/kd_step.py --pairs resnet32x4:resnet8x4 --iters 5
     .venv-bench/bin/python bench/kd_step.py --variants ynn_off --fusion-barrier on
+    python bench/kd_step.py --device gpu --variants default --wait-idle 0 --iters 50  # one CUDA GPU
+
+With `--device gpu` both sides run on the first CUDA GPU: JAX with `JAX_PLATFORMS=cuda`,
+torch with `.cuda()` models and inputs, `cudnn.benchmark = True` (the peer's fastest
+setting; XLA autotunes its convolutions anyway) and a `torch.cuda.synchronize()` ending
+each timed call. Both use their default float32 convolution precision (TF32 on Ampere
+and later). The memory table then also gives each side's peak GPU memory.
 
 Timing: `--warmup` untimed calls (the first is reported as the compile/first-call
 time), then the median of `--iters` calls, each ended by `block_until_ready` (JAX)
@@ -210,6 +217,9 @@ def _jax_worker(args) -> dict:
     n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
     timing = _time_calls(fn, args.warmup, args.iters)
     extra = {}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        extra["peak_device_mib"] = stats["peak_bytes_in_use"] / 2**20
     if "metrics" in box:
         extra["loss"] = float(box["metrics"].get("loss/total", box["metrics"].get("loss/ce")))
     return {**timing, "peak_rss_mib": _peak_rss_mib(),
@@ -226,14 +236,21 @@ def _torch_worker(args) -> dict:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch_models
 
-    torch.set_num_threads(2)
+    gpu = args.device == "gpu"
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+        sync = torch.cuda.synchronize
+    else:
+        torch.set_num_threads(2)
+        sync = lambda: None  # noqa: E731  (CPU ops return when done)
+    device = "cuda" if gpu else "cpu"
     torch.manual_seed(0)
     rss_after_import = _peak_rss_mib()
     teacher_name, student_name = args.pair.split(":")
-    x = torch.randn(args.batch, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2])
-    y = torch.randint(0, NUM_CLASSES, (args.batch,))
-    student = torch_models.create(student_name, NUM_CLASSES).train()
-    teacher = torch_models.create(teacher_name, NUM_CLASSES).eval()
+    x = torch.randn(args.batch, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2]).to(device)
+    y = torch.randint(0, NUM_CLASSES, (args.batch,)).to(device)
+    student = torch_models.create(student_name, NUM_CLASSES).train().to(device)
+    teacher = torch_models.create(teacher_name, NUM_CLASSES).eval().to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -250,6 +267,7 @@ def _torch_worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         box["loss"] = loss
 
     def student_step():
@@ -257,16 +275,20 @@ def _torch_worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         box["loss"] = loss
 
     def teacher_forward():
         with torch.no_grad():
             teacher(x)
+        sync()
 
     fn = {"kd": kd_step, "student": student_step, "teacher": teacher_forward}[args.what]
     model = teacher if args.what == "teacher" else student
     timing = _time_calls(fn, args.warmup, args.iters)
     extra = {"loss": float(box["loss"])} if "loss" in box else {}
+    if gpu:
+        extra["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return {**timing, "peak_rss_mib": _peak_rss_mib(),
             "rss_after_import_mib": rss_after_import, "params": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads(), **extra}
@@ -329,8 +351,9 @@ def _run_worker_once(side, pair, what, args, variant, fusion_barrier) -> dict:
     env = dict(os.environ)
     if side == "jax":
         env["XLA_FLAGS"] = VARIANTS[variant]
-        env.setdefault("JAX_PLATFORMS", "cpu")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--what", what, "--pair", pair,
+        env["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--device", args.device,
+           "--what", what, "--pair", pair,
            "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
            "--fusion-barrier-value", fusion_barrier]
     t0 = time.perf_counter()
@@ -373,6 +396,12 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _gpu_name() -> str:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
 def _git_commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return out.stdout.strip() or "unknown"
@@ -389,6 +418,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="ynn_off,default", help=f"JAX XLA_FLAGS variants: {','.join(VARIANTS)}")
     p.add_argument("--fusion-barrier", default="both", choices=("both", "on", "off"),
                    help="residual-block fusion_barrier model kwarg of the JAX models")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="where both sides run: the CPU, or the first CUDA GPU")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/torchdistill side")
     p.add_argument("--wait-idle", type=float, default=60.0,
                    help="before each measurement, wait up to this many seconds for other processes to use "
@@ -422,7 +453,10 @@ def main(argv=None) -> int:
     barriers = ["off", "on"] if args.fusion_barrier == "both" else [args.fusion_barrier]
     versions = _versions()
     started = datetime.datetime.now()
-    print(f"# KD step benchmark, {started:%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs ({_cpu_name()}), "
+    where = f"{os.cpu_count()} CPUs ({_cpu_name()})"
+    if args.device == "gpu":
+        where = f"GPU {_gpu_name()}, host {where}"
+    print(f"# KD step benchmark, {started:%Y-%m-%d %H:%M}, {where}, "
           f"batch {args.batch}, warmup {args.warmup}, median of {args.iters}")
     print("# " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + f", transferlab git {_git_commit()}")
     print("# command: " + " ".join(["python", os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
@@ -534,11 +568,14 @@ def _target_table(rows) -> str:
 
 def _memory_table(rows) -> str:
     lines = ["| pair | implementation | peak RSS MiB: KD step | student step | teacher fwd "
+             "| peak GPU MiB: KD step | student step | teacher fwd "
              "| RSS after imports | params student / teacher |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for pair, entries in _by_pair(rows).items():
         for label, res in entries:
             mem = [f"{res[w]['peak_rss_mib']:.0f}" if _ok(res, w) else "—" for w in WHATS]
+            mem += [f"{res[w]['peak_device_mib']:.0f}" if _ok(res, w) and "peak_device_mib" in res[w] else "—"
+                    for w in WHATS]
             base = f"{res['kd']['rss_after_import_mib']:.0f}" if _ok(res, "kd") else "—"
             n_s = f"{res['student']['params']:,}" if _ok(res, "student") else "—"
             n_t = f"{res['teacher']['params']:,}" if _ok(res, "teacher") else "—"
