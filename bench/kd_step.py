@@ -367,8 +367,13 @@ def _run_worker_once(side, pair, what, args, variant, fusion_barrier) -> dict:
     return out
 
 
+def _fmt_ms(ms: float) -> str:
+    """Whole milliseconds, or two decimals under 20 ms (GPU steps)."""
+    return f"{ms:.0f}" if abs(ms) >= 20 else f"{ms:.2f}"
+
+
 def _ms(r) -> str:
-    return f"{1e3 * r['median_s']:.0f}" if r and "median_s" in r else "—"
+    return _fmt_ms(1e3 * r["median_s"]) if r and "median_s" in r else "—"
 
 
 def _versions() -> dict:
@@ -501,7 +506,7 @@ def _progress(pair, label, res):
     parts = []
     for w in WHATS:
         r = res[w]
-        parts.append(f"{w} {_ms(r)} ms (min {1e3 * r['min_s']:.0f}, other load {100 * r['other_load']:.0f}%, "
+        parts.append(f"{w} {_ms(r)} ms (min {_fmt_ms(1e3 * r['min_s'])}, other load {100 * r['other_load']:.0f}%, "
                      f"per process {r.get('process_medians_ms')})"
                      if "error" not in r else f"{w} ERROR {r['error']}")
     print(f"# {pair:22s} {label:32s} " + ", ".join(parts), flush=True)
@@ -538,7 +543,7 @@ def _table(rows) -> str:
             fmt = lambda r: "—" if r is None else f"{r:.2f}"  # noqa: E731
             speedup = "—" if ratios[0] is None else f"{1 / ratios[0]:.2f}×"
             first = f"{res['kd']['first_s']:.1f}" if _ok(res, "kd") else "—"
-            best = f"{1e3 * res['kd']['min_s']:.0f}" if _ok(res, "kd") else "—"
+            best = _fmt_ms(1e3 * res['kd']['min_s']) if _ok(res, "kd") else "—"
             loads = [res[w]["other_load"] for w in WHATS if _ok(res, w)]
             load = f"{100 * max(loads):.0f}" if loads else "—"
             lines.append(f"| {pair.replace(':', ' → ')} | {label} | {' | '.join(cells)} | {fmt(ratios[0])} | "
@@ -561,7 +566,9 @@ def _target_table(rows) -> str:
                 continue
             kd, st, te = (1e3 * res[w]["median_s"] for w in WHATS)
             bound = st + TARGET_TEACHER_FACTOR * te
-            lines.append(f"| {pair.replace(':', ' → ')} | {label} | {kd:.0f} | {bound:.0f} | {kd - st - te:+.0f} | "
+            over = _fmt_ms(kd - st - te)
+            lines.append(f"| {pair.replace(':', ' → ')} | {label} | {_fmt_ms(kd)} | {_fmt_ms(bound)} | "
+                         f"{'' if over.startswith('-') else '+'}{over} | "
                          f"{'yes' if kd <= bound else 'no'} |")
     return "\n".join(lines)
 
