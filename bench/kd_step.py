@@ -434,6 +434,8 @@ def main(argv=None) -> int:
     p.add_argument("--retries", type=int, default=1,
                    help="re-measure a figure taken while other processes used > 25%% of the CPUs")
     p.add_argument("--json", default="", help="also write every raw measurement to this file")
+    p.add_argument("--from-json", default="", metavar="FILE",
+                   help="measure nothing: print the tables of an earlier run's --json file")
     # internal: one measurement in this process
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--what", choices=WHATS, help=argparse.SUPPRESS)
@@ -447,6 +449,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
+    if args.from_json:
+        return _print_from_json(args.from_json)
     pairs = [x.strip() for x in args.pairs.split(",") if x.strip()]
     for pair in pairs:
         if pair.count(":") != 1:
@@ -489,16 +493,44 @@ def main(argv=None) -> int:
                 _progress(pair, label, res)
         rows.append((pair, None, torch_results))  # marker: ratios against this pair's torch row
 
-    print()
-    print(_table(rows))
-    print()
-    print(_target_table(rows))
-    print()
-    print(_memory_table(rows))
+    _print_tables(rows, house_peer=args.device == "cpu")
     print(f"\n# total wall time {(datetime.datetime.now() - started).total_seconds():.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "versions": versions, "results": raw}, f, indent=1)
+    return 0
+
+
+def _print_tables(rows, house_peer: bool = True):
+    print()
+    print(_table(rows, house_peer))
+    print()
+    print(_target_table(rows))
+    print()
+    print(_memory_table(rows))
+
+
+def _print_from_json(path: str) -> int:
+    """Re-prints the tables of a run saved with --json (rows in the order they were measured)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        raw = saved["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"kd_step: --from-json {path}: not a kd_step --json file ({e})", file=sys.stderr)
+        return 2
+    print("# tables re-printed from " + path + "; versions: "
+          + ", ".join(f"{k} {v}" for k, v in saved.get("versions", {}).items() if v))
+    rows, torch_of = [], {}
+    for entry in raw:
+        res = {w: entry[w] for w in WHATS}
+        if entry["side"] == "torch":
+            torch_of[entry["pair"]] = res
+            rows.append((entry["pair"], "torch + torchdistill", res))
+        else:
+            rows.append((entry["pair"], f"transferlab {entry['variant']}, barrier {entry['fusion_barrier']}", res))
+    rows += [(pair, None, res) for pair, res in torch_of.items()]
+    _print_tables(rows, house_peer=saved.get("args", {}).get("device", "cpu") == "cpu")
     return 0
 
 
@@ -524,7 +556,7 @@ def _ok(res, w):
     return res is not None and "median_s" in res.get(w, {})
 
 
-def _table(rows) -> str:
+def _table(rows, house_peer: bool = True) -> str:
     lines = ["| pair (teacher → student) | implementation | KD step ms | student step ms | teacher fwd ms "
              "| KD ratio tl/torch | KD speed-up torch/tl | student ratio | teacher ratio | first call s (KD) "
              "| KD min ms | other load % |",
@@ -548,7 +580,7 @@ def _table(rows) -> str:
             load = f"{100 * max(loads):.0f}" if loads else "—"
             lines.append(f"| {pair.replace(':', ' → ')} | {label} | {' | '.join(cells)} | {fmt(ratios[0])} | "
                          f"{speedup} | {fmt(ratios[1])} | {fmt(ratios[2])} | {first} | {best} | {load} |")
-        house = HOUSE_PEER.get(pair)
+        house = HOUSE_PEER.get(pair) if house_peer else None  # a CPU figure
         if house:
             lines.append(f"| {pair.replace(':', ' → ')} | house peer figure (torchdistill) | "
                          f"{1e3 * house['kd']:.0f} | {1e3 * house['student']:.0f} | {1e3 * house['teacher']:.0f} "

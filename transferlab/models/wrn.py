@@ -18,7 +18,7 @@ Taps (`intermediates` collection):
     logits               float32                         [B, num_classes]
 
 `fusion_barrier` (kwarg, default True) passes each block output through
-`layers.fusion_barrier` (bitwise-neutral; ~10% faster train steps on XLA:CPU).
+`layers.fusion_barrier` (bitwise-neutral; ~10% faster train steps on XLA:CPU; a no-op on other backends).
 
 Parameter names follow PyTorch: conv1, block1_layer_0/{bn1,conv1,bn2,conv2,
 convShortcut}, ..., bn1, fc.
