@@ -598,9 +598,9 @@ def _target_table(rows) -> str:
                 continue
             kd, st, te = (1e3 * res[w]["median_s"] for w in WHATS)
             bound = st + TARGET_TEACHER_FACTOR * te
-            over = _fmt_ms(kd - st - te)
-            lines.append(f"| {pair.replace(':', ' → ')} | {label} | {_fmt_ms(kd)} | {_fmt_ms(bound)} | "
-                         f"{'' if over.startswith('-') else '+'}{over} | "
+            over = kd - st - te
+            over = f"{over:+.0f}" if kd >= 20 else f"{over:+.2f}"  # as many decimals as the KD step's
+            lines.append(f"| {pair.replace(':', ' → ')} | {label} | {_fmt_ms(kd)} | {_fmt_ms(bound)} | {over} | "
                          f"{'yes' if kd <= bound else 'no'} |")
     return "\n".join(lines)
 
