@@ -177,6 +177,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
         ["--config", "tests/configs/missing.py", "--workdir", str(tmp_path / "c")],
         ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "d"), "--config.batch_size=30"],
         ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "e"), "--bogus"],
+        # a tfds dataset that is not prepared: tfds's own absl warnings must not precede our line
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "f"), "--config.dataset.name=cifar10"],
     ]
     for args in cases:
         proc = cli(args)

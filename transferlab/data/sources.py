@@ -7,6 +7,7 @@ prepared, in ArrayRecord format, under data_dir (`cifar10`, `cifar100`,
 Examples must have an `image` (uint8 HxWxC) and a `label` (ClassLabel).
 """
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -54,11 +55,25 @@ def _base_name(name: str) -> str:
     return re.split(r"[/:]", name, maxsplit=1)[0]
 
 
+@contextlib.contextmanager
+def _absl_errors_only():
+    """tfds logs absl warnings (e.g. 'Variant folder ... has no dataset_info.json') while it looks
+    for a dataset; the user gets our one-line error instead."""
+    from absl import logging as absl_logging
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def _standard_builder(name: str, root) -> tfds.core.DatasetBuilder:
     """A builder reading an already-prepared tfds dataset under `root` (never downloads)."""
     base = _base_name(name)
     if base in registered.list_imported_builders():
-        builder = tfds.builder(name, data_dir=str(root))
+        with _absl_errors_only():
+            builder = tfds.builder(name, data_dir=str(root))
     elif (root / base).is_dir():  # a dataset prepared elsewhere with its own code
         try:
             builder = tfds.core.read_only_builder.builder_from_files(name, data_dir=str(root))
@@ -69,7 +84,9 @@ def _standard_builder(name: str, root) -> tfds.core.DatasetBuilder:
             f"unknown dataset {name!r}; expected one of: {', '.join(offline_names())}, "
             f"or a tfds dataset name prepared under {root}"
         )
-    if not builder.is_prepared():
+    with _absl_errors_only():
+        prepared = builder.is_prepared()
+    if not prepared:
         raise UserError(
             f"dataset {name!r} is not prepared under {root}; prepare it with tfds on a machine "
             f"with TensorFlow and network (tfds build {base} --file_format=array_record) "
