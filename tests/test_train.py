@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from transferlab import checkpoint, config as config_lib, parallel
+from transferlab import checkpoint, config as config_lib, parallel, study, train
+from transferlab.errors import ConfigError
 from transferlab.metrics import read_jsonl
 from transferlab.train import Trainer, train_and_evaluate
 
@@ -230,3 +231,24 @@ def test_quickstart_study_end_to_end(tmp_path, data_dir):
     rerun = cli(["--config", QUICK + ":steps=20,seeds=2", "--workdir", workdir,
                  "--config.log_every_steps=10"], timeout=200)
     assert rerun.returncode == 0 and "already finished" in rerun.stdout
+
+
+def test_study_checks_every_arm_before_training_any(tmp_path, data_dir):
+    """A wrong tap in the last arm is reported (naming the arm) before the first arm trains."""
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))
+    kd = {"task": "kd", "teacher.name": "mlp", "teacher.checkpoint": "{workdir}/teacher/seed_0",
+          "distill.terms": ({"name": "fitnet", "weight": 1.0, "student_tap": "hiden", "teacher_tap": "features"},)}
+    config.study.arms = ({"name": "teacher", "overrides": {}}, {"name": "kd", "overrides": kd})
+    trained = []
+    with pytest.raises(ConfigError, match=r"study.arms\[1\] \(kd\): .*'hiden' is not a tap of the student"):
+        study.run_study(config, str(tmp_path), lambda cfg, d: trained.append(d), train.check_config)
+    assert trained == [] and not os.listdir(tmp_path)
+    # without the mistake every arm passes the check and trains, in order
+    config.study.arms = ({"name": "teacher", "overrides": {}},
+                         {"name": "kd", "overrides": {**kd, "distill.terms": ({"name": "kd", "weight": 1.0},)}})
+    checked = []
+    out = study.run_study(config, str(tmp_path),  # a fake train_fn that "is preempted" after the first run
+                          lambda cfg, d: (trained.append(d), {"preempted_at_step": 0})[1],
+                          lambda cfg: (checked.append(cfg.task), train.check_config(cfg)))
+    assert out == {"preempted_at_step": 0} and checked == ["classify", "kd"]
+    assert [os.path.relpath(d, tmp_path) for d in trained] == [os.path.join("teacher", "seed_0")]

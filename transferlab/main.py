@@ -66,7 +66,7 @@ def run(argv=None) -> int:
             jax.distributed.initialize(**kwargs)
         from transferlab import study, train
         if config.study.arms:
-            out = study.run_study(config, args.workdir, train.train_and_evaluate)
+            out = study.run_study(config, args.workdir, train.train_and_evaluate, train.check_config)
         else:
             out = train.train_and_evaluate(config, args.workdir)
             if "test" in out:

@@ -5,7 +5,9 @@ a complete run with its own config.json, checkpoints and results.json. Arm
 overrides are dotted keys (`'model.name': 'mlp'`); the string `{workdir}` in a
 value becomes the study's workdir, so a KD arm can point `teacher.checkpoint` at
 `{workdir}/teacher/seed_0`. Every arm's config is resolved and validated before
-any training. Finished runs (results.json present) are skipped, so rerunning
+any training, and (with `check_fn`, as the CLI does) each unfinished arm's models,
+taps and connectors are built abstractly too, so a wrong tap name in the last arm
+fails in seconds, not after the teacher has trained. Finished runs (results.json present) are skipped, so rerunning
 the command resumes a killed study. The table goes to DIR/results.{json,md}.
 """
 
@@ -48,9 +50,29 @@ def resolve_arms(config, workdir: str) -> list[tuple[str, int, object]]:
     return runs
 
 
-def run_study(config, workdir: str, train_fn) -> dict:
-    """Runs every (arm, seed) not yet finished, then the ensembles, and writes the results table."""
+def check_arms(config, runs, workdir: str, check_fn) -> None:
+    """`check_fn(run_config)` once per arm with an unfinished run (its first such seed); a ConfigError
+    names the arm."""
+    index = {arm["name"]: i for i, arm in enumerate(config.study.arms)}
+    checked = set()
+    for arm, seed, run_config in runs:
+        if arm in checked or os.path.exists(os.path.join(workdir, arm, f"seed_{seed}", "results.json")):
+            continue
+        checked.add(arm)
+        try:
+            check_fn(run_config)
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"study.arms[{index[arm]}] ({arm}): {e}") from None
+
+
+def run_study(config, workdir: str, train_fn, check_fn=None) -> dict:
+    """Runs every (arm, seed) not yet finished, then the ensembles, and writes the results table.
+
+    `check_fn(run_config)`, if given, is called for each arm before anything trains (see check_arms).
+    """
     runs = resolve_arms(config, workdir)
+    if check_fn is not None:
+        check_arms(config, runs, workdir, check_fn)
     for arm, seed, run_config in runs:
         run_dir = os.path.join(workdir, arm, f"seed_{seed}")
         if os.path.exists(os.path.join(run_dir, "results.json")):

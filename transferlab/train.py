@@ -279,6 +279,12 @@ class Trainer:
         return results
 
 
+def check_config(config, devices=None) -> None:
+    """Builds a run's Trainer without data, state or checkpoints: models, taps, connectors, optimizer
+    and shardings are checked abstractly (raises ConfigError/UserError as the run would)."""
+    Trainer(config, workdir="", devices=devices)
+
+
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains (or resumes) one run in `workdir` and returns its results."""
     return Trainer(config, workdir, devices).run()
