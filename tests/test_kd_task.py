@@ -182,6 +182,28 @@ def test_shape_mismatch_without_connector_is_an_error(tmp_path, teacher_dir):
         Trainer(kd_config(teacher_dir, terms=terms), str(tmp_path / "kd"))
 
 
+@pytest.mark.parametrize("term, message", [
+    ({"name": "kd", "weight": "a"}, r"terms\[0\]\.weight: expected a finite number, got 'a'"),
+    ({"name": "kd", "warmup_steps": -3}, r"terms\[0\]\.warmup_steps: expected an int >= 0"),
+    ({"name": "kd", "temperature": -1.0}, r"terms\[0\]: loss 'kd' hparam 'temperature': got -1.0; expected a number > 0"),
+    ({"name": "dist", "tau": 0.0}, r"hparam 'tau': got 0.0; expected a number > 0"),
+    ({"name": "rkd", "student_tap": "features", "teacher_tap": "features", "w_dist": float("inf")},
+     r"hparam 'w_dist': got inf; expected a finite number"),
+    # FitNet's default 1x1-conv connector on [B, D] vectors: a clear error, not a conv shape traceback
+    ({"name": "fitnet", "student_tap": "hidden1", "teacher_tap": "logits"},
+     r"terms\[0\]\.connector: 'conv1x1_bn' maps feature maps \[B, H, W, C\], but student tap hidden1"),
+])
+def test_bad_term_values_are_one_clear_config_error(tmp_path, term, message):
+    with pytest.raises(ConfigError, match=message):
+        Trainer(kd_config("random", terms=(term,)), str(tmp_path / "kd"))
+
+
+def test_bad_override_value_names_the_key():
+    config = kd_config("random")
+    with pytest.raises(ConfigError, match=r"config key 'distill.terms': expected tuple, got .*\(not a valid Python literal\)"):
+        config_lib.apply_override(config, "distill.terms", "[{'name': 'kd'}")
+
+
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     trainer = Trainer(kd_config(str(tmp_path / "nowhere")), str(tmp_path / "kd"))
     with pytest.raises(UserError, match="teacher.checkpoint"):

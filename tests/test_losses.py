@@ -173,7 +173,7 @@ def test_hparam_errors():
         losses.resolve_hparams("kd", {"temp": 2.0})
     msg = str(e.value)
     assert "'temp'" in msg and "temperature" in msg and "\n" not in msg
-    with pytest.raises(ConfigError, match="expected a number"):
+    with pytest.raises(ConfigError, match="expected a finite number"):
         losses.resolve_hparams("dkd", {"beta": "eight"})
     with pytest.raises(ConfigError, match="l2, l1"):
         losses.resolve_hparams("sp", {"row_norm": "l3"})

@@ -258,7 +258,12 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw) -> None:
     if leaf in node and isinstance(node[leaf], str) and isinstance(raw, str):
         value = raw  # strings are taken verbatim
     if free or _is_free_form(key):
-        node[leaf] = value
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as e:  # ml_collections keeps a field's type
+            kind = type(node[leaf]).__name__
+            hint = " (not a valid Python literal)" if isinstance(value, str) and isinstance(raw, str) else ""
+            raise ConfigError(f"config key {key!r}: expected {kind}, got {raw!r}{hint}") from e
     elif isinstance(node[leaf], ml_collections.ConfigDict):
         raise ConfigError(f"config key {key!r} is a section; override its fields instead")
     else:
@@ -385,7 +390,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise unknown_name(f"loss (distill.terms[{i}].name)", name, losses.names())
             for key in TERM_KEYS:
                 term.pop(key, None)
-            losses.resolve_hparams(name, term)
+            try:
+                losses.resolve_hparams(name, term)
+            except ConfigError as e:
+                raise ConfigError(f"distill.terms[{i}]: {e}") from None
     for i, arm in enumerate(config.study.arms):
         if not isinstance(arm, dict) or "name" not in arm or not set(arm) <= {"name", "overrides", "seeds"}:
             raise ConfigError(f"study.arms[{i}]: expected a dict with name, overrides, seeds; got {arm!r}")

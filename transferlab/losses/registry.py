@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import numbers
 from typing import Any, Callable, Mapping
 
@@ -63,6 +64,10 @@ def get(name: str) -> LossSpec:
     return _REGISTRY[name]
 
 
+# Real hparams that divide or scale logits/similarities: only > 0 makes sense (also any '*temperature').
+_POSITIVE = frozenset({"tau", "p", "eps"})
+
+
 def _check_value(name: str, key: str, value, default, choices):
     where = f"loss {name!r} hparam {key!r}"
     if key in choices:
@@ -79,8 +84,10 @@ def _check_value(name: str, key: str, value, default, choices):
             raise errors.ConfigError(f"{where}: got {value!r}; expected an int")
         return int(value)
     if isinstance(default, numbers.Real):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise errors.ConfigError(f"{where}: got {value!r}; expected a number")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise errors.ConfigError(f"{where}: got {value!r}; expected a finite number")
+        if (key in _POSITIVE or key.endswith("temperature")) and value <= 0:
+            raise errors.ConfigError(f"{where}: got {value!r}; expected a number > 0")
         return float(value)
     if isinstance(default, tuple):
         if not isinstance(value, (tuple, list)):

@@ -52,6 +52,8 @@ trainable teacher-side embedding head in `params['connectors']['term<i>_teacher'
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 
 import jax
@@ -67,6 +69,7 @@ from transferlab.tasks import common, hard_augment
 
 RANDOM_TEACHER = "random"  # teacher.checkpoint value for smoke tests and benchmarks only
 COMBINATIONS = ("average", "weighted", "adaptive", "partition")
+CONV_CONNECTORS = ("conv1x1_bn", "conv3x3")  # connectors that need NHWC feature maps on both sides
 SELF_EMA = "self_ema"  # teacher.checkpoint value: the teacher is an EMA of the student (self-distillation)
 CRD_DEFAULTS = {"embed_dim": 128, "num_negatives": 16384, "memory_momentum": 0.5}
 ND_CLASS_MEANS = ("train", "batch")  # nd term's class_means: teacher means over the train split, or in-batch
@@ -81,8 +84,16 @@ class Term:
         self.where = f"distill.terms[{index}]"
         self.name = raw["name"]
         self.spec = losses.get(self.name)
-        self.weight = float(raw.get("weight", 1.0))
-        self.warmup_steps = int(raw.get("warmup_steps", 0))
+        self.weight = raw.get("weight", 1.0)
+        if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) \
+                or not math.isfinite(self.weight):
+            raise ConfigError(f"{self.where}.weight: expected a finite number, got {self.weight!r}")
+        self.weight = float(self.weight)
+        self.warmup_steps = raw.get("warmup_steps", 0)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, numbers.Integral) \
+                or self.warmup_steps < 0:
+            raise ConfigError(f"{self.where}.warmup_steps: expected an int >= 0, got {self.warmup_steps!r}")
+        self.warmup_steps = int(self.warmup_steps)
         default_s, default_t = self.spec.default_taps
         self.student_tap = raw.get("student_tap", default_s)
         self.teacher_tap = raw.get("teacher_tap", default_t)
@@ -104,7 +115,10 @@ class Term:
                                         or self.crd is not None):
             raise ConfigError(f"{self.where}.standardize_logits: only for logit terms (student_tap and "
                               f"teacher_tap 'logits'), not {self.name!r} on {self.student_tap!r}/{self.teacher_tap!r}")
-        self.hparams = losses.resolve_hparams(self.name, {k: v for k, v in raw.items() if k not in TERM_KEYS})
+        try:
+            self.hparams = losses.resolve_hparams(self.name, {k: v for k, v in raw.items() if k not in TERM_KEYS})
+        except ConfigError as e:
+            raise ConfigError(f"{self.where}: {e}") from None
 
     def taps(self, which: str):
         names = self.student_tap if which == "student" else self.teacher_tap
@@ -209,9 +223,22 @@ class KDTask:
                 continue
             if use_connector:
                 target = t_list if term.spec.multi_tap else t_list[0]
-                self._add_connector(term.key, term.connector, target, s_list, term.spec.multi_tap, key,
-                                    all_params, all_state)
+                self._add_term_connector(term, target, s_list, t_list, key, all_params, all_state)
         return all_params, all_state
+
+    def _add_term_connector(self, term, target, s_list, t_list, rng, all_params, all_state):
+        """The term's connector from its student tap(s) to `target`; shapes it cannot map are a ConfigError."""
+        name = term.connector
+        shapes = (f"student tap {term.student_tap} {[tuple(s) for s in s_list]}, teacher tap "
+                  f"{term.teacher_tap} {[tuple(t) for t in t_list]}")
+        if name in CONV_CONNECTORS and any(len(s) != 4 for s in [*s_list, *t_list]):
+            raise ConfigError(f"{term.where}.connector: {name!r} maps feature maps [B, H, W, C], but {shapes}; "
+                              "use connector 'linear' for [B, D] vectors or [B, N, D] tokens")
+        try:
+            self._add_connector(term.key, name, target, s_list, term.spec.multi_tap, rng, all_params, all_state)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{term.where}.connector: {name!r} cannot map {shapes} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
     def _add_connector(self, key, name, target, s_list, multi, rng, all_params, all_state):
         module = connector_lib.create_connector(name, target)
