@@ -103,3 +103,21 @@ def test_every_experiment_config_validates():
     assert paths
     for path in paths:
         config_lib.load(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.ema_decay=1.5", "'distill.ema_decay' must be in \\[0, 1\\]"),
+    ("distill.trilateral_lookahead_lr=-1.0", "'distill.trilateral_lookahead_lr' must be > 0"),
+    ("distill.hard_augment.scale=-1.0", "'distill.hard_augment.scale' must be > 0"),
+    ("distill.hard_augment.hidden=0", "'distill.hard_augment.hidden' must be > 0"),
+    ("dml.temperature=0.0", "'dml.temperature' must be > 0"),
+    ("dml.kl_weight=-1.0", "'dml.kl_weight' must be >= 0"),
+    ("distill.ce_weight=-1.0", "'distill.ce_weight' must be >= 0"),
+    ("distill.teacher_weights=(1.0, -2.0)", "'distill.teacher_weights': expected numbers >= 0 with a positive sum"),
+    ("distill.teacher_weights=(0.0, 0.0)", "'distill.teacher_weights': expected numbers >= 0 with a positive sum"),
+])
+def test_scheme_settings_out_of_range_are_config_errors(override, message):
+    config = config_lib.defaults()
+    config_lib.apply_override(config, *config_lib.parse_override(override))
+    with pytest.raises(ConfigError, match=message):
+        config_lib.validate(config)

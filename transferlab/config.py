@@ -327,7 +327,9 @@ def _choice(key: str, value, allowed) -> None:
 
 def _positive(config, *keys, allow_zero=False) -> None:
     for key in keys:
-        value = config[key] if "." not in key else config[key.split(".")[0]][key.split(".")[1]]
+        value = config
+        for part in key.split("."):
+            value = value[part]
         if value < 0 or (value == 0 and not allow_zero):
             raise ConfigError(f"config key {key!r} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
@@ -350,6 +352,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "optimizer.learning_rate", "optimizer.weight_decay", "optimizer.clip_grad_norm",
               "schedule.warmup_steps", "augment.crop_padding", "augment.mixup_alpha",
               "augment.cutmix_alpha", allow_zero=True)
+    _positive(config, "dml.temperature", "distill.trilateral_lookahead_lr", "distill.hard_augment.scale",
+              "distill.hard_augment.hidden", "distill.hard_augment.noise_dim")
+    _positive(config, "distill.ce_weight", "dml.kl_weight", "distill.hard_augment.consistency_weight",
+              allow_zero=True)
+    if not 0.0 <= config.distill.ema_decay <= 1.0:
+        raise ConfigError(f"config key 'distill.ema_decay' must be in [0, 1], got {config.distill.ema_decay}")
+    weights = config.distill.teacher_weights
+    if weights and (not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")
+                            for w in weights) or sum(weights) <= 0):
+        raise ConfigError(f"config key 'distill.teacher_weights': expected numbers >= 0 with a positive sum, "
+                          f"got {tuple(weights)}")
     parse_mesh_shape(config.mesh_shape)
     if not re.fullmatch(SELECTION_METRICS, config.selection_metric):
         raise ConfigError(f"config key 'selection_metric': {config.selection_metric!r} is not a higher-is-better "

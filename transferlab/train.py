@@ -250,8 +250,10 @@ class Trainer:
         loss = float(jax.device_get(metrics["loss/total"] if "loss/total" in metrics else metrics["loss/ce"]))
         if not np.isfinite(loss):
             ckpt.wait()
-            raise NonFiniteLoss(f"non-finite loss {loss} at step {step}; stopped, the last good checkpoint "
-                                f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept")
+            latest = ckpt.latest_step()
+            kept = (f"the last good checkpoint (step {latest}) in {ckpt.directory} is kept" if latest is not None
+                    else "no checkpoint had been written yet")
+            raise NonFiniteLoss(f"non-finite loss {loss} at step {step}; stopped, {kept}")
 
     def _finish(self, state, frozen, ckpt, writer, wall_time) -> dict:
         config = self.config
