@@ -202,6 +202,25 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path, data_dir):
                 "--config.total_steps=30"]).returncode == 0  # the original config still resumes
 
 
+def test_unreadable_checkpoint_is_a_clear_error_naming_the_earlier_one(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    args = ["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI]
+    assert cli(args + ["--config.total_steps=16"]).returncode == 0  # checkpoints at steps 8 and 16
+    latest = os.path.join(workdir, "checkpoints", "16")
+    for root, _, files in os.walk(os.path.join(latest, "state")):
+        for name in files:
+            if os.path.basename(root) == "d":  # the array data files: truncated, as by a broken disk
+                open(os.path.join(root, name), "w").close()
+    proc = cli(args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "checkpoints/16 cannot be restored" in lines[0] and "to resume from step 8" in lines[0]
+    os.rename(latest, str(tmp_path / "bad_16"))  # the hint: move it away, and the run resumes from step 8
+    proc = cli(args)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.exists(os.path.join(workdir, "checkpoints", "24"))
+
+
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     overrides = [*TINY_CLI, "--config.total_steps=60", "--config.checkpoint_every_steps=2",

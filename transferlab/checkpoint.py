@@ -56,7 +56,10 @@ class Checkpointer:
 
     def _check_compatible(self, step: int, abstract_state) -> None:
         """A clear error before Orbax reads anything if the saved arrays differ from the target's."""
-        metadata = self.manager.item_metadata(step)["state"]
+        try:
+            metadata = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001  (as in restore)
+            raise self._unreadable(step, e) from e
         metadata = getattr(metadata, "tree", metadata)
         is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
         saved = collections.Counter(tuple(m.shape) for m in jax.tree.leaves(metadata, is_leaf=is_array)
@@ -74,23 +77,40 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"checkpoint {self.directory}/{step} does not match this config "
-                            f"(model or optimizer changed?): {str(e).splitlines()[0][:300]}") from e
+        except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise plain Exceptions on unreadable data)
+            raise self._unreadable(step, e) from e
         return restored["state"], restored["data"]
+
+    def _unreadable(self, step: int, error: Exception) -> UserError:
+        """A one-line error for a checkpoint that cannot be restored, naming the earlier ones."""
+        earlier = [s for s in self.manager.all_steps() if s < step]
+        hint = (f"; to resume from step {max(earlier)} instead, move {self.directory}/{step} away" if earlier
+                else "")
+        root = error
+        while root.__cause__ is not None or root.__context__ is not None:  # TensorStore's own message
+            root = root.__cause__ or root.__context__
+        first = next((line for line in str(root).splitlines() if line.strip()), type(root).__name__)
+        return UserError(f"checkpoint {self.directory}/{step} cannot be restored (corrupted, or the model or "
+                         f"optimizer changed): {first[:300]}{hint}")
 
     def restore_subtree(self, step: int, abstract_subtree: dict):
         """Restores the parts of the saved train state named two levels deep in `abstract_subtree`
         (`{'params': {'model': ...}, 'model_state': {'model': ...}}`: a model's params and BN statistics)
         onto its shardings; the rest (optimizer state, connectors) is read replicated and dropped."""
-        metadata = self.manager.item_metadata(step)["state"]
+        try:
+            metadata = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001  (as in restore)
+            raise self._unreadable(step, e) from e
         metadata = getattr(metadata, "tree", metadata)
         sharding = jax.tree.leaves(abstract_subtree)[0].sharding
         is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
                               is_leaf=is_array)
         _graft(target, abstract_subtree, f"checkpoint {self.directory}/{step}")
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        except Exception as e:  # noqa: BLE001  (as in restore)
+            raise self._unreadable(step, e) from e
         return _prune(restored["state"], abstract_subtree)
 
     def wait(self) -> None:

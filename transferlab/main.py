@@ -74,6 +74,7 @@ def run(argv=None) -> int:
                       f"(selection: {out['selection']}, step {out['selected_step']}); results in "
                       f"{os.path.join(args.workdir, 'results.json')}", flush=True)
     except UserError as e:
+        _silence_unraisable()
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except NonFiniteLoss as e:
@@ -82,6 +83,14 @@ def run(argv=None) -> int:
     if "preempted_at_step" in out:
         print(f"preempted at step {out['preempted_at_step']}; rerun the same command to resume", flush=True)
     return 0
+
+
+def _silence_unraisable() -> None:
+    """After a user error, libraries' abandoned background work (e.g. Orbax's read coroutines of an
+    unreadable checkpoint) must not print 'Exception ignored in ...' tracebacks below our one line."""
+    import gc
+    sys.unraisablehook = lambda unraisable: None
+    gc.collect()
 
 
 def main() -> None:
