@@ -3,8 +3,9 @@
 #   bench64     bench/kd_step.py --device gpu, batch 64: resnet56 -> resnet20 (fusion barrier off
 #               and on) and resnet32x4 -> resnet8x4 (barrier on), transferlab vs torchdistill;
 #   bench256    the same for resnet56 -> resnet20 at batch 256 (barrier on);
-#   quickstart  the quickstart job (`make run`'s config, 1 seed) on the GPU, end to end.
-# Usage: bash bench/gpu_check.sh [STAGE ...]   (default: all three, in that order).
+#   quickstart  the quickstart job (`make run`'s config, 1 seed) on the GPU, end to end;
+#   overhead    bench/loss_overhead.py on the GPU: each method's step overhead over plain KD.
+# Usage: bash bench/gpu_check.sh [STAGE ...]   (default: bench64 bench256 quickstart).
 # Packages missing on that machine travel as wheels in .whl/ (see bench/README.md); outputs go
 # to $OUT (or /tmp/gpu_out).
 set -uo pipefail
@@ -32,6 +33,9 @@ for stage in $STAGES; do
       python3 -m transferlab.data.prepare --datasets mnist5k >/dev/null 2>&1 || echo "prepare failed"
       ( time timeout 150 python3 -m transferlab.main --config experiments/kd/quickstart.py:seeds=1 \
         --workdir /tmp/quickstart ) 2>&1 | tail -25 | tee "$OUT/gpu_quickstart.txt" ;;
-    *) echo "gpu_check: unknown stage '$stage' (bench64, bench256, quickstart)"; exit 2 ;;
+    overhead)
+      JAX_PLATFORMS=cuda timeout 300 python3 bench/loss_overhead.py --rounds 20 --warmup 2 2>&1 \
+        | tee "$OUT/gpu_loss_overhead.md" ;;
+    *) echo "gpu_check: unknown stage '$stage' (bench64, bench256, quickstart, overhead)"; exit 2 ;;
   esac
 done
