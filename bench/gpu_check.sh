@@ -4,7 +4,8 @@
 #               and on) and resnet32x4 -> resnet8x4 (barrier on), transferlab vs torchdistill;
 #   bench256    the same for resnet56 -> resnet20 at batch 256 (barrier on);
 #   quickstart  the quickstart job (`make run`'s config, 1 seed) on the GPU, end to end;
-#   overhead    bench/loss_overhead.py on the GPU: each method's step overhead over plain KD.
+#   overhead    bench/loss_overhead.py on the GPU: each method's step overhead over plain KD (~9 min:
+#               21 compiles of ~25 s each with XLA:GPU autotuning; run it alone, or pass --methods).
 # Usage: bash bench/gpu_check.sh [STAGE ...]   (default: bench64 bench256 quickstart).
 # Packages missing on that machine travel as wheels in .whl/ (see bench/README.md); outputs go
 # to $OUT (or /tmp/gpu_out).
@@ -34,7 +35,7 @@ for stage in $STAGES; do
       ( time timeout 150 python3 -m transferlab.main --config experiments/kd/quickstart.py:seeds=1 \
         --workdir /tmp/quickstart ) 2>&1 | tail -25 | tee "$OUT/gpu_quickstart.txt" ;;
     overhead)
-      JAX_PLATFORMS=cuda timeout 300 python3 bench/loss_overhead.py --rounds 20 --warmup 2 2>&1 \
+      JAX_PLATFORMS=cuda timeout 560 python3 bench/loss_overhead.py --rounds 20 --warmup 2 2>&1 \
         | tee "$OUT/gpu_loss_overhead.md" ;;
     *) echo "gpu_check: unknown stage '$stage' (bench64, bench256, quickstart, overhead)"; exit 2 ;;
   esac
