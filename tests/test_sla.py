@@ -43,6 +43,13 @@ def test_transforms_are_the_four_rotations_and_six_channel_orders():
     perm = np.asarray(sla.transform_images(jnp.asarray(x), "color_permutation")).reshape(6, 2, 3, 3, 3)
     np.testing.assert_array_equal(perm[0], x)
     assert len({tuple(p[0, 0, 0]) for p in perm}) == 6
+    both = np.asarray(sla.transform_images(jnp.asarray(x), "rotation_color")).reshape(24, 2, 3, 3, 3)
+    assert sla.num_transforms("rotation_color") == 24
+    np.testing.assert_array_equal(both[0], x)  # the identity first
+    for k in range(4):
+        for j in range(6):  # rotation k of colour order j
+            np.testing.assert_array_equal(both[6 * k + j], np.rot90(perm[j], k, axes=(1, 2)))
+    assert len({b.tobytes() for b in both}) == 24
 
 
 def test_loss_and_gradient_match_the_authors_formula(tmp_path, data_dir):
@@ -87,6 +94,7 @@ def test_sla_sd_trains_and_reports_single_aggregated_and_joint_heads(tmp_path, d
 
 @pytest.mark.parametrize("override,culprit", [
     ({"sla": {"transform": "color_permutation"}}, "3 channels"),  # digits are grayscale
+    ({"sla": {"transform": "rotation_color"}}, "'rotation_color' needs 3 channels"),
     ({"sla": {"transform": "flip"}}, "sla.transform"),
     ({"sla": {"temperature": 0.0}}, "sla.temperature"),
 ])
@@ -95,3 +103,35 @@ def test_bad_sla_settings_name_the_key(tmp_path, data_dir, override, culprit):
         cfg = config_lib.from_dict(base(**override))
         config_lib.validate(cfg)
         Trainer(cfg, str(tmp_path / "w")).init_state()
+
+
+def test_rotation_color_loss_matches_the_formula_on_rgb_images(tmp_path):
+    """M = 24 (4 rotations x 6 colour orders) on synthetic RGB inputs: the loss equals the formula written
+    in the authors' per-example layout, with the joint label of copy (k, p) being y * 24 + 6k + p."""
+    from types import SimpleNamespace
+    info = SimpleNamespace(num_classes=5, image_shape=(8, 8, 3), split_sizes={"train": 64})
+    cfg = config_lib.from_dict(base(sla={"transform": "rotation_color", "temperature": 3.0}, batch_size=4,
+                                    eval_batch_size=4, mesh_shape="data=1"))
+    trainer = Trainer(cfg, str(tmp_path / "w"), jax.devices()[:1], info=info)
+    task = trainer.task
+    state = jax.device_get(trainer.init_state())
+    assert state["params"]["joint_head"]["kernel"].shape[-1] == 5 * 24
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(size=(4, 8, 8, 3)), jnp.float32)
+    y = jnp.asarray([0, 3, 1, 4], jnp.int32)
+    loss, _ = task.loss_fn(state["params"], state["model_state"], {}, {"image": x, "label": y}, None, 0)
+    n, t = 24, 3.0
+    import itertools
+    copies = [jnp.rot90(x[..., list(p)], k, axes=(1, 2)) for k in range(4) for p in itertools.permutations(range(3))]
+    flat = jnp.stack(copies, axis=1).reshape(-1, 8, 8, 3)  # example-major
+    variables = {"params": state["params"]["model"], **state["model_state"]["model"]}
+    single_all, inter = task.model.apply(variables, flat, train=True, mutable=["intermediates", "batch_stats"])
+    joint = task.joint_head.apply({"params": state["params"]["joint_head"]}, inter["intermediates"]["features"][0])
+    joint_ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        joint, jnp.stack([y * n + j for j in range(n)], 1).reshape(-1)))
+    single = single_all[::n]
+    agg = sum(joint[j::n, j::n] for j in range(n)) / n
+    kl = jnp.mean(jnp.sum(jax.nn.softmax(agg / t) * (jax.nn.log_softmax(agg / t) - jax.nn.log_softmax(single / t)),
+                          -1))
+    reference = joint_ce + jnp.mean(optax.softmax_cross_entropy_with_integer_labels(single, y)) + t * t * kl
+    np.testing.assert_allclose(loss, reference, rtol=1e-5)

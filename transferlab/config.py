@@ -132,7 +132,8 @@ def defaults() -> ml_collections.ConfigDict:
     })
 
     c.sla = ml_collections.ConfigDict({  # task 'sla_sd': label augmentation + self-distillation, arXiv:1910.05872
-        "transform": "rotation",  # rotation (4 copies: 0/90/180/270 degrees) or color_permutation (6 RGB orders)
+        # rotation (4 copies: 0/90/180/270 degrees), color_permutation (6 RGB orders) or rotation_color (all 24)
+        "transform": "rotation",
         "temperature": 1.0,  # of the self-distillation KL (x T^2)
         "joint_weight": 1.0,  # CE of the joint (class, transformation) head over all copies
         "single_weight": 1.0,  # CE of the model's own head on the untransformed image
@@ -343,7 +344,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", config.schedule.name, SCHEDULES)
     _choice("model.dtype", config.model.dtype, DTYPES)
-    _choice("sla.transform", config.sla.transform, ("rotation", "color_permutation"))
+    _choice("sla.transform", config.sla.transform, ("rotation", "color_permutation", "rotation_color"))
     _positive(config, "sla.temperature")
     _positive(config, "sla.joint_weight", "sla.single_weight", "sla.distill_weight", allow_zero=True)
     _positive(config, "total_steps", "batch_size", "log_every_steps", "keep_checkpoints",

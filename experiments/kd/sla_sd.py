@@ -13,7 +13,7 @@ reports the single head (`accuracy`), and each run's results.json also has the
   python -m transferlab.main --config experiments/kd/sla_sd.py:dataset=digits,model=resnet20,steps=400 --workdir runs/sla_digits
 
 Arguments: `dataset=` (mnist5k), `model=` (resnet8), `steps=` (250), `seeds=` (3),
-`transform=` (rotation, or color_permutation for RGB data), `temperature=` (1.0).
+`transform=` (rotation; color_permutation or rotation_color, all 24 combinations, for RGB data), `temperature=` (1.0).
 """
 
 import ml_collections

@@ -2,8 +2,9 @@
 arXiv:1910.05872).
 
 Every training image is seen under M input transformations t_1..t_M (t_1 = identity):
-the four rotations by 0/90/180/270 degrees, or the six permutations of the RGB
-channels. A *joint* head on the backbone's features classifies (class, transformation)
+the four rotations by 0/90/180/270 degrees, the six permutations of the RGB
+channels, or all 24 of their combinations (`rotation_color`, the paper's combined
+setting: rotation k of colour order p, k-major). A *joint* head on the backbone's features classifies (class, transformation)
 pairs, N * M outputs with the joint label of class y under t_j being `y * M + j`. Its
 *aggregated* prediction for class c averages the joint logits of (c, t_j) over the M
 transformed copies of the image (SLA-AG, the paper's eq. 4). Self-distillation trains the
@@ -37,20 +38,22 @@ import jax.numpy as jnp
 from transferlab.errors import ConfigError
 from transferlab.tasks import common
 
-TRANSFORMS = ("rotation", "color_permutation")
+TRANSFORMS = ("rotation", "color_permutation", "rotation_color")
 FEATURES_TAP = "features"
 
 
 def num_transforms(kind: str) -> int:
-    return {"rotation": 4, "color_permutation": 6}[kind]
+    return {"rotation": 4, "color_permutation": 6, "rotation_color": 24}[kind]
 
 
 def transform_images(images_BxHxWxC, kind: str):
     """The M transformed copies of a batch, transformation-major: [M * B, H, W, C] (copy 0 = identity)."""
-    if kind == "rotation":
-        copies = [jnp.rot90(images_BxHxWxC, k, axes=(1, 2)) for k in range(4)]
-    else:
-        copies = [images_BxHxWxC[..., list(p)] for p in itertools.permutations(range(3))]
+    rotations = range(4) if kind in ("rotation", "rotation_color") else (0,)
+    orders = itertools.permutations(range(3)) if kind in ("color_permutation", "rotation_color") else [None]
+    copies = []
+    for k, order in itertools.product(rotations, list(orders)):
+        x = images_BxHxWxC if order is None else images_BxHxWxC[..., list(order)]
+        copies.append(jnp.rot90(x, k, axes=(1, 2)) if k else x)
     return jnp.concatenate(copies, axis=0)
 
 
@@ -85,10 +88,10 @@ class SLASelfDistillTask:
 
     def _check_images(self, images):
         _, h, w, c = images.shape
-        if self.kind == "rotation" and h != w:
-            raise ConfigError(f"config key 'sla.transform': 'rotation' needs square images, got {h}x{w}")
-        if self.kind == "color_permutation" and c != 3:
-            raise ConfigError(f"config key 'sla.transform': 'color_permutation' needs 3 channels, got {c}")
+        if self.kind in ("rotation", "rotation_color") and h != w:
+            raise ConfigError(f"config key 'sla.transform': {self.kind!r} needs square images, got {h}x{w}")
+        if self.kind in ("color_permutation", "rotation_color") and c != 3:
+            raise ConfigError(f"config key 'sla.transform': {self.kind!r} needs 3 channels, got {c}")
 
     def _features(self, params, model_state, images, train):
         logits, new_state, taps = common.forward(self.model, params, model_state, images, train=train, taps=True)
