@@ -79,6 +79,14 @@ def logits(rng, b=8, c=10, scale=3.0):
     return (rng.standard_normal((b, c)) * scale).astype(np.float32)
 
 
+def logit_shape(rng, b=8, c=10, scale=3.0):
+    """(batch, classes, logit scale): the committed values for seed 0; other seeds draw them too
+    (2-24 examples, 2-40 classes, scale 0.5-20), so parity is also checked on other shapes and ranges."""
+    if SEED == 0:
+        return b, c, scale
+    return int(rng.integers(2, 25)), int(rng.integers(2, 41)), float(rng.choice([0.5, 1.0, 3.0, 8.0, 20.0]))
+
+
 def io(path, x, key="output"):
     return {path: {key: x}}
 
@@ -88,7 +96,8 @@ def io(path, x, key="output"):
 
 def case_kd():
     r = rng_for("kd")
-    s, t, temp = logits(r), logits(r), 4.0
+    b, c, sc = logit_shape(r)
+    s, t, temp = logits(r, b, c, sc), logits(r, b, c, sc), 4.0
     xs = t64(s, grad=True)
     loss = td.KDLoss("s", "output", "t", "output", temperature=temp, alpha=None, beta=1.0)(
         io("s", xs), io("t", t64(t)))
@@ -111,8 +120,9 @@ def dkd_reference(s, t, y, alpha, beta, temp):
 
 def case_dkd():
     r = rng_for("dkd")
-    s, t = logits(r), logits(r)
-    y = r.integers(0, 10, 8).astype(np.int32)
+    b, c, sc = logit_shape(r)
+    s, t = logits(r, b, c, sc), logits(r, b, c, sc)
+    y = r.integers(0, c, b).astype(np.int32)
     hp = {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
     xs = t64(s, grad=True)
     loss = dkd_reference(xs, t64(t), torch.tensor(y, dtype=torch.long), hp["alpha"], hp["beta"], hp["temperature"])
@@ -121,20 +131,44 @@ def case_dkd():
          "mdistiller dkd_loss formula (torch)")
 
 
+def dist_paper(s, t, beta, gamma, tau, eps=1e-8):
+    """DIST as in the authors' code (github.com/hunto/DIST_KD): Pearson with `+ eps` in the denominator."""
+    def pearson(a, b):
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    ys, yt = F.softmax(s / tau, 1), F.softmax(t / tau, 1)
+    inter = 1 - pearson(ys, yt).mean()
+    intra = 1 - pearson(ys.t(), yt.t()).mean()
+    return tau ** 2 * (beta * inter + gamma * intra)
+
+
 def case_dist():
     r = rng_for("dist")
-    s, t = logits(r, b=16, c=12), logits(r, b=16, c=12)
+    b, c, sc = logit_shape(r, 16, 12)
+    s, t = logits(r, b, c, sc), logits(r, b, c, sc)
     hp = {"beta": 1.0, "gamma": 2.0, "tau": 2.0}
+    xp = t64(s, grad=True)
+    paper = dist_paper(xp, t64(t), **hp)
+    paper.backward()
     xs = t64(s, grad=True)
     loss = td.DISTLoss("s", "output", "t", "output", **hp)(io("s", xs), io("t", t64(t)))
     loss.backward()
+    # torch's cosine_similarity clamps the norms by eps where the authors add eps: the two agree unless a
+    # softmax row or column is (nearly) constant, e.g. with very large logits. Such draws are marked.
+    g_td, g_paper = xs.grad.numpy(), xp.grad.numpy()
+    sensitive = (abs(loss.item() - paper.item()) > 1e-6 * abs(paper.item())
+                 or not np.allclose(g_td, g_paper, rtol=2e-6, atol=2e-7 * np.abs(g_paper).max()))
     save("dist", "dist", hp, loss, [grad_nhwc(xs)], {"student": s, "teacher": t},
-         "torchdistill DISTLoss (cosine_similarity eps vs the paper code's +eps: < 1e-7 relative here)")
+         "torchdistill DISTLoss (cosine_similarity eps vs the paper code's +eps: < 1e-7 relative here)",
+         extra={"eps_sensitive": np.bool_(sensitive)})
+    save("dist_paper", "dist", hp, paper, [grad_nhwc(xp)], {"student": s, "teacher": t},
+         "DIST authors' code formula (pearson with + eps) in torch")
 
 
 def case_kd_std():
     r = rng_for("kd_std")
-    s, t, temp = logits(r), logits(r), 2.0
+    b, c, sc = logit_shape(r)
+    s, t, temp = logits(r, b, c, sc), logits(r, b, c, sc), 2.0
     xs = t64(s, grad=True)
     loss = td.LogitStdKDLoss("s", "output", "t", "output", temperature=temp, alpha=None, beta=1.0)(
         io("s", xs), io("t", t64(t)))
@@ -145,8 +179,9 @@ def case_kd_std():
 
 def case_cwtm():
     r = rng_for("cwtm")
-    s, t = logits(r), logits(r)
-    y = r.integers(0, 10, 8).astype(np.int32)
+    b, c, sc = logit_shape(r)
+    s, t = logits(r, b, c, sc), logits(r, b, c, sc)
+    y = r.integers(0, c, b).astype(np.int32)
     xs = t64(s, grad=True)
     m = F.softmax(t64(t), 1).max(1).values
     loss = (m / m.sum() * F.cross_entropy(xs, torch.tensor(y, dtype=torch.long), reduction="none")).sum()
@@ -177,9 +212,10 @@ def case_class_relation():
 
 def case_trilateral():
     r = rng_for("trilateral")
-    s, t, temp = logits(r), logits(r), 4.0
-    y = r.integers(0, 10, 8).astype(np.int32)
-    ratio = r.uniform(0, 1, 8).astype(np.float32)
+    b, c, sc = logit_shape(r)
+    s, t, temp = logits(r, b, c, sc), logits(r, b, c, sc), 4.0
+    y = r.integers(0, c, b).astype(np.int32)
+    ratio = r.uniform(0, 1, b).astype(np.float32)
     xs = t64(s, grad=True)
     kl = F.kl_div(F.log_softmax(xs / temp, 1), F.softmax(t64(t) / temp, 1), reduction="none").sum(1)
     ce = F.cross_entropy(xs, torch.tensor(y, dtype=torch.long), reduction="none")
