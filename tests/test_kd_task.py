@@ -295,3 +295,15 @@ def test_trilateral_ratio_network_learns_by_lookahead(tmp_path, teacher_dir):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads["model"], expected)
     results = train_and_evaluate(trainer.config, str(tmp_path / "run"))
     assert np.isfinite(results["test"]["loss"])
+
+
+def test_after_is_bitwise_the_identity():
+    """kd._after orders the student's forward after the teacher's; the value must not change at all."""
+    from transferlab.tasks.kd import _after
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 5, 5, 3)).astype(np.float32) * 1e30
+    x[0, 0, 0, :] = [-0.0, 0.0, 1e-30]  # (subnormals are flushed to zero, as by any XLA:CPU arithmetic)
+    ys = [jnp.asarray(rng.standard_normal((4, 10)) * 50, jnp.float32), jnp.asarray(-rng.random((4, 10)), jnp.float32)]
+    out = np.asarray(jax.jit(_after)(jnp.asarray(x), ys))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    np.testing.assert_array_equal(out.view(np.uint32), x.view(np.uint32))

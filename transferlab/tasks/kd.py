@@ -78,14 +78,17 @@ ND_CLASS_MEANS = ("train", "batch")  # nd term's class_means: teacher means over
 def _after(x, ys):
     """`x`, but computed only once every array in `ys` is (XLA:CPU only; elsewhere `x` itself).
 
-    x + 0 * sum(ys) is bitwise x for finite ys, and XLA may not simplify 0 * y for floats. Used to run
+    x + 0 * sum(ys) is bitwise x for finite ys (subnormal x flushed to zero, as XLA:CPU's own arithmetic
+    does), and XLA may not simplify 0 * y for floats. Used to run
     the frozen teacher's forward before the student's instead of interleaving the two programs' ops on
     the same CPU threads, which measured ~3% faster KD steps on a 2-core CPU (bench/results_cpu.md).
     """
     if jax.default_backend() != "cpu":
         return x
-    total = sum(jnp.sum(y.astype(jnp.float32)) for y in ys)
-    return x + (0.0 * jax.lax.stop_gradient(total)).astype(x.dtype)
+    # per example (sums over the non-batch axes), so no cross-device reduction under data parallelism
+    total = sum(jnp.sum(y.astype(jnp.float32), axis=tuple(range(1, y.ndim))) for y in ys)
+    zero = (0.0 * jax.lax.stop_gradient(total)).astype(x.dtype)
+    return x + zero.reshape(zero.shape + (1,) * (x.ndim - 1))
 
 
 class Term:
