@@ -212,7 +212,9 @@ def test_unreadable_checkpoint_is_a_clear_error_naming_the_earlier_one(tmp_path,
             if os.path.basename(root) == "d":  # the array data files: truncated, as by a broken disk
                 open(os.path.join(root, name), "w").close()
     proc = cli(args)
-    lines = proc.stderr.strip().splitlines()
+    # our one line (Orbax's I/O threads can rarely still print an 'Event loop is closed' traceback while
+    # the error propagates; see the session note of 2026-11-26)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("transferlab: error:")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "checkpoints/16 cannot be restored" in lines[0] and "to resume from step 8" in lines[0]
     os.rename(latest, str(tmp_path / "bad_16"))  # the hint: move it away, and the run resumes from step 8
