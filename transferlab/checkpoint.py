@@ -56,10 +56,7 @@ class Checkpointer:
 
     def _check_compatible(self, step: int, abstract_state) -> None:
         """A clear error before Orbax reads anything if the saved arrays differ from the target's."""
-        try:
-            metadata = self.manager.item_metadata(step)["state"]
-        except Exception as e:  # noqa: BLE001  (as in restore)
-            raise self._unreadable(step, e) from e
+        metadata = self._state_metadata(step)
         metadata = getattr(metadata, "tree", metadata)
         is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
         saved = collections.Counter(tuple(m.shape) for m in jax.tree.leaves(metadata, is_leaf=is_array)
@@ -81,6 +78,13 @@ class Checkpointer:
             raise self._unreadable(step, e) from e
         return restored["state"], restored["data"]
 
+    def _state_metadata(self, step: int):
+        """The saved train state's metadata tree at `step`; unreadable -> the one-line UserError."""
+        try:
+            return self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001  (as in restore)
+            raise self._unreadable(step, e) from e
+
     def _unreadable(self, step: int, error: Exception) -> UserError:
         """A one-line error for a checkpoint that cannot be restored, naming the earlier ones."""
         earlier = [s for s in self.manager.all_steps() if s < step]
@@ -97,10 +101,7 @@ class Checkpointer:
         """Restores the parts of the saved train state named two levels deep in `abstract_subtree`
         (`{'params': {'model': ...}, 'model_state': {'model': ...}}`: a model's params and BN statistics)
         onto its shardings; the rest (optimizer state, connectors) is read replicated and dropped."""
-        try:
-            metadata = self.manager.item_metadata(step)["state"]
-        except Exception as e:  # noqa: BLE001  (as in restore)
-            raise self._unreadable(step, e) from e
+        metadata = self._state_metadata(step)
         metadata = getattr(metadata, "tree", metadata)
         sharding = jax.tree.leaves(abstract_subtree)[0].sharding
         is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
