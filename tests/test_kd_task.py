@@ -307,3 +307,15 @@ def test_after_is_bitwise_the_identity():
     out = np.asarray(jax.jit(_after)(jnp.asarray(x), ys))
     assert out.shape == x.shape and out.dtype == x.dtype
     np.testing.assert_array_equal(out.view(np.uint32), x.view(np.uint32))
+
+
+def test_abstract_state_is_the_traced_init_state(tmp_path, teacher_dir):
+    """Trainer builds `abstract_state` without a second init trace: it must equal eval_shape(_init_state)."""
+    terms = ({"name": "kd", "weight": 0.9}, {"name": "crd", "weight": 0.8, "embed_dim": 16, "num_negatives": 64},
+             {"name": "fitnet", "weight": 1.0, "student_tap": "features", "teacher_tap": "features",
+              "connector": "linear"})
+    trainer = Trainer(kd_config(teacher_dir, terms=terms), str(tmp_path / "kd"))
+    traced = jax.eval_shape(trainer._init_state, jnp.uint32(0))
+    assert jax.tree.structure(traced) == jax.tree.structure(trainer.abstract_state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(traced, trainer.abstract_state)
+    assert set(trainer.abstract_state["params"]["connectors"]) and trainer.abstract_state["model_state"]["memory"]

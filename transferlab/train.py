@@ -60,9 +60,13 @@ class Trainer:
                                 self.info.split_sizes.get(config.dataset.train_split, 0))
         self.abstract_images = jax.ShapeDtypeStruct((2, *self.info.image_shape), jnp.float32)
 
-        abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))[0]
+        abstract_params, abstract_model_state = jax.eval_shape(self._init_params, jax.random.key(0))
         self.tx, self.schedule = make_optimizer(config, abstract_params)
-        self.abstract_state = jax.eval_shape(self._init_state, jnp.uint32(config.seed))
+        # = jax.eval_shape(self._init_state, seed), without tracing the models' init a second time
+        self.abstract_state = {
+            "step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+            "model_state": abstract_model_state, "opt_state": jax.eval_shape(self.tx.init, abstract_params),
+            "rng": jax.eval_shape(lambda: jax.random.split(jax.random.PRNGKey(0))[1])}
         self.state_shardings = parallel.tree_shardings(self.mesh, self.abstract_state, config.sharding_rules)
         self.batch_sharding = parallel.batch_sharding(self.mesh)
         self.replicated = parallel.replicated(self.mesh)

@@ -169,6 +169,7 @@ class KDTask:
             raise ConfigError(f"{self._class_means_terms()[0].where}.class_means: 'train' needs a fixed teacher; "
                               "with teacher.checkpoint='self_ema' use 'batch'")
         self.connectors = {}
+        self._tap_shape_cache = {}  # (id(model), shape, dtype) -> {tap: ShapeDtypeStruct}
         hard = config.distill.hard_augment
         self.hard = hard_augment.AffineAugmentor(hidden=hard.hidden, scale=hard.scale) if hard.enabled else None
         if self.hard is not None and config.distill.teacher_cache:
@@ -193,11 +194,15 @@ class KDTask:
     # ------------------------------------------------------------------ init
 
     def _tap_shapes(self, model, images):
-        def run(x):
-            variables = model.init({"params": jax.random.key(0)}, x, train=False)
-            state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
-            return common.forward(model, variables["params"], state, x, train=False, taps=True)[2]
-        return jax.eval_shape(run, images)
+        """{tap: ShapeDtypeStruct} of `model` on inputs shaped like `images` (traced once per model and shape:
+        `init` sows the same taps as an eval-mode forward)."""
+        key = (id(model), tuple(images.shape), str(images.dtype))
+        if key not in self._tap_shape_cache:
+            def run(x):
+                variables = model.init({"params": jax.random.key(0)}, x, train=False, mutable=True)
+                return common.flatten_taps(variables["intermediates"])
+            self._tap_shape_cache[key] = jax.eval_shape(run, jax.ShapeDtypeStruct(images.shape, images.dtype))
+        return self._tap_shape_cache[key]
 
     def _check_taps(self, term, which, shapes, model_name):
         for tap in term.taps(which):
