@@ -319,3 +319,21 @@ def test_abstract_state_is_the_traced_init_state(tmp_path, teacher_dir):
     assert jax.tree.structure(traced) == jax.tree.structure(trainer.abstract_state)
     chex.assert_trees_all_equal_shapes_and_dtypes(traced, trainer.abstract_state)
     assert set(trainer.abstract_state["params"]["connectors"]) and trainer.abstract_state["model_state"]["memory"]
+
+
+def test_random_teacher_variables_are_he_normal_and_seeded():
+    from transferlab.tasks.kd import random_variables
+    abstract = {"params": {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32)},
+                           "bn": {"scale": jax.ShapeDtypeStruct((128,), jnp.float32),
+                                  "bias": jax.ShapeDtypeStruct((128,), jnp.float32)}},
+                "model_state": {"batch_stats": {"bn": {"mean": jax.ShapeDtypeStruct((128,), jnp.float32),
+                                                       "var": jax.ShapeDtypeStruct((128,), jnp.float32)}}}}
+    v = random_variables(abstract, seed=3)
+    kernel = v["params"]["conv"]["kernel"]
+    assert kernel.shape == (3, 3, 64, 128) and kernel.dtype == np.float32
+    np.testing.assert_allclose(kernel.std(), np.sqrt(2 / (3 * 3 * 64)), rtol=0.02)
+    assert (v["params"]["bn"]["scale"] == 1).all() and (v["params"]["bn"]["bias"] == 0).all()
+    assert (v["model_state"]["batch_stats"]["bn"]["var"] == 1).all()
+    assert (v["model_state"]["batch_stats"]["bn"]["mean"] == 0).all()
+    np.testing.assert_array_equal(kernel, random_variables(abstract, seed=3)["params"]["conv"]["kernel"])
+    assert not np.array_equal(kernel, random_variables(abstract, seed=4)["params"]["conv"]["kernel"])

@@ -58,6 +58,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transferlab import losses
 from transferlab.config import TERM_KEYS, model_section
@@ -89,6 +90,28 @@ def _after(x, ys):
     total = sum(jnp.sum(y.astype(jnp.float32), axis=tuple(range(1, y.ndim))) for y in ys)
     zero = (0.0 * jax.lax.stop_gradient(total)).astype(x.dtype)
     return x + zero.reshape(zero.shape + (1,) * (x.ndim - 1))
+
+
+
+def random_variables(abstract, seed: int):
+    """An untrained model's variables for `teacher.checkpoint='random'` (smoke tests and benchmarks only),
+    drawn on the host: He-normal kernels (std sqrt(2 / fan_in), He et al. arXiv:1502.01852), unit BN
+    scale and running variance, zero biases and running means. Host numpy rather than the model's own
+    jitted `init`, which takes XLA:CPU ~15 s to compile for a resnet110 (one kernel per parameter)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "kernel" and len(leaf.shape) >= 2:
+            fan_in = math.prod(leaf.shape[:-1])
+            return (rng.standard_normal(leaf.shape) * math.sqrt(2.0 / fan_in)).astype(leaf.dtype)
+        if name in ("bias", "mean"):
+            return np.zeros(leaf.shape, leaf.dtype)
+        return (rng.standard_normal(leaf.shape) * 0.02).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 class Term:
@@ -375,10 +398,9 @@ class KDTask:
         target = {"params": {"model": params}, "model_state": {"model": state}}
         shardings = jax.tree.map(lambda _: replicated(mesh), target)
         if section.checkpoint == RANDOM_TEACHER:
-            init = jax.jit(lambda x: common.init_model(model, jax.random.key(self.config.seed + 1 + index), x),
-                           out_shardings=(shardings["params"]["model"], shardings["model_state"]["model"]))
-            params, state = init(jnp.zeros(abstract_images.shape, abstract_images.dtype))
-            return {"params": params, "model_state": state}, -1
+            variables = random_variables({"params": params, "model_state": state}, self.config.seed + 1 + index)
+            return jax.device_put(variables, {"params": shardings["params"]["model"],
+                                              "model_state": shardings["model_state"]["model"]}), -1
         restored, step = restore_selected_subtree(section.checkpoint, abstract_with_shardings(target, shardings), where)
         return {"params": restored["params"]["model"], "model_state": restored["model_state"]["model"]}, step
 
