@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,6 +24,32 @@ from transferlab.errors import UserError
 
 def _metric_fn(metrics) -> float:
     return float(metrics["selection_metric"])
+
+
+def _is_closed_loop_callback(exc_type, exc, tb) -> bool:
+    """A RuntimeError('Event loop is closed') raised inside asyncio itself."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed" or tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.join("asyncio", "base_events.py") in tb.tb_frame.f_code.co_filename
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """After a failed restore, TensorStore's I/O threads can still finish reads and post their results to the
+    asyncio loop Orbax has already closed; the RuntimeError('Event loop is closed') that follows is printed
+    through `sys.excepthook` (a bare traceback, above our one-line error). This filter drops exactly that
+    error and passes everything else to the previous hook. Installed once, before the first restore."""
+    previous = sys.excepthook
+    if getattr(previous, "ignores_closed_loop_callbacks", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if not _is_closed_loop_callback(exc_type, exc, tb):
+            previous(exc_type, exc, tb)
+
+    hook.ignores_closed_loop_callbacks = True
+    sys.excepthook = hook
 
 
 class Checkpointer:
@@ -71,6 +98,7 @@ class Checkpointer:
     def restore(self, step: int, abstract_state):
         """Restores (state, data_state) at `step` onto the shardings carried by `abstract_state`."""
         self._check_compatible(step, abstract_state)
+        _ignore_closed_loop_callbacks()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -108,6 +136,7 @@ class Checkpointer:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
                               is_leaf=is_array)
         _graft(target, abstract_subtree, f"checkpoint {self.directory}/{step}")
+        _ignore_closed_loop_callbacks()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as e:  # noqa: BLE001  (as in restore)
