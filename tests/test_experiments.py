@@ -205,3 +205,4 @@ def test_kd_table_runs_through_the_cli(tmp_path, data_dir):
     with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
         table = f.read()
     assert all(f"| {arm} |" in table for arm in ("teacher", "student", "student+sla_sd"))
+    assert os.listdir(os.path.join(workdir, "xla_cache"))  # table.py's compilation cache, under --workdir

@@ -60,6 +60,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.sharding_rules = ()  # ((regex over param path, 'replicate'|'fsdp'), ...); fsdp>1 default: 'fsdp'
     c.selection = "last"  # test metrics of the last step, or of the best step on validation
     c.selection_metric = "accuracy"  # validation metric used when selection == 'best' (higher is better)
+    # JAX persistent compilation cache, set by the CLI for the whole process ('' = off; a relative path is
+    # under --workdir): runs that compile the same programs (a study's seeds, a resumed run) compile once
+    c.xla_cache_dir = ""
 
     c.dataset = ml_collections.ConfigDict({
         "name": "mnist5k",  # offline builders (digits, mnist5k, fashion_mnist_deb) or any prepared tfds name

@@ -42,6 +42,7 @@ def get_config(arg=None):
     c.optimizer = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
     c.schedule = {"name": "cosine", "warmup_steps": steps // 20}
     c.selection = "last"
+    c.xla_cache_dir = "xla_cache"  # the seeds of an arm compile its programs once (under --workdir)
 
     teacher = {"model.name": "lenet5", "task": "classify", "total_steps": 2 * steps}
     student = {"model.name": "mlp", "model.kwargs": {"hidden_sizes": (256, 256)}, "task": "classify"}

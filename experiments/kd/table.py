@@ -64,6 +64,7 @@ def get_config(arg=None):
     c.eval_every_steps = 0
     c.checkpoint_every_steps = 0
     c.selection = "last"
+    c.xla_cache_dir = "xla_cache"  # the seeds of an arm compile its programs once (under --workdir)
     c.dataset = {"name": args.get("dataset", "mnist5k")}
     c.augment = {"crop_padding": 2}
     c.model = {"name": STUDENT}
