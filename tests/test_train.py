@@ -274,11 +274,13 @@ def test_study_checks_every_arm_before_training_any(tmp_path, data_dir):
 
 
 def test_closed_loop_callback_errors_are_dropped_and_others_pass_through(monkeypatch):
-    """What TensorStore's threads print after a failed restore (see checkpoint._ignore_closed_loop_callbacks)."""
+    """What TensorStore's threads report after a failed read (see checkpoint._ignore_closed_loop_callbacks)."""
     import asyncio
+    from types import SimpleNamespace
     from transferlab import checkpoint
     seen = []
     monkeypatch.setattr(sys, "excepthook", lambda *info: seen.append(info[1]))
+    monkeypatch.setattr(sys, "unraisablehook", lambda args: seen.append(args.exc_value))
     checkpoint._ignore_closed_loop_callbacks()
     checkpoint._ignore_closed_loop_callbacks()  # installed once
     loop = asyncio.new_event_loop()
@@ -286,8 +288,11 @@ def test_closed_loop_callback_errors_are_dropped_and_others_pass_through(monkeyp
     try:
         loop.call_soon_threadsafe(print)
     except RuntimeError as e:
-        sys.excepthook(type(e), e, e.__traceback__)
+        closed = e
     other = RuntimeError("Event loop is closed")  # same message, not raised inside asyncio
-    sys.excepthook(RuntimeError, other, None)
-    sys.excepthook(ValueError, ValueError("x"), None)
-    assert [type(e) for e in seen] == [RuntimeError, ValueError] and seen[0] is other
+    for exc in (closed, other, ValueError("x")):
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        sys.unraisablehook(SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__,
+                                           err_msg=None, object=None))
+    assert [type(e) for e in seen] == [RuntimeError, RuntimeError, ValueError, ValueError]
+    assert seen[0] is other and seen[1] is other

@@ -36,20 +36,25 @@ def _is_closed_loop_callback(exc_type, exc, tb) -> bool:
 
 
 def _ignore_closed_loop_callbacks() -> None:
-    """After a failed restore, TensorStore's I/O threads can still finish reads and post their results to the
-    asyncio loop Orbax has already closed; the RuntimeError('Event loop is closed') that follows is printed
-    through `sys.excepthook` (a bare traceback, above our one-line error). This filter drops exactly that
-    error and passes everything else to the previous hook. Installed once, before the first restore."""
-    previous = sys.excepthook
-    if getattr(previous, "ignores_closed_loop_callbacks", False):
+    """After a failed read, TensorStore's I/O threads can still finish reads and post their results to the
+    asyncio loop Orbax has already closed; the RuntimeError('Event loop is closed') that follows is reported
+    from a thread with no Python caller, as a bare traceback printed above our one-line error. These hooks
+    (`sys.unraisablehook`, and `sys.excepthook` for good measure) drop exactly that error and pass
+    everything else to the previous hooks. Installed once, by the first Checkpointer."""
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+    if getattr(previous_unraisable, "ignores_closed_loop_callbacks", False):
         return
 
-    def hook(exc_type, exc, tb):
-        if not _is_closed_loop_callback(exc_type, exc, tb):
-            previous(exc_type, exc, tb)
+    def unraisable_hook(args):
+        if not _is_closed_loop_callback(args.exc_type, args.exc_value, args.exc_traceback):
+            previous_unraisable(args)
 
-    hook.ignores_closed_loop_callbacks = True
-    sys.excepthook = hook
+    def except_hook(exc_type, exc, tb):
+        if not _is_closed_loop_callback(exc_type, exc, tb):
+            previous_except(exc_type, exc, tb)
+
+    unraisable_hook.ignores_closed_loop_callbacks = except_hook.ignores_closed_loop_callbacks = True
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
 class Checkpointer:
@@ -66,6 +71,7 @@ class Checkpointer:
             enable_async_checkpointing=not read_only)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        _ignore_closed_loop_callbacks()  # before anything is read (metadata reads fail the same way)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -98,7 +104,6 @@ class Checkpointer:
     def restore(self, step: int, abstract_state):
         """Restores (state, data_state) at `step` onto the shardings carried by `abstract_state`."""
         self._check_compatible(step, abstract_state)
-        _ignore_closed_loop_callbacks()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -136,7 +141,6 @@ class Checkpointer:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
                               is_leaf=is_array)
         _graft(target, abstract_subtree, f"checkpoint {self.directory}/{step}")
-        _ignore_closed_loop_callbacks()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as e:  # noqa: BLE001  (as in restore)
