@@ -62,11 +62,9 @@ class Trainer:
 
         abstract_params, abstract_model_state = jax.eval_shape(self._init_params, jax.random.key(0))
         self.tx, self.schedule = make_optimizer(config, abstract_params)
-        # = jax.eval_shape(self._init_state, seed), without tracing the models' init a second time
-        self.abstract_state = {
-            "step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-            "model_state": abstract_model_state, "opt_state": jax.eval_shape(self.tx.init, abstract_params),
-            "rng": jax.eval_shape(lambda: jax.random.split(jax.random.PRNGKey(0))[1])}
+        # the models' init is traced once: the state is built around the abstract variables above
+        self.abstract_state = jax.eval_shape(self._init_state, jnp.uint32(config.seed),
+                                             (abstract_params, abstract_model_state))
         self.state_shardings = parallel.tree_shardings(self.mesh, self.abstract_state, config.sharding_rules)
         self.batch_sharding = parallel.batch_sharding(self.mesh)
         self.replicated = parallel.replicated(self.mesh)
@@ -76,10 +74,11 @@ class Trainer:
     def _init_params(self, rng):
         return self.task.init_params(rng, jnp.zeros(self.abstract_images.shape, jnp.float32))
 
-    def _init_state(self, seed):
+    def _init_state(self, seed, variables=None):
+        """The train state for `seed`; `variables` = (params, model_state) if already initialised."""
         rng = jax.random.PRNGKey(seed)
         init_rng, train_rng = jax.random.split(rng)
-        params, model_state = self._init_params(init_rng)
+        params, model_state = self._init_params(init_rng) if variables is None else variables
         return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
                 "opt_state": self.tx.init(params), "rng": train_rng}
 

@@ -92,7 +92,6 @@ def _after(x, ys):
     return x + zero.reshape(zero.shape + (1,) * (x.ndim - 1))
 
 
-
 def random_variables(abstract, seed: int):
     """An untrained model's variables for `teacher.checkpoint='random'` (smoke tests and benchmarks only),
     drawn on the host: He-normal kernels (std sqrt(2 / fan_in), He et al. arXiv:1502.01852), unit BN
