@@ -77,7 +77,6 @@ def run(argv=None) -> int:
     except UserError as e:
         _silence_unraisable()
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
-        _quiet_stderr_from_now_on()
         return EXIT_USAGE
     except NonFiniteLoss as e:
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
@@ -101,22 +100,8 @@ def _silence_unraisable() -> None:
     """After a user error, libraries' abandoned background work (e.g. Orbax's read coroutines of an
     unreadable checkpoint) must not print 'Exception ignored in ...' tracebacks below our one line."""
     import gc
-    import threading
     sys.unraisablehook = lambda unraisable: None
-    threading.excepthook = lambda args: None  # e.g. 'Event loop is closed' from Orbax's I/O threads
     gc.collect()
-
-
-def _quiet_stderr_from_now_on() -> None:
-    """Our one line is out; what libraries' background threads print while the process winds down
-    (e.g. 'RuntimeError: Event loop is closed' from Orbax's I/O threads after a failed restore) goes
-    to /dev/null, so the error stays one line."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        sys.stderr = open(os.devnull, "w", encoding="utf-8")
-    except OSError:
-        pass
 
 
 def main() -> None:
