@@ -97,7 +97,8 @@ def _time_calls(fn, warmup: int, iters: int) -> dict:
 
     `cpu_median_s` is this process's CPU time per call (all threads; about 2x the wall time
     when both cores are kept busy). Also the share of the machine's CPUs busy with *other* processes during the timed calls
-    ('other_load', 0..1): the dev machine is shared, so a figure taken under load says so.
+    ('other_load', 0..1): the dev machine is shared, so a figure taken under load says so;
+    and the minor page faults per timed call (fresh pages the allocator mapped).
     """
     t0 = time.perf_counter()
     fn()
@@ -105,6 +106,7 @@ def _time_calls(fn, warmup: int, iters: int) -> dict:
     for _ in range(max(warmup - 1, 0)):
         fn()
     times, cpu_times = [], []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     busy0, own0, wall0 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
     for _ in range(iters):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -112,9 +114,11 @@ def _time_calls(fn, warmup: int, iters: int) -> dict:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     wall = time.perf_counter() - wall0
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(iters, 1)
     other = max(0.0, (_cpu_busy_s() - busy0) - (_own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
     return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times),
-            "cpu_median_s": statistics.median(cpu_times), "other_load": round(other, 3)}
+            "cpu_median_s": statistics.median(cpu_times), "other_load": round(other, 3),
+            "page_faults_per_call": round(faults, 1)}
 
 
 # --------------------------------------------------------------------------- JAX worker
@@ -207,6 +211,9 @@ def jax_step(pair: str, what: str, batch_size: int, fusion_barrier: str = "n/a",
 
 
 def _jax_worker(args) -> dict:
+    if args.host_malloc == "keep":  # as transferlab.main does before JAX starts
+        from transferlab import host_memory
+        host_memory.keep_freed_memory()
     import jax
     import numpy as np
 
@@ -355,7 +362,7 @@ def _run_worker_once(side, pair, what, args, variant, fusion_barrier) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--device", args.device,
            "--what", what, "--pair", pair,
            "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--fusion-barrier-value", fusion_barrier]
+           "--fusion-barrier-value", fusion_barrier, "--host-malloc", args.host_malloc]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -423,6 +430,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="ynn_off,default", help=f"JAX XLA_FLAGS variants: {','.join(VARIANTS)}")
     p.add_argument("--fusion-barrier", default="both", choices=("both", "on", "off"),
                    help="residual-block fusion_barrier model kwarg of the JAX models")
+    p.add_argument("--host-malloc", default="keep", choices=("keep", "default"),
+                   help="JAX side: 'keep' tunes glibc malloc to reuse freed blocks, as transferlab.main does "
+                        "(transferlab/host_memory.py); 'default' leaves it alone")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                    help="where both sides run: the CPU, or the first CUDA GPU")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/torchdistill side")
@@ -466,7 +476,7 @@ def main(argv=None) -> int:
     if args.device == "gpu":
         where = f"GPU {_gpu_name()}, host {where}"
     print(f"# KD step benchmark, {started:%Y-%m-%d %H:%M}, {where}, "
-          f"batch {args.batch}, warmup {args.warmup}, median of {args.iters}")
+          f"batch {args.batch}, warmup {args.warmup}, median of {args.iters}, JAX host malloc {args.host_malloc}")
     print("# " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + f", transferlab git {_git_commit()}")
     print("# command: " + " ".join(["python", os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
           flush=True)

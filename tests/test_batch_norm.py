@@ -8,7 +8,7 @@ import pytest
 
 from transferlab.models import batch_norm
 
-SHAPES = [(4, 8, 8, 16), (3, 5, 7, 6), (10, 12), (2, 4, 4, 256)]
+SHAPES = [(4, 8, 8, 16), (3, 5, 7, 6), (10, 12), (2, 4, 4, 256), (24, 3, 3, 8)]
 
 
 def _pair(shape, seed=0):
@@ -47,6 +47,21 @@ def test_train_mode_matches_flax(shape):
     np.testing.assert_allclose(g_x, g_x_ref, rtol=1e-4, atol=1e-5)
     for k in ("scale", "bias"):
         np.testing.assert_allclose(g_params[k], g_params_ref[k], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(64, 8, 8, 16), (24, 3, 5, 7), (6, 10), (5, 2, 2, 3), (12,)])
+def test_channel_sums_match_float64(shape):
+    """The two-stage per-channel sums (8 batch slabs, then the partial sums) for any batch size."""
+    rng = np.random.RandomState(4)
+    a = rng.randn(*shape).astype(np.float32) * 2 + 1
+    b = rng.randn(*shape).astype(np.float32)
+    flat_a, flat_b = a.reshape(-1, shape[-1]).astype(np.float64), b.reshape(-1, shape[-1]).astype(np.float64)
+    sum_a, sum_aa = jax.jit(batch_norm._channel_sums)(jnp.asarray(a))
+    _, sum_ab = jax.jit(batch_norm._channel_sums)(jnp.asarray(a), jnp.asarray(b))
+    np.testing.assert_allclose(sum_a, flat_a.sum(0), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(sum_aa, (flat_a ** 2).sum(0), rtol=1e-5)
+    np.testing.assert_allclose(sum_ab, (flat_a * flat_b).sum(0), rtol=1e-5, atol=1e-3)
+    assert batch_norm._slab_count(shape[0]) == {64: 8, 24: 8, 6: 2, 5: 1, 12: 4}[shape[0]]
 
 
 @pytest.mark.parametrize("shape", SHAPES[:2])

@@ -7,18 +7,20 @@ same statistics `var = max(E[x^2] - E[x]^2, 0)`, up to float rounding order.
 
 Why not Flax's: on XLA:CPU a per-channel sum over (N, H, W) with few channels
 in the minor dimension is rewritten into a windowed reduction that is neither
-vectorised nor fused with its producer, and autodiff of the normalisation emits
-four such reductions per layer plus several elementwise passes. Here
+vectorised nor fused with its producer (so `x * x` is written out in full), and
+autodiff of the normalisation emits four such reductions per layer plus several
+elementwise passes. Here
 
-* statistics are summed over a `[rows, k * C]` view of the activations (k
-  consecutive pixels side by side, so the minor axis is ~256 floats wide), which
-  XLA vectorises, and the k partial sums are folded afterwards;
+* statistics are summed in two stages (first over 8 slabs of the batch, a
+  reduction XLA fuses with its producer and vectorises along a long minor
+  axis; then the small partial sums; see `_channel_sums`);
 * the backward is the closed form (one fused pass for `sum(g)` and `sum(g * x)`,
   one fused pass for `dx = g * a + x * b + d` with per-channel a, b, d) instead
   of autodiff through mean and variance.
 
-That is ~10% of a ResNet-20 train step on a 2-core CPU. Under GSPMD the sums
-are over the global batch, as with Flax's BatchNorm without `axis_name`.
+Together ~15% of a ResNet-20 train step on a 2-core CPU (bench/results_cpu.md).
+Under GSPMD the sums are over the global batch, as with Flax's BatchNorm
+without `axis_name`.
 """
 
 import functools
@@ -27,27 +29,36 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Width (in floats) of the minor axis the per-channel sums are taken over.
-_SUM_WIDTH = 256
+# How many slabs the activations are split into along their leading (batch) axis
+# before the per-channel sums; see `_channel_sums`.
+_SLABS = 8
 
 
-def _fold_factor(channels: int, rows: int) -> int:
-    """How many pixels to lay side by side: a power of two dividing `rows`, k * C ~ 256."""
-    k = max(2, _SUM_WIDTH // channels)
-    while k > 1 and rows % k:
-        k //= 2
-    return k
+def _slab_count(batch: int) -> int:
+    """The largest power of two <= _SLABS dividing the batch size."""
+    m = _SLABS
+    while m > 1 and batch % m:
+        m //= 2
+    return m
 
 
 def _channel_sums(a, b=None):
-    """Per-channel (last-axis) `sum(a)` and `sum(a * b)` (`sum(a * a)` if b is None), float32."""
+    """Per-channel (last-axis) `sum(a)` and `sum(a * b)` (`sum(a * a)` if b is None), float32.
+
+    Summed in two stages: over the m rows of an `[m, size / m]` view (m <= 8 slabs
+    of the batch), then over the rows of the `[size / (m * C), C]` partial sums.
+    On XLA:CPU a reduction over a long major axis (> 32 rows) is rewritten into
+    a windowed reduction that does not fuse with its producer, so `a * b` and
+    anything feeding it (the BN backward's recomputed ReLU mask) would be written
+    out in full first; the 8-row first stage is a plain reduction that reads
+    `a` and `b` once, fused with their producers, and writes 1/8 of their size.
+    """
     channels = a.shape[-1]
-    rows = a.size // channels
-    k = _fold_factor(channels, rows)
-    wide_a = a.reshape(rows // k, k * channels).astype(jnp.float32)
-    wide_b = wide_a if b is None else b.reshape(rows // k, k * channels).astype(jnp.float32)
-    sum_a = jnp.sum(wide_a, axis=0).reshape(k, channels).sum(axis=0)
-    sum_ab = jnp.sum(wide_a * wide_b, axis=0).reshape(k, channels).sum(axis=0)
+    m = _slab_count(a.shape[0]) if a.ndim > 1 else 1
+    slab_a = a.reshape(m, -1).astype(jnp.float32)
+    slab_b = slab_a if b is None else b.reshape(m, -1).astype(jnp.float32)
+    sum_a = jnp.sum(slab_a, axis=0).reshape(-1, channels).sum(axis=0)
+    sum_ab = jnp.sum(slab_a * slab_b, axis=0).reshape(-1, channels).sum(axis=0)
     return sum_a, sum_ab
 
 
