@@ -211,9 +211,6 @@ def jax_step(pair: str, what: str, batch_size: int, fusion_barrier: str = "n/a",
 
 
 def _jax_worker(args) -> dict:
-    if args.host_malloc == "keep":  # as transferlab.main does before JAX starts
-        from transferlab import host_memory
-        host_memory.keep_freed_memory()
     import jax
     import numpy as np
 
@@ -362,7 +359,7 @@ def _run_worker_once(side, pair, what, args, variant, fusion_barrier) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--device", args.device,
            "--what", what, "--pair", pair,
            "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--fusion-barrier-value", fusion_barrier, "--host-malloc", args.host_malloc]
+           "--fusion-barrier-value", fusion_barrier]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -430,9 +427,6 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="ynn_off,default", help=f"JAX XLA_FLAGS variants: {','.join(VARIANTS)}")
     p.add_argument("--fusion-barrier", default="both", choices=("both", "on", "off"),
                    help="residual-block fusion_barrier model kwarg of the JAX models")
-    p.add_argument("--host-malloc", default="keep", choices=("keep", "default"),
-                   help="JAX side: 'keep' tunes glibc malloc to reuse freed blocks, as transferlab.main does "
-                        "(transferlab/host_memory.py); 'default' leaves it alone")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                    help="where both sides run: the CPU, or the first CUDA GPU")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/torchdistill side")
@@ -476,7 +470,7 @@ def main(argv=None) -> int:
     if args.device == "gpu":
         where = f"GPU {_gpu_name()}, host {where}"
     print(f"# KD step benchmark, {started:%Y-%m-%d %H:%M}, {where}, "
-          f"batch {args.batch}, warmup {args.warmup}, median of {args.iters}, JAX host malloc {args.host_malloc}")
+          f"batch {args.batch}, warmup {args.warmup}, median of {args.iters}")
     print("# " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + f", transferlab git {_git_commit()}")
     print("# command: " + " ".join(["python", os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
           flush=True)

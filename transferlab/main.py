@@ -44,8 +44,6 @@ def parse_args(argv):
 
 
 def _configure_environment() -> None:
-    from transferlab import host_memory
-    host_memory.keep_freed_memory()
     flags = os.environ.get("XLA_FLAGS", "")
     if "ynn_fusion_type" not in flags:
         os.environ["XLA_FLAGS"] = (flags + " " + CPU_XLA_FLAGS).strip()

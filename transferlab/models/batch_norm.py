@@ -18,7 +18,8 @@ elementwise passes. Here
   one fused pass for `dx = g * a + x * b + d` with per-channel a, b, d) instead
   of autodiff through mean and variance.
 
-Together ~15% of a ResNet-20 train step on a 2-core CPU (bench/results_cpu.md).
+The closed-form backward saves ~10% of a ResNet-20 train step on a 2-core CPU,
+the two-stage sums another ~8% (bench/results_cpu.md).
 Under GSPMD the sums are over the global batch, as with Flax's BatchNorm
 without `axis_name`.
 """
