@@ -45,6 +45,19 @@ def test_gradients_match_lax(small_chunks, batch, size, c_in, c_out, kernel, str
     np.testing.assert_allclose(g_w, g_w_ref, rtol=2e-5, atol=2e-5 * float(jnp.abs(g_w_ref).max()))
 
 
+def test_bfloat16_kernels_get_bfloat16_gradients_close_to_float32(small_chunks):
+    rng = np.random.RandomState(2)
+    x = jnp.asarray(rng.randn(32, 16, 16, 4).astype(np.float32))
+    w = jnp.asarray(rng.randn(3, 3, 4, 6).astype(np.float32) * 0.3)
+    kwargs = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)))
+    _, (_, g_w) = _grads(chunked_conv.conv_general_dilated, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                         **kwargs)
+    _, (_, g_w_ref) = _grads(lax.conv_general_dilated, x, w, **kwargs)
+    assert g_w.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g_w, np.float32), g_w_ref, rtol=0.05,
+                               atol=0.02 * float(jnp.abs(g_w_ref).max()))
+
+
 def test_chunk_count():
     assert chunked_conv.chunk_count(64, 32 * 32) == 4
     assert chunked_conv.chunk_count(64, 8 * 8) == 1  # 16 images x 64 pixels < 4096 per chunk

@@ -21,6 +21,7 @@ is `lax.conv_general_dilated` exactly.
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 # At most this many chunks, each with at least this many output pixels.
@@ -69,8 +70,9 @@ def _conv_bwd(config, k, residuals, g_out):
         g_out_i = _take_chunk(g_out, dims.out_spec[0], k, i)
         _, kernel_vjp = jax.vjp(lambda w: _plain(lhs_i, w, config), rhs)
         (g_i,) = kernel_vjp(g_out_i)
+        g_i = g_i.astype(jnp.float32)  # bfloat16 kernels: add the partial gradients in float32
         g_rhs = g_i if g_rhs is None else g_rhs + g_i
-    return g_lhs, g_rhs
+    return g_lhs, g_rhs.astype(rhs.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
