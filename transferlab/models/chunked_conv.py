@@ -43,35 +43,26 @@ def _take_chunk(x, axis: int, k: int, i: int):
     return lax.index_in_dim(x.reshape(shape), i, axis + 1, keepdims=False)
 
 
-def _plain(lhs, rhs, config):
-    strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups, precision = config
-    return lax.conv_general_dilated(lhs, rhs, strides, padding, lhs_dilation=lhs_dilation,
-                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                    feature_group_count=groups, precision=precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(lhs, rhs, conv, batch_axes, k):
+    return conv(lhs, rhs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(lhs, rhs, config, k):
-    return _plain(lhs, rhs, config)
+def _conv_fwd(lhs, rhs, conv, batch_axes, k):
+    return conv(lhs, rhs), (lhs, rhs)
 
 
-def _conv_fwd(lhs, rhs, config, k):
-    return _plain(lhs, rhs, config), (lhs, rhs)
-
-
-def _conv_bwd(config, k, residuals, g_out):
+def _conv_bwd(conv, batch_axes, k, residuals, g_out):
     lhs, rhs = residuals
-    dims = config[4]
-    _, input_vjp = jax.vjp(lambda x: _plain(x, rhs, config), lhs)
+    lhs_axis, out_axis = batch_axes
+    _, input_vjp = jax.vjp(lambda x: conv(x, rhs), lhs)
     (g_lhs,) = input_vjp(g_out)
-    g_rhs = None
+    g_rhs = jnp.zeros(rhs.shape, jnp.float32)  # bfloat16 kernels: partial gradients added in float32
     for i in range(k):
-        lhs_i = _take_chunk(lhs, dims.lhs_spec[0], k, i)
-        g_out_i = _take_chunk(g_out, dims.out_spec[0], k, i)
-        _, kernel_vjp = jax.vjp(lambda w: _plain(lhs_i, w, config), rhs)
-        (g_i,) = kernel_vjp(g_out_i)
-        g_i = g_i.astype(jnp.float32)  # bfloat16 kernels: add the partial gradients in float32
-        g_rhs = g_i if g_rhs is None else g_rhs + g_i
+        lhs_i = _take_chunk(lhs, lhs_axis, k, i)
+        _, kernel_vjp = jax.vjp(lambda w: conv(lhs_i, w), rhs)
+        (g_i,) = kernel_vjp(_take_chunk(g_out, out_axis, k, i))
+        g_rhs = g_rhs + g_i.astype(jnp.float32)
     return g_lhs, g_rhs.astype(rhs.dtype)
 
 
@@ -98,9 +89,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     k = chunk_count(lhs.shape[dims.lhs_spec[0]], pixels)
     if k == 1:
         return plain(lhs, rhs)
-    if not isinstance(padding, str):
-        padding = tuple(tuple(p) for p in padding)
-    config = (tuple(window_strides), padding,
-              None if lhs_dilation is None else tuple(lhs_dilation),
-              None if rhs_dilation is None else tuple(rhs_dilation), dims, feature_group_count, precision)
-    return _conv(lhs, rhs, config, k)
+    return _conv(lhs, rhs, plain, (dims.lhs_spec[0], dims.out_spec[0]), k)
