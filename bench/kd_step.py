@@ -24,6 +24,13 @@ is that of one program on one side only; JAX and torch never share a process.
 JAX variants: XLA flags (YNNPACK fusion off vs XLA's default) and the residual-block
 `fusion_barrier` model kwarg (off vs on).
 
+Host allocator (`--allocators`, CPU): every figure on both sides is measured with glibc's
+malloc ("system", torch's default) and with mimalloc preloaded ("mimalloc", what
+`python -m transferlab.main` uses on a CPU host: `transferlab/host_allocator.py`). Each
+transferlab row's ratios are against the torch row with the same allocator; the column
+"vs torch glibc" compares it with torchdistill as it runs by default. A worker checks that
+the allocator it was given is the one loaded (`/proc/self/maps`).
+
     .venv-bench/bin/python bench/kd_step.py                      # both pairs, all variants
     .venv-bench/bin/python bench/kd_step.py --pairs resnet32x4:resnet8x4 --iters 5
     .venv-bench/bin/python bench/kd_step.py --variants ynn_off --fusion-barrier on
@@ -51,6 +58,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -118,7 +126,35 @@ def _time_calls(fn, warmup: int, iters: int) -> dict:
     other = max(0.0, (_cpu_busy_s() - busy0) - (_own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
     return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times),
             "cpu_median_s": statistics.median(cpu_times), "other_load": round(other, 3),
-            "page_faults_per_call": round(faults, 1)}
+            "page_faults_per_call": round(faults, 1), "allocator": _loaded_allocator()}
+
+
+def _loaded_allocator() -> str:
+    """'mimalloc' if libmimalloc is mapped into this process, else 'system'."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            return "mimalloc" if any("libmimalloc" in line for line in f) else "system"
+    except OSError:
+        return "system"
+
+
+def _allocator_env(env: dict, allocator: str) -> dict:
+    """`env` with mimalloc preloaded (allocator 'mimalloc') or with no mimalloc preload ('system')."""
+    from transferlab import host_allocator
+
+    env = dict(env)
+    kept = [p for p in re.split(r"[:\s]+", env.get("LD_PRELOAD", "")) if p and "libmimalloc" not in os.path.basename(p)]
+    if allocator == "mimalloc":
+        library = host_allocator.mimalloc_path()
+        if library is None:
+            raise SystemExit("kd_step: --allocators mimalloc: the cmeel-mimalloc package is not installed here")
+        kept.insert(0, library)
+    env[host_allocator.CHOICE_ENV] = allocator
+    if kept:
+        env["LD_PRELOAD"] = " ".join(kept)
+    else:
+        env.pop("LD_PRELOAD", None)
+    return env
 
 
 # --------------------------------------------------------------------------- JAX worker
@@ -317,13 +353,14 @@ def _wait_idle(max_wait_s: float, threshold: float = 0.2) -> float:
     return load
 
 
-def _run_worker(side: str, pair: str, what: str, args, variant: str = "", fusion_barrier: str = "n/a") -> dict:
+def _run_worker(side: str, pair: str, what: str, args, allocator: str, variant: str = "",
+                fusion_barrier: str = "n/a") -> dict:
     """`--repeats` measurements, each in a fresh subprocess; the one with the median step time.
 
     Step times of one program differ by up to ~15% between processes on this machine
     (more than within one), so one process per figure is not enough.
     """
-    results = [_run_worker_quiet(side, pair, what, args, variant, fusion_barrier)
+    results = [_run_worker_quiet(side, pair, what, args, allocator, variant, fusion_barrier)
                for _ in range(max(args.repeats, 1))]
     errors = [r for r in results if "error" in r]
     if errors:
@@ -334,12 +371,12 @@ def _run_worker(side: str, pair: str, what: str, args, variant: str = "", fusion
     return chosen
 
 
-def _run_worker_quiet(side, pair, what, args, variant, fusion_barrier) -> dict:
+def _run_worker_quiet(side, pair, what, args, allocator, variant, fusion_barrier) -> dict:
     """One measurement in a fresh subprocess; re-measured (up to --retries times) if other
     processes took > 25% of the CPUs meanwhile, keeping the least disturbed result."""
     best = None
     for _ in range(1 + max(args.retries, 0)):
-        out = _run_worker_once(side, pair, what, args, variant, fusion_barrier)
+        out = _run_worker_once(side, pair, what, args, allocator, variant, fusion_barrier)
         if "error" in out:
             return out
         if best is None or out["other_load"] < best["other_load"]:
@@ -349,10 +386,10 @@ def _run_worker_quiet(side, pair, what, args, variant, fusion_barrier) -> dict:
     return best
 
 
-def _run_worker_once(side, pair, what, args, variant, fusion_barrier) -> dict:
+def _run_worker_once(side, pair, what, args, allocator, variant, fusion_barrier) -> dict:
     if args.wait_idle > 0:
         _wait_idle(args.wait_idle)
-    env = dict(os.environ)
+    env = _allocator_env(os.environ, allocator)
     if side == "jax":
         env["XLA_FLAGS"] = VARIANTS[variant]
         env["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
@@ -368,6 +405,8 @@ def _run_worker_once(side, pair, what, args, variant, fusion_barrier) -> dict:
         return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
     out = json.loads(lines[-1][len("RESULT "):])
     out["wall_s"] = time.perf_counter() - t0
+    if out.get("allocator") != allocator:
+        return {"error": f"asked for allocator {allocator}, the worker ran with {out.get('allocator')}"}
     return out
 
 
@@ -430,6 +469,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                    help="where both sides run: the CPU, or the first CUDA GPU")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/torchdistill side")
+    p.add_argument("--allocators", default="",
+                   help="host allocators, each measured on both sides: mimalloc, system (glibc malloc); "
+                        "default: both on the CPU, system on a GPU")
     p.add_argument("--wait-idle", type=float, default=60.0,
                    help="before each measurement, wait up to this many seconds for other processes to use "
                         "< 20%% of the CPUs (0: don't wait); the load seen while timing is reported anyway")
@@ -464,6 +506,11 @@ def main(argv=None) -> int:
         if v not in VARIANTS:
             p.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
     barriers = ["off", "on"] if args.fusion_barrier == "both" else [args.fusion_barrier]
+    allocators = [a.strip() for a in (args.allocators or ("mimalloc,system" if args.device == "cpu" else "system"))
+                  .split(",") if a.strip()]
+    for a in allocators:
+        if a not in ALLOCATOR_LABELS:
+            p.error(f"--allocators: {a!r} is not one of {', '.join(ALLOCATOR_LABELS)}")
     versions = _versions()
     started = datetime.datetime.now()
     where = f"{os.cpu_count()} CPUs ({_cpu_name()})"
@@ -478,24 +525,26 @@ def main(argv=None) -> int:
     raw = []
     rows = []  # (pair, label, {what: result})
     for pair in pairs:
-        torch_results = None
-        if not args.no_torch and versions.get("torch") and versions.get("torchdistill"):
-            torch_results = {w: _run_worker("torch", pair, w, args) for w in WHATS}
-            rows.append((pair, "torch + torchdistill", torch_results))
-            raw.append({"pair": pair, "side": "torch", **{w: torch_results[w] for w in WHATS}})
-            _progress(pair, "torch", torch_results)
-        elif not args.no_torch:
-            print("# torch/torchdistill not installed in this interpreter: run `bash bench/setup_peer.sh` and "
-                  "use .venv-bench/bin/python", flush=True)
-        for variant in variants:
-            for barrier in barriers:
-                res = {w: _run_worker("jax", pair, w, args, variant, barrier) for w in WHATS}
-                label = f"transferlab {variant}, barrier {barrier}"
-                rows.append((pair, label, res))
-                raw.append({"pair": pair, "side": "jax", "variant": variant, "fusion_barrier": barrier,
-                            **{w: res[w] for w in WHATS}})
-                _progress(pair, label, res)
-        rows.append((pair, None, torch_results))  # marker: ratios against this pair's torch row
+        torch_of = {}  # allocator -> torch results
+        for allocator in allocators:
+            if not args.no_torch and versions.get("torch") and versions.get("torchdistill"):
+                res = {w: _run_worker("torch", pair, w, args, allocator) for w in WHATS}
+                torch_of[allocator] = res
+                rows.append((pair, _torch_label(allocator), res))
+                raw.append({"pair": pair, "side": "torch", "allocator": allocator, **{w: res[w] for w in WHATS}})
+                _progress(pair, _torch_label(allocator), res)
+            elif not args.no_torch and allocator == allocators[0]:
+                print("# torch/torchdistill not installed in this interpreter: run `bash bench/setup_peer.sh` and "
+                      "use .venv-bench/bin/python", flush=True)
+            for variant in variants:
+                for barrier in barriers:
+                    res = {w: _run_worker("jax", pair, w, args, allocator, variant, barrier) for w in WHATS}
+                    label = _jax_label(variant, barrier, allocator)
+                    rows.append((pair, label, res))
+                    raw.append({"pair": pair, "side": "jax", "variant": variant, "fusion_barrier": barrier,
+                                "allocator": allocator, **{w: res[w] for w in WHATS}})
+                    _progress(pair, label, res)
+        rows.append((pair, None, torch_of))  # marker: ratios against this pair's torch rows
 
     _print_tables(rows, house_peer=args.device == "cpu")
     print(f"\n# total wall time {(datetime.datetime.now() - started).total_seconds():.0f} s")
@@ -528,14 +577,30 @@ def _print_from_json(path: str) -> int:
     rows, torch_of = [], {}
     for entry in raw:
         res = {w: entry[w] for w in WHATS}
+        allocator = entry.get("allocator", "system")  # runs before --allocators used glibc malloc
         if entry["side"] == "torch":
-            torch_of[entry["pair"]] = res
-            rows.append((entry["pair"], "torch + torchdistill", res))
+            torch_of.setdefault(entry["pair"], {})[allocator] = res
+            rows.append((entry["pair"], _torch_label(allocator), res))
         else:
-            rows.append((entry["pair"], f"transferlab {entry['variant']}, barrier {entry['fusion_barrier']}", res))
+            rows.append((entry["pair"], _jax_label(entry["variant"], entry["fusion_barrier"], allocator), res))
     rows += [(pair, None, res) for pair, res in torch_of.items()]
     _print_tables(rows, house_peer=saved.get("args", {}).get("device", "cpu") == "cpu")
     return 0
+
+
+ALLOCATOR_LABELS = {"mimalloc": "mimalloc", "system": "glibc malloc"}
+
+
+def _torch_label(allocator: str) -> str:
+    return f"torch + torchdistill, {ALLOCATOR_LABELS[allocator]}"
+
+
+def _jax_label(variant: str, barrier: str, allocator: str) -> str:
+    return f"transferlab {variant}, barrier {barrier}, {ALLOCATOR_LABELS[allocator]}"
+
+
+def _label_allocator(label: str) -> str:
+    return next(a for a, text in ALLOCATOR_LABELS.items() if label.endswith(", " + text))
 
 
 def _progress(pair, label, res):
@@ -545,7 +610,7 @@ def _progress(pair, label, res):
         parts.append(f"{w} {_ms(r)} ms (min {_fmt_ms(1e3 * r['min_s'])}, other load {100 * r['other_load']:.0f}%, "
                      f"per process {r.get('process_medians_ms')})"
                      if "error" not in r else f"{w} ERROR {r['error']}")
-    print(f"# {pair:22s} {label:32s} " + ", ".join(parts), flush=True)
+    print(f"# {pair:22s} {label:46s} " + ", ".join(parts), flush=True)
 
 
 def _by_pair(rows):
@@ -562,13 +627,14 @@ def _ok(res, w):
 
 def _table(rows, house_peer: bool = True) -> str:
     lines = ["| pair (teacher → student) | implementation | KD step ms | student step ms | teacher fwd ms "
-             "| KD ratio tl/torch | KD speed-up torch/tl | student ratio | teacher ratio | first call s (KD) "
-             "| KD min ms | other load % |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| KD ratio tl/torch | KD speed-up torch/tl | student ratio | teacher ratio "
+             "| KD speed-up vs torch glibc | first call s (KD) | KD min ms | other load % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     torch_of = {pair: res for pair, label, res in rows if label is None}
     for pair, entries in _by_pair(rows).items():
-        ref = torch_of.get(pair)
         for label, res in entries:
+            ref = (torch_of.get(pair) or {}).get(_label_allocator(label))
+            glibc = (torch_of.get(pair) or {}).get("system")
             cells = [_ms(res.get(w)) for w in WHATS]
             ratios = []
             for w in WHATS:
@@ -578,17 +644,20 @@ def _table(rows, house_peer: bool = True) -> str:
                     ratios.append(None)
             fmt = lambda r: "—" if r is None else f"{r:.2f}"  # noqa: E731
             speedup = "—" if ratios[0] is None else f"{1 / ratios[0]:.2f}×"
+            vs_glibc = "—"
+            if label.startswith("transferlab") and _ok(res, "kd") and _ok(glibc, "kd"):
+                vs_glibc = f"{glibc['kd']['median_s'] / res['kd']['median_s']:.2f}×"
             first = f"{res['kd']['first_s']:.1f}" if _ok(res, "kd") else "—"
             best = _fmt_ms(1e3 * res['kd']['min_s']) if _ok(res, "kd") else "—"
             loads = [res[w]["other_load"] for w in WHATS if _ok(res, w)]
             load = f"{100 * max(loads):.0f}" if loads else "—"
             lines.append(f"| {pair.replace(':', ' → ')} | {label} | {' | '.join(cells)} | {fmt(ratios[0])} | "
-                         f"{speedup} | {fmt(ratios[1])} | {fmt(ratios[2])} | {first} | {best} | {load} |")
+                         f"{speedup} | {fmt(ratios[1])} | {fmt(ratios[2])} | {vs_glibc} | {first} | {best} | {load} |")
         house = HOUSE_PEER.get(pair) if house_peer else None  # a CPU figure
         if house:
             lines.append(f"| {pair.replace(':', ' → ')} | house peer figure (torchdistill) | "
                          f"{1e3 * house['kd']:.0f} | {1e3 * house['student']:.0f} | {1e3 * house['teacher']:.0f} "
-                         f"| | | | | | | |")
+                         f"| | | | | | | | |")
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ spread) mean "no measurable overhead".
     .venv-bench/bin/python bench/loss_overhead.py --pair resnet32x4:resnet8x4 --rounds 5
     .venv-bench/bin/python bench/loss_overhead.py --methods kd,dkd,crd
 
-Needs only transferlab's own environment (`.venv/bin/python` works too); no torch.
+Needs only transferlab's own environment (`.venv/bin/python` works too); no torch. Like the
+CLI it re-executes itself with mimalloc preloaded (`TRANSFERLAB_ALLOCATOR=system`: glibc).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo (transferlab)
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+
+from transferlab import host_allocator  # noqa: E402
+
+host_allocator.reexec_with_mimalloc()  # the library's CPU allocator, as `python -m transferlab.main` uses
 
 import kd_step  # noqa: E402  (bench/kd_step.py: the shared step builder and machine-load helpers)
 
@@ -70,7 +75,7 @@ def main(argv=None) -> int:
     versions = kd_step._versions()
     print("# " + ", ".join(f"{k} {v}" for k, v in versions.items() if v and k in ("jax", "jaxlib", "flax"))
           + f", transferlab git {kd_step._git_commit()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-          f"fusion barrier {args.fusion_barrier}")
+          f"fusion barrier {args.fusion_barrier}, host allocator {kd_step._loaded_allocator()}")
     print("# command: " + " ".join(["python", "bench/loss_overhead.py"] + (argv or sys.argv[1:])), flush=True)
 
     steps, summaries, first_call = {}, {}, {}

@@ -6,6 +6,8 @@ with the last good checkpoint kept. Rerunning the same command on the same
 workdir resumes. Multi-process runs (one process per host) pass
 `--coordinator_address`, `--num_processes` and `--process_id`, or set the
 environment that `jax.distributed.initialize()` auto-detects (SLURM, TPU pods).
+On a CPU host the command first re-executes itself with mimalloc preloaded
+(`transferlab/host_allocator.py`; `TRANSFERLAB_ALLOCATOR=system` keeps glibc's malloc).
 """
 
 from __future__ import annotations
@@ -105,6 +107,11 @@ def _silence_unraisable() -> None:
 
 
 def main() -> None:
+    from transferlab import host_allocator
+    try:
+        host_allocator.reexec_with_mimalloc()
+    except host_allocator.AllocatorChoiceError as e:
+        sys.exit(print(f"transferlab: error: {e}", file=sys.stderr) or EXIT_USAGE)
     sys.exit(run())
 
 
