@@ -87,4 +87,7 @@ def reexec_with_mimalloc() -> None:
     argv = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv[1:]], environ)
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], environ)
+    except OSError:  # e.g. no usable sys.executable: run on with the system allocator
+        return
