@@ -19,9 +19,9 @@ momentum 0.9, weight decay 5e-4, lr x0.1 at 150/180/210 of 240 "epochs" (the
 CIFAR-100 recipe's shape), batch 64, pad-2 crop (no flip: digits), warm-ups of
 20/240 of the run; the teacher trains twice as long. Selection: the last step
 (the validation split is only evaluated, the test split is reported once).
-Time on 2 CPU cores: a 250-step KD run takes about 21 s when the machine is
-idle (ReviewKD 51 s, TGeo-KD 43 s; the 500-step teacher took 253 s shared); the
-whole table took 48 min on 2 cores shared with other jobs (results/kd.md).
+Time on 2 idle CPU cores (results/kd.md, which this config wrote): a 250-step KD
+run takes about 34 s with compilation, evaluation and checkpoints (ReviewKD 78 s,
+TGeo-KD 83 s; the 500-step teacher 93 s); the whole table 48 min.
 
   python -m transferlab.main --config experiments/kd/table.py --workdir runs/kd_table
   python -m transferlab.main --config experiments/kd/table.py:steps=100,seeds=1,methods=kd+dkd+fitnet --workdir runs/kd_short
