@@ -57,7 +57,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -67,6 +66,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, ROOT)  # transferlab, also when it is not installed
+from transferlab.provenance import cpu_name as _cpu_name, git_commit as _git_commit  # noqa: E402
+from transferlab.provenance import host_allocator as _loaded_allocator  # noqa: E402
+
 NUM_CLASSES = 100
 IMAGE_SHAPE = (32, 32, 3)
 TEMPERATURE = 4.0
@@ -127,15 +130,6 @@ def _time_calls(fn, warmup: int, iters: int) -> dict:
     return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times),
             "cpu_median_s": statistics.median(cpu_times), "other_load": round(other, 3),
             "page_faults_per_call": round(faults, 1), "allocator": _loaded_allocator()}
-
-
-def _loaded_allocator() -> str:
-    """'mimalloc' if libmimalloc is mapped into this process, else 'system'."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            return "mimalloc" if any("libmimalloc" in line for line in f) else "system"
-    except OSError:
-        return "system"
 
 
 def _allocator_env(env: dict, allocator: str) -> dict:
@@ -433,26 +427,10 @@ def _versions() -> dict:
         return {}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _gpu_name() -> str:
     out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                          capture_output=True, text=True)
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
-def _git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 def main(argv=None) -> int:

@@ -217,4 +217,5 @@ def test_kd_table_runs_through_the_cli(tmp_path, data_dir):
     with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
         table = f.read()
     assert all(f"| {arm} |" in table for arm in ("teacher", "student", "student+sla_sd"))
+    assert "Environment: git " in table and "allocator mimalloc" in table  # the CLI preloads mimalloc
     assert os.listdir(os.path.join(workdir, "xla_cache"))  # table.py's compilation cache, under --workdir

@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from transferlab import provenance
+
 
 def load_results(directory: str) -> list[dict]:
     out = []
@@ -56,16 +58,18 @@ def markdown_table(rows: list[dict]) -> str:
 def write_study_report(workdir: str, arms) -> dict:
     """Summarizes each arm under `workdir` into results.json and results.md; prints the table."""
     arms = list(dict.fromkeys(arms))
-    rows = [summarize(arm, res) for arm in arms if (res := load_results(os.path.join(workdir, arm)))]
+    results = {arm: res for arm in arms if (res := load_results(os.path.join(workdir, arm)))}
+    rows = [summarize(arm, res) for arm, res in results.items()]
     table = markdown_table(rows)
     note = ("std is the sample standard deviation over seeds; test accuracy is measured once per run on the "
             "test split, which is never used for model selection.")
-    summary = {"arms": rows, "note": note}
+    environment = provenance.summary_line([r.get("environment") for res in results.values() for r in res])
+    summary = {"arms": rows, "note": note, "environment": environment}
     with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n\n" + note + "\n")
-    print("\n" + table + "\n\n" + note, flush=True)
+        f.write(table + "\n\n" + note + "\n\n" + environment + "\n")
+    print("\n" + table + "\n\n" + note + "\n" + environment, flush=True)
     return summary
 
 

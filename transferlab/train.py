@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import jax
@@ -23,7 +22,7 @@ import numpy as np
 import optax
 
 import transferlab
-from transferlab import checkpoint, config as config_lib, data, parallel
+from transferlab import checkpoint, config as config_lib, data, parallel, provenance
 from transferlab.data import augment
 from transferlab.errors import ConfigError, NonFiniteLoss
 from transferlab.metrics import MetricWriter
@@ -278,6 +277,7 @@ class Trainer:
             else f"best validation {config.selection_metric} ({config.dataset.eval_split} split)",
             "selected_step": int(selected_step),
             "validation": validation, "test": test, "wall_time_s": round(wall_time, 2),
+            "environment": provenance.environment(),
         }
         if jax.process_index() == 0:
             _write_json(os.path.join(self.workdir, "results.json"), results)
@@ -314,15 +314,6 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _git_commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def write_config(config, workdir: str) -> None:
     """DIR/config.json: the resolved config plus versions and the git commit."""
     if jax.process_index() != 0:
@@ -330,7 +321,7 @@ def write_config(config, workdir: str) -> None:
     import flax
     resolved = config_lib.to_plain(config)
     resolved["_versions"] = {"transferlab": transferlab.__version__, "jax": jax.__version__,
-                             "flax": flax.__version__, "optax": optax.__version__, "git_commit": _git_commit(),
+                             "flax": flax.__version__, "optax": optax.__version__, "git_commit": provenance.git_commit(short=False),
                              "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
                              "processes": jax.process_count()}
     _write_json(os.path.join(workdir, "config.json"), resolved)
