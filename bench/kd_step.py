@@ -57,7 +57,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -137,7 +136,7 @@ def _allocator_env(env: dict, allocator: str) -> dict:
     from transferlab import host_allocator
 
     env = dict(env)
-    kept = [p for p in re.split(r"[:\s]+", env.get("LD_PRELOAD", "")) if p and "libmimalloc" not in os.path.basename(p)]
+    kept = [p for p in host_allocator.preload_entries(env) if not host_allocator.is_mimalloc(p)]
     if allocator == "mimalloc":
         library = host_allocator.mimalloc_path()
         if library is None:

@@ -58,9 +58,18 @@ def choice(environ=None) -> str:
     return value
 
 
-def preloaded(environ=None) -> bool:
+def preload_entries(environ=None) -> list[str]:
+    """The libraries $LD_PRELOAD names (the loader accepts colons and whitespace between them)."""
     environ = os.environ if environ is None else environ
-    return any("libmimalloc" in os.path.basename(p) for p in re.split(r"[:\s]+", environ.get("LD_PRELOAD", "")) if p)
+    return [p for p in re.split(r"[:\s]+", environ.get("LD_PRELOAD", "")) if p]
+
+
+def is_mimalloc(library: str) -> bool:
+    return "libmimalloc" in os.path.basename(library)
+
+
+def preloaded(environ=None) -> bool:
+    return any(is_mimalloc(p) for p in preload_entries(environ))
 
 
 def preload_environment(environ=None) -> dict | None:
@@ -72,7 +81,7 @@ def preload_environment(environ=None) -> dict | None:
     library = mimalloc_path()
     if library is None:
         return None
-    environ["LD_PRELOAD"] = " ".join(p for p in (library, environ.get("LD_PRELOAD", "").strip()) if p)
+    environ["LD_PRELOAD"] = " ".join([library, *preload_entries(environ)])
     return environ
 
 

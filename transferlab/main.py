@@ -111,7 +111,8 @@ def main() -> None:
     try:
         host_allocator.reexec_with_mimalloc()
     except host_allocator.AllocatorChoiceError as e:
-        sys.exit(print(f"transferlab: error: {e}", file=sys.stderr) or EXIT_USAGE)
+        print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
     sys.exit(run())
 
 

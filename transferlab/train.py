@@ -321,7 +321,8 @@ def write_config(config, workdir: str) -> None:
     import flax
     resolved = config_lib.to_plain(config)
     resolved["_versions"] = {"transferlab": transferlab.__version__, "jax": jax.__version__,
-                             "flax": flax.__version__, "optax": optax.__version__, "git_commit": provenance.git_commit(short=False),
+                             "flax": flax.__version__, "optax": optax.__version__,
+                             "git_commit": provenance.git_commit(short=False),
                              "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
                              "processes": jax.process_count()}
     _write_json(os.path.join(workdir, "config.json"), resolved)
