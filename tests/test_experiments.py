@@ -151,10 +151,11 @@ def test_every_method_trains_in_one_step():
     sections = {m: methods.distill_section(m, warmup_steps=1) for m in methods.METHODS}
     terms = [t for section in sections.values() for t in section["terms"]]
     config = config_lib.load(os.path.join(CIFAR_DIR, "resnet56_resnet20.py"),
-                             SMOKE + ["--config.model.name=resnet8", "--config.teacher.name=resnet14"])
+                             SMOKE + ["--config.model.name=resnet8", "--config.teacher.name=resnet14",
+                                      "--config.mesh_shape=data=1"])
     config.distill.terms = tuple(terms)
     config_lib.validate(config)
-    metrics = two_steps(config)
+    metrics = two_steps(config, jax.devices()[:1])  # one device compiles faster; sharding is tested elsewhere
     assert np.isfinite(metrics["loss/total"])
     for i, term in enumerate(terms):
         assert np.isfinite(metrics[f"loss/term{i}_{term['name']}"]), term
@@ -203,11 +204,14 @@ def test_kd_table_runs_through_the_cli(tmp_path, data_dir):
     """`make kd-table`'s command with its `dataset=` argument: sklearn's 8x8 digits, the SLA+SD arm."""
     builders.prepare("digits", data_dir)
     workdir = str(tmp_path / "table_digits")
+    # One CPU device and XLA's default LLVM optimization: the ResNets run ~10 steps and 6 evaluations here,
+    # which unoptimized (-O0) code makes slower than the compile time it saves (80 s -> 58 s on 2 cores).
+    xla_flags = "--xla_force_host_platform_device_count=1 --xla_cpu_experimental_ynn_fusion_type="
     proc = subprocess.run([sys.executable, "-m", "transferlab.main", "--config",
                            "experiments/kd/table.py:dataset=digits,steps=3,seeds=1,methods=sla_sd",
                            "--workdir", workdir],
-                          cwd=REPO, env={**os.environ, "TFDS_DATA_DIR": data_dir}, capture_output=True, text=True,
-                          timeout=600)
+                          cwd=REPO, env={**os.environ, "TFDS_DATA_DIR": data_dir, "XLA_FLAGS": xla_flags},
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for arm in ("teacher", "student", "student+sla_sd"):
         with open(os.path.join(workdir, arm, "seed_0", "results.json"), encoding="utf-8") as f:
@@ -218,4 +222,9 @@ def test_kd_table_runs_through_the_cli(tmp_path, data_dir):
         table = f.read()
     assert all(f"| {arm} |" in table for arm in ("teacher", "student", "student+sla_sd"))
     assert "Environment: git " in table and "allocator mimalloc" in table  # the CLI preloads mimalloc
+    # The header comes from the config (study.title/description) and names the command that ran the study.
+    assert table.startswith("# KD methods on digits: resnet20 teacher → resnet8 student, 1 seed(s)\n")
+    assert "sklearn's 8x8 UCI digits" in table and "**Selection rule: the last step.**" in table
+    assert ("Command: `python -m transferlab.main --config "
+            "experiments/kd/table.py:dataset=digits,steps=3,seeds=1,methods=sla_sd --workdir ") in table
     assert os.listdir(os.path.join(workdir, "xla_cache"))  # table.py's compilation cache, under --workdir

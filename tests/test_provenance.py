@@ -1,6 +1,7 @@
 """transferlab.provenance: what each run records about where it ran, and the study table's summary line."""
 
 import re
+import subprocess
 
 from transferlab import host_allocator, provenance
 
@@ -22,3 +23,25 @@ def test_summary_line_lists_distinct_values_and_the_time_span():
     assert line.startswith("Environment: git def5678 / abc1234; jax 0.10.2 on cpu (2 x cpu, 1 process(es))")
     assert "allocator mimalloc" in line and line.endswith("runs finished 2026-11-26 22:50 to 2026-11-26 23:29 UTC.")
     assert provenance.summary_line([None, {}]) == "Environment: not recorded."
+
+
+def test_git_commit_is_the_commit_the_process_started_with(tmp_path, monkeypatch):
+    """A commit made while a long study runs must not be credited with the study's results."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "f").write_text("1")
+    git("add", "f")
+    git("commit", "-qm", "one")
+    monkeypatch.setattr(provenance, "_ROOT", str(tmp_path))
+    provenance._head.cache_clear()
+    try:
+        first, first_long = provenance.git_commit(), provenance.git_commit(short=False)
+        assert re.fullmatch(r"[0-9a-f]{7,}", first) and first_long.startswith(first) and len(first_long) == 40
+        (tmp_path / "f").write_text("2")
+        git("commit", "-qam", "two")  # HEAD moves on while "the study runs"
+        assert (provenance.git_commit(), provenance.git_commit(short=False)) == (first, first_long)
+    finally:
+        provenance._head.cache_clear()

@@ -7,14 +7,13 @@ selected (results.json), so the ensemble never looks at the test split to choose
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 
-from transferlab import checkpoint, data, parallel
+from transferlab import checkpoint, data, files, parallel
 from transferlab.tasks import common
 from transferlab.tasks.kd import selected_step
 from transferlab.train import Trainer
@@ -64,6 +63,5 @@ def evaluate_ensemble(members, out_dir: str) -> dict:
     results["selected_step"] = None
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        files.write_json(os.path.join(out_dir, "results.json"), results)
     return results

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 # XLA:CPU runs the conv nets of this library 10-25% faster with the YNNPACK fusion off (see bench/).
@@ -54,7 +55,8 @@ def _configure_environment() -> None:
 def run(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     _configure_environment()
-    from transferlab import config as config_lib
+    from transferlab import config as config_lib, provenance
+    provenance.git_commit()  # the commit of the code this process imported (read once, see provenance)
     from transferlab.errors import NonFiniteLoss, UserError
 
     try:
@@ -69,7 +71,9 @@ def run(argv=None) -> int:
             jax.distributed.initialize(**kwargs)
         from transferlab import study, train
         if config.study.arms:
-            out = study.run_study(config, args.workdir, train.train_and_evaluate, train.check_config)
+            command = shlex.join(["python", "-m", "transferlab.main",
+                                  *(sys.argv[1:] if argv is None else argv)])
+            out = study.run_study(config, args.workdir, train.train_and_evaluate, train.check_config, command)
         else:
             out = train.train_and_evaluate(config, args.workdir)
             if "test" in out:

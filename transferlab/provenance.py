@@ -7,6 +7,7 @@ so a committed results file says which commit, JAX, devices and allocator produc
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import subprocess
 
@@ -14,17 +15,32 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_commit(short: bool = True) -> str:
-    """The commit of the checkout transferlab runs from, '+dirty' if it has uncommitted changes."""
+    """The commit of the checkout transferlab runs from, '+dirty' if it has uncommitted changes.
+
+    Read once per process (the first call; `python -m transferlab.main` makes it at start), so
+    that every run of a long study names the code it imported, not a commit made while it ran.
+    """
+    sha, dirty = _head()
+    if sha != "unknown" and short:
+        sha = _git("rev-parse", "--short", sha) or sha[:7]
+    return sha + ("+dirty" if dirty else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _head() -> tuple[str, bool]:
+    sha = _git("rev-parse", "HEAD")
+    if not sha:
+        return "unknown", False
+    return sha, bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
+def _git(*args: str) -> str:
+    """`git ARGS` in the checkout's root: its stripped output, '' if git fails or is missing."""
     try:
-        sha = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], cwd=_ROOT,
-                             capture_output=True, text=True, timeout=10)
-        if sha.returncode:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        out = subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 def cpu_name() -> str:

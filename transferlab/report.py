@@ -9,18 +9,24 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 
-from transferlab import provenance
+from transferlab import files, provenance
+from transferlab.errors import UserError
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable results file ({e})") from None
 
 
 def load_results(directory: str) -> list[dict]:
-    out = []
-    for path in sorted(glob.glob(os.path.join(directory, "seed_*", "results.json"))):
-        with open(path, encoding="utf-8") as f:
-            out.append(json.load(f))
-    return out
+    return [_read_json(path) for path in sorted(glob.glob(os.path.join(directory, "seed_*", "results.json")))]
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -55,31 +61,61 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_study_report(workdir: str, arms) -> dict:
-    """Summarizes each arm under `workdir` into results.json and results.md; prints the table."""
+def header(title: str = "", description: str = "", command: str = "") -> str:
+    """The markdown above a study's table: its title, the config's description, the command that ran it."""
+    parts = [f"# {title.strip()}"] if title.strip() else []
+    if description.strip():
+        parts.append(description.strip())
+    if command:
+        parts.append(f"Command: `{command}`")
+    return "".join(part + "\n\n" for part in parts)
+
+
+def write_study_report(workdir: str, arms, title: str = "", description: str = "", command: str = "") -> dict:
+    """Summarizes each arm under `workdir` into results.json and results.md; prints the table.
+
+    results.md is the header (`header`), the table, a note on the statistics and one line
+    summarizing the runs' environments (`provenance.summary_line`).
+    """
     arms = list(dict.fromkeys(arms))
     results = {arm: res for arm in arms if (res := load_results(os.path.join(workdir, arm)))}
     rows = [summarize(arm, res) for arm, res in results.items()]
     table = markdown_table(rows)
     note = ("std is the sample standard deviation over seeds; test accuracy is measured once per run on the "
-            "test split, which is never used for model selection.")
+            "test split, which is never used for model selection; wall time is summed over seeds and includes "
+            "compilation, evaluation and checkpointing.")
     environment = provenance.summary_line([r.get("environment") for res in results.values() for r in res])
-    summary = {"arms": rows, "note": note, "environment": environment}
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n\n" + note + "\n\n" + environment + "\n")
+    summary = {"title": title, "description": description, "command": command,
+               "arms": rows, "note": note, "environment": environment}
+    files.write_json(os.path.join(workdir, "results.json"), summary)
+    files.write_text(os.path.join(workdir, "results.md"),
+                     header(title, description, command) + table + "\n\n" + note + "\n\n" + environment + "\n")
     print("\n" + table + "\n\n" + note + "\n" + environment, flush=True)
     return summary
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("workdir")
     args = parser.parse_args(argv)
-    arms = sorted(d for d in os.listdir(args.workdir) if load_results(os.path.join(args.workdir, d)))
-    write_study_report(args.workdir, arms)
+    if not os.path.isdir(args.workdir):
+        parser.error(f"{args.workdir}: no such directory")
+    try:
+        arms = sorted(d for d in os.listdir(args.workdir) if load_results(os.path.join(args.workdir, d)))
+        if not arms:
+            raise UserError(f"{args.workdir}: no */seed_*/results.json under it")
+        previous = {}  # the study's own report: keep its arm order, heading, description and command
+        if os.path.isfile(os.path.join(args.workdir, "results.json")):
+            previous = _read_json(os.path.join(args.workdir, "results.json"))
+        order = [row.get("arm") for row in previous.get("arms", ()) if isinstance(row, dict)]
+        arms = [a for a in order if a in arms] + [a for a in arms if a not in order]
+        write_study_report(args.workdir, arms,
+                           **{k: str(previous.get(k) or "") for k in ("title", "description", "command")})
+    except UserError as e:
+        print(f"transferlab.report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -65,10 +65,11 @@ def check_arms(config, runs, workdir: str, check_fn) -> None:
             raise config_lib.ConfigError(f"study.arms[{index[arm]}] ({arm}): {e}") from None
 
 
-def run_study(config, workdir: str, train_fn, check_fn=None) -> dict:
+def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") -> dict:
     """Runs every (arm, seed) not yet finished, then the ensembles, and writes the results table.
 
     `check_fn(run_config)`, if given, is called for each arm before anything trains (see check_arms).
+    `command`, if given, is the command line that ran the study; the report names it.
     """
     runs = resolve_arms(config, workdir)
     if check_fn is not None:
@@ -86,7 +87,8 @@ def run_study(config, workdir: str, train_fn, check_fn=None) -> dict:
     for ens in config.study.ensembles:
         _run_ensemble(ens, runs, workdir)
         arms.append(ens["name"])
-    return report.write_study_report(workdir, arms)
+    return report.write_study_report(workdir, arms, title=config.study.title,
+                                     description=config.study.description, command=command)
 
 
 def _run_ensemble(ens, runs, workdir: str) -> None:

@@ -11,7 +11,6 @@ validation split, SIGTERM handling and the NaN guard.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 
 import transferlab
-from transferlab import checkpoint, config as config_lib, data, parallel, provenance
+from transferlab import checkpoint, config as config_lib, data, files, parallel, provenance
 from transferlab.data import augment
 from transferlab.errors import ConfigError, NonFiniteLoss
 from transferlab.metrics import MetricWriter
@@ -280,7 +279,7 @@ class Trainer:
             "environment": provenance.environment(),
         }
         if jax.process_index() == 0:
-            _write_json(os.path.join(self.workdir, "results.json"), results)
+            files.write_json(os.path.join(self.workdir, "results.json"), results)
         return results
 
 
@@ -325,11 +324,5 @@ def write_config(config, workdir: str) -> None:
                              "git_commit": provenance.git_commit(short=False),
                              "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
                              "processes": jax.process_count()}
-    _write_json(os.path.join(workdir, "config.json"), resolved)
+    files.write_json(os.path.join(workdir, "config.json"), resolved)
 
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)

