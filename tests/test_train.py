@@ -180,14 +180,32 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
         ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "e"), "--bogus"],
         # a tfds dataset that is not prepared: tfds's own absl warnings must not precede our line
         ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "f"), "--config.dataset.name=cifar10"],
+        # a workdir that is a file, or lies under one
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "file")],
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "file" / "run")],
     ]
+    (tmp_path / "file").write_text("not a directory")
+    errors = []
     for args in cases:
         proc = cli(args)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("transferlab: error:"), proc.stderr
         assert "Traceback" not in proc.stderr
-    assert "batch_size" in cli(cases[3]).stderr
+        errors.append(lines[0])
+    assert "batch_size" in errors[3]
+    assert "is not a directory" in errors[6] and (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_workdir_that_cannot_be_created_is_a_clear_error(tmp_path):
+    from transferlab.errors import UserError
+    from transferlab.main import check_workdir
+    check_workdir(str(tmp_path / "new" / "run"))  # creatable: fine, and nothing is created by the check
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(UserError, match="--workdir"):
+            check_workdir(str(bad))
 
 
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path, data_dir):

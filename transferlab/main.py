@@ -61,6 +61,7 @@ def run(argv=None) -> int:
 
     try:
         config = config_lib.load(args.config, overrides)
+        check_workdir(args.workdir)
         import jax
         _use_compilation_cache(config.xla_cache_dir, args.workdir)
         if args.coordinator_address or args.distributed:
@@ -90,6 +91,25 @@ def run(argv=None) -> int:
     if "preempted_at_step" in out:
         print(f"preempted at step {out['preempted_at_step']}; rerun the same command to resume", flush=True)
     return 0
+
+
+def check_workdir(workdir: str) -> None:
+    """The run directory must be (or be creatable as) a writable directory; checked before any compute,
+    without creating anything."""
+    from transferlab.errors import UserError
+
+    path = os.path.abspath(workdir)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UserError(f"--workdir {workdir!r}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"--workdir {workdir!r}: not writable")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir {workdir!r}: cannot be created ({parent!r} is not a writable directory)")
 
 
 def _use_compilation_cache(cache_dir: str, workdir: str) -> None:

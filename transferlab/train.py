@@ -23,7 +23,7 @@ import optax
 import transferlab
 from transferlab import checkpoint, config as config_lib, data, files, parallel, provenance
 from transferlab.data import augment
-from transferlab.errors import ConfigError, NonFiniteLoss
+from transferlab.errors import ConfigError, NonFiniteLoss, UserError
 from transferlab.metrics import MetricWriter
 from transferlab.optim import make_optimizer
 from transferlab.tasks import create_task
@@ -157,7 +157,10 @@ class Trainer:
 
     def run(self) -> dict:
         config, workdir = self.config, self.workdir
-        os.makedirs(workdir, exist_ok=True)
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"workdir {workdir!r}: cannot create it ({e.strerror})") from None
         start_time = time.time()
         frozen = self.task.load_frozen(self.mesh, self.abstract_images)
         self.compile(frozen)
