@@ -5,7 +5,7 @@
 #   bench256    the same for resnet56 -> resnet20 at batch 256 (barrier on);
 #   quickstart  the quickstart job (`make run`'s config, 1 seed) on the GPU, end to end;
 #   overhead    bench/loss_overhead.py on the GPU: each method's step overhead over plain KD,
-#               resnet56 -> resnet20 (~5-6 min: 20 step builds of ~14 s each, XLA:GPU autotuning included);
+#               resnet56 -> resnet20 (~3 min: 20 step builds, XLA:GPU autotuning included);
 #   overhead8x4 the same for resnet32x4 -> resnet8x4 (~3 min).
 # Usage: bash bench/gpu_check.sh [STAGE ...]   (default: bench64 bench256 quickstart).
 # Packages missing on that machine travel as wheels in .whl/ (see bench/README.md); outputs go
@@ -36,7 +36,7 @@ for stage in $STAGES; do
       ( time timeout 150 python3 -m transferlab.main --config experiments/kd/quickstart.py:seeds=1 \
         --workdir /tmp/quickstart ) 2>&1 | tail -25 | tee "$OUT/gpu_quickstart.txt" ;;
     overhead)
-      JAX_PLATFORMS=cuda timeout 420 python3 bench/loss_overhead.py --rounds 20 --warmup 2 2>&1 \
+      JAX_PLATFORMS=cuda timeout 300 python3 bench/loss_overhead.py --rounds 20 --warmup 2 2>&1 \
         | tee "$OUT/gpu_loss_overhead.md" ;;
     overhead8x4)
       JAX_PLATFORMS=cuda timeout 270 python3 bench/loss_overhead.py --pair resnet32x4:resnet8x4 --rounds 20 \
