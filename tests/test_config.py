@@ -108,6 +108,7 @@ def test_every_experiment_config_validates():
 @pytest.mark.parametrize("override, message", [
     ("distill.ema_decay=1.5", "'distill.ema_decay' must be in \\[0, 1\\]"),
     ("distill.trilateral_lookahead_lr=-1.0", "'distill.trilateral_lookahead_lr' must be > 0"),
+    ("distill.trilateral_outer=validation", "'distill.trilateral_outer': 'validation' is not one of held_out_half"),
     ("distill.hard_augment.scale=-1.0", "'distill.hard_augment.scale' must be > 0"),
     ("distill.hard_augment.hidden=0", "'distill.hard_augment.hidden' must be > 0"),
     ("dml.temperature=0.0", "'dml.temperature' must be > 0"),

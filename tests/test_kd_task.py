@@ -293,6 +293,30 @@ def test_trilateral_ratio_network_learns_by_lookahead(tmp_path, teacher_dir):
 
     expected = jax.grad(fused)(state["params"]["model"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads["model"], expected)
+
+    # The ratio network's gradient is that of the bilevel outer objective with a held-out half (the default
+    # distill.trilateral_outer): a virtual SGD step on the even-position examples, scored by the
+    # cross-entropy on the odd-position ones.
+    assert trainer.config.distill.trilateral_outer == "held_out_half"
+    n = batch["image"].shape[0] // 2
+    inner_ex, outer_ex = slice(0, 2 * n, 2), slice(1, 2 * n, 2)
+    lr = trainer.config.distill.trilateral_lookahead_lr
+
+    def outer(phi):
+        def inner(theta):
+            s = task.model.apply({"params": theta}, batch["image"][inner_ex], train=True)
+            f = logit.trilateral_features(s, t_logits[inner_ex], batch["label"][inner_ex], temperature=4.0)
+            r = task.ratio_net.apply({"params": phi}, f)
+            return losses.get("trilateral").fn(s, t_logits[inner_ex], {"label": batch["label"][inner_ex],
+                                                                        "fusion_ratio": r}, temperature=4.0)
+        theta = state["params"]["model"]
+        ahead = jax.tree.map(lambda w, g: w - lr * g, theta, jax.grad(inner)(theta))
+        held_out = task.model.apply({"params": ahead}, batch["image"][outer_ex], train=True)
+        return -jnp.mean(jnp.sum(jax.nn.one_hot(batch["label"][outer_ex], held_out.shape[-1])
+                                 * jax.nn.log_softmax(held_out), -1))
+
+    expected_ratio = jax.grad(outer)(state["params"]["connectors"]["term0_ratio"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), ratio_grad, expected_ratio)
     results = train_and_evaluate(trainer.config, str(tmp_path / "run"))
     assert np.isfinite(results["test"]["loss"])
 

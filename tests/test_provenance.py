@@ -21,7 +21,10 @@ def test_summary_line_lists_distinct_values_and_the_time_span():
     later = {**base, "git_commit": "def5678", "finished_utc": "2026-11-26 23:29"}
     line = provenance.summary_line([later, base, None, base])
     assert line.startswith("Environment: git def5678 / abc1234; jax 0.10.2 on cpu (2 x cpu, 1 process(es))")
-    assert "allocator mimalloc" in line and line.endswith("runs finished 2026-11-26 22:50 to 2026-11-26 23:29 UTC.")
+    assert "allocator mimalloc" in line and line.endswith(
+        "runs finished 2026-11-26 22:50 to 2026-11-26 23:29 UTC. Only 3 of the 4 runs recorded theirs "
+        "(the others predate the record).")  # the run without a record is counted, not guessed
+    assert provenance.summary_line([base]).endswith("UTC.")
     assert provenance.summary_line([None, {}]) == "Environment: not recorded."
 
 

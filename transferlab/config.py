@@ -118,6 +118,9 @@ def defaults() -> ml_collections.ConfigDict:
         "teacher_cache": False,  # cache the teachers' train-split logits in the data dir (needs fixed inputs)
         "ema_decay": 0.999,
         "trilateral_lookahead_lr": 0.05,  # 'trilateral' term: virtual SGD step of the ratio network's look-ahead
+        # 'trilateral' term's outer (validation) objective: 'held_out_half' = the look-ahead steps on one half
+        # of the batch and is scored on the other half; 'same_batch' = stepped and scored on the whole batch
+        "trilateral_outer": "held_out_half",
         "hard_augment": ml_collections.ConfigDict({  # HARD learned hard augmentations, arXiv:2305.14890
             "enabled": False,
             "scale": 0.3,  # max deviation of the affine warp from the identity (normalized coordinates)
@@ -350,6 +353,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice("schedule.name", config.schedule.name, SCHEDULES)
     _choice("model.dtype", config.model.dtype, DTYPES)
     _choice("sla.transform", config.sla.transform, ("rotation", "color_permutation", "rotation_color"))
+    _choice("distill.trilateral_outer", config.distill.trilateral_outer, ("held_out_half", "same_batch"))
     _positive(config, "sla.temperature")
     _positive(config, "sla.joint_weight", "sla.single_weight", "sla.distill_weight", allow_zero=True)
     _positive(config, "total_steps", "batch_size", "log_every_steps", "keep_checkpoints",

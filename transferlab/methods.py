@@ -47,9 +47,10 @@ and `configs/cifar100/`). T is the temperature.
                                                                          defaults, unchecked). On the ShuffleNet rows (stage3 4x4
                                                                          vs 8x8) the teacher map is average-pooled to 4x4 first
   trilateral      0.0   trilateral 1, T=4 (holds the CE itself)        TGeo-KD, arXiv:2312.15112 (no recipe we could check; the ratio network
-                                                                         learns by the KD task's one-step look-ahead on the training
-                                                                         batch, `distill.trilateral_lookahead_lr`, not on the paper's
-                                                                         held-out split)
+                                                                         learns by the KD task's one-step look-ahead, stepped on one
+                                                                         half of the training batch and scored on the other,
+                                                                         `distill.trilateral_outer`; the paper scores it on a
+                                                                         validation split)
 
 `kd_std` is KD+LS only: the paper's DKD+LS standardizes DKD's logits, which the
 `dkd` loss has no option for.

@@ -76,10 +76,15 @@ def environment() -> dict:
 
 
 def summary_line(environments: list[dict]) -> str:
-    """One line for a table of several runs: each field's distinct values, in order of appearance."""
+    """One line for a table of several runs: each field's distinct values, in order of appearance.
+
+    Runs without a record (None: made before results.json recorded one) are counted, not guessed."""
+    total = len(environments)
     environments = [e for e in environments if e]
     if not environments:
         return "Environment: not recorded."
+    partial = (f" Only {len(environments)} of the {total} runs recorded theirs (the others predate the record)."
+               if len(environments) < total else "")
 
     def values(key):
         seen = list(dict.fromkeys(str(e.get(key, "?")) for e in environments))
@@ -89,4 +94,4 @@ def summary_line(environments: list[dict]) -> str:
     return (f"Environment: git {values('git_commit')}; jax {values('jax')} on {values('backend')} "
             f"({values('devices')}, {values('processes')} process(es)); host {values('host_cpus')} CPUs "
             f"({values('host_cpu')}), allocator {values('host_allocator')}; runs finished "
-            f"{finished[0]} to {finished[-1]} UTC.")
+            f"{finished[0]} to {finished[-1]} UTC.{partial}")

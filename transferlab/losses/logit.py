@@ -250,10 +250,9 @@ def trilateral(student, teacher, batch, *, temperature=4.0):
       loss = mean_b [ a_b * T^2 * KL(softmax(t_b / T) || softmax(s_b / T))
                       + (1 - a_b) * CE(s_b, y_b) ]
     This term already holds the CE, so set the task's `ce_weight` to 0 with it.
-    The caller computes a_b = FusionRatioMLP(trilateral_features(s, t, y)). Simplified
-    from the paper: its bilevel optimisation (ratio network trained on a held-out
-    split through a one-step look-ahead of the student) is left to the caller; here
-    the ratio is an input.
+    The caller computes a_b = FusionRatioMLP(trilateral_features(s, t, y)) and
+    trains that network (the paper's bilevel optimisation: the KD task's
+    `_trilateral_term`); here the ratio is an input.
     """
     if batch is None or "fusion_ratio" not in batch:
         raise errors.ConfigError("loss 'trilateral' needs batch['fusion_ratio'] [B] from "

@@ -37,7 +37,8 @@ fixed inputs the teachers' train-split logits are computed once and looked up
 by example index, so no teacher forward runs in the step.
 
 TGeo-KD (`trilateral`, arXiv:2312.15112) learns its per-sample fusion ratio with
-a one-step look-ahead in the same step (see `_trilateral_term`).
+a one-step look-ahead in the same step, scored on a held-out half of the batch
+(see `_trilateral_term`).
 
 ND (arXiv:2305.17007): a `nd` term's `class_means` is 'train' (default, the paper's:
 the teacher's mean feature per class over the un-augmented train split, computed in
@@ -298,33 +299,41 @@ class KDTask:
         all_params["connectors"][term.key + "_ratio"] = self.ratio_net.init({"params": rng}, feats)["params"]
 
     def _trilateral_term(self, term, params, model_state, batch, s_logits, t_logits):
-        """TGeo-KD (arXiv:2312.15112): per-sample KD/CE fusion ratio from the trilateral geometry, learned by
-        a one-step look-ahead (bilevel, first order in the outer problem): the ratio network gets the
-        gradient of the student's cross-entropy after a virtual SGD step (lr `trilateral_lookahead_lr`) on
-        the fused loss; the student gets the fused loss with the ratio held fixed. Simplification: the outer
-        objective uses the same training batch, not a held-out split."""
+        """TGeo-KD (arXiv:2312.15112): per-sample KD/CE fusion ratio from the trilateral geometry, learned in
+        the paper's bilevel way, first order in the outer problem: the ratio network gets the gradient of
+        the student's cross-entropy on held-out examples after a virtual SGD step (lr
+        `trilateral_lookahead_lr`) on the fused loss; the student gets the fused loss with the ratio held
+        fixed. The paper scores the look-ahead on a validation set; here (`distill.trilateral_outer`,
+        default 'held_out_half') the step is taken on one half of the training batch and scored on the
+        other half, so the ratio is rewarded for what generalizes to unseen examples, without a second
+        data stream; 'same_batch' steps and scores on the whole batch."""
         phi = params["connectors"][term.key + "_ratio"]
-        labels = batch["label"]
         temperature = term.hparams["temperature"]
 
-        def ratio(phi_, student_logits):
-            feats = logit_losses.trilateral_features(student_logits, t_logits, labels, temperature=temperature)
+        def ratio(phi_, student_logits, labels, teacher_logits):
+            feats = logit_losses.trilateral_features(student_logits, teacher_logits, labels, temperature=temperature)
             return self.ratio_net.apply({"params": phi_}, feats)
 
         fused = term.spec.fn(s_logits, t_logits, {**batch, "fusion_ratio": jax.lax.stop_gradient(
-            ratio(phi, s_logits))}, **term.hparams)
+            ratio(phi, s_logits, batch["label"], t_logits))}, **term.hparams)
 
         theta = jax.lax.stop_gradient(params["model"])
         state = jax.lax.stop_gradient(model_state["model"])
+        inner_batch, outer_batch = dict(batch), dict(batch)
+        inner_batch["teacher_logits"] = outer_batch["teacher_logits"] = t_logits
+        if self.config.distill.trilateral_outer == "held_out_half" and batch["image"].shape[0] >= 2:
+            inner_batch, outer_batch = _halves(inner_batch)
 
         def inner(theta_, phi_):
-            logits = common.forward(self.model, theta_, state, batch["image"], train=True)[0]
-            return term.spec.fn(logits, t_logits, {**batch, "fusion_ratio": ratio(phi_, logits)}, **term.hparams)
+            logits = common.forward(self.model, theta_, state, inner_batch["image"], train=True)[0]
+            r = ratio(phi_, logits, inner_batch["label"], inner_batch["teacher_logits"])
+            return term.spec.fn(logits, inner_batch["teacher_logits"], {**inner_batch, "fusion_ratio": r},
+                                **term.hparams)
 
         lr = self.config.distill.trilateral_lookahead_lr
         ahead = jax.tree.map(lambda w, g: w - lr * g, theta, jax.grad(inner)(theta, phi))
-        outer = common.cross_entropy(common.forward(self.model, ahead, state, batch["image"], train=True)[0],
-                                     common.targets(batch, self.num_classes))
+        outer = common.cross_entropy(common.forward(self.model, ahead, state, outer_batch["image"], train=True)[0],
+                                     common.targets(outer_batch, self.num_classes))
         return fused, outer
 
     def _init_crd(self, term, rng, s_shape, t_shape, all_params, all_state):
@@ -579,6 +588,20 @@ def _teacher_section(raw, index):
     section.kwargs = dict(raw.get("kwargs", {}))
     section.checkpoint = raw.get("checkpoint", "")
     return section
+
+
+def _halves(batch: dict) -> tuple[dict, dict]:
+    """Even- and odd-position examples of a batch (an odd last example is left out). Interleaved rather
+    than first/second half: with the batch sharded in contiguous blocks, each device keeps its share of
+    both halves, so splitting moves no data between devices."""
+    size = batch["image"].shape[0]
+    n = size // 2
+
+    def half(i):
+        return {k: v[:2 * n].reshape(n, 2, *v.shape[1:])[:, i]
+                if getattr(v, "ndim", 0) >= 1 and v.shape[0] == size else v for k, v in batch.items()}
+
+    return half(0), half(1)
 
 
 def selected_step(workdir: str, ckpt) -> int | None:
