@@ -57,3 +57,6 @@ def test_report_cli_bad_input_is_one_line(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "results.json: not a readable results file" in err
+    (tmp_path / "arm" / "seed_0" / "results.json").write_text("[1, 2]")
+    assert report.main([str(tmp_path)]) == 2
+    assert "expected a JSON object, got list" in capsys.readouterr().err

@@ -20,9 +20,12 @@ from transferlab.errors import UserError
 def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable results file ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a results file (expected a JSON object, got {type(obj).__name__})")
+    return obj
 
 
 def load_results(directory: str) -> list[dict]:
