@@ -273,7 +273,7 @@ def test_crd_keeps_and_updates_its_memory_bank(tmp_path, teacher_dir):
 
 def test_trilateral_ratio_network_learns_by_lookahead(tmp_path, teacher_dir):
     trainer, state, frozen, batch, _, _ = _loss_setup(tmp_path, teacher_dir, ({"name": "trilateral", "weight": 1.0},))
-    grads, (_, metrics) = jax.grad(trainer.task.loss_fn, has_aux=True)(
+    grads, (_, metrics) = jax.jit(jax.grad(trainer.task.loss_fn, has_aux=True))(
         state["params"], state["model_state"], frozen, batch, None, jnp.int32(0))
     ratio_grad = grads["connectors"]["term0_ratio"]
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(ratio_grad))
@@ -291,7 +291,7 @@ def test_trilateral_ratio_network_learns_by_lookahead(tmp_path, teacher_dir):
         s = task.model.apply({"params": theta}, batch["image"], train=True)
         return losses.get("trilateral").fn(s, t_logits, {**batch, "fusion_ratio": ratio}, temperature=4.0)
 
-    expected = jax.grad(fused)(state["params"]["model"])
+    expected = jax.jit(jax.grad(fused))(state["params"]["model"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads["model"], expected)
 
     # The ratio network's gradient is that of the bilevel outer objective with a held-out half (the default
@@ -315,7 +315,7 @@ def test_trilateral_ratio_network_learns_by_lookahead(tmp_path, teacher_dir):
         return -jnp.mean(jnp.sum(jax.nn.one_hot(batch["label"][outer_ex], held_out.shape[-1])
                                  * jax.nn.log_softmax(held_out), -1))
 
-    expected_ratio = jax.grad(outer)(state["params"]["connectors"]["term0_ratio"])
+    expected_ratio = jax.jit(jax.grad(outer))(state["params"]["connectors"]["term0_ratio"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), ratio_grad, expected_ratio)
     results = train_and_evaluate(trainer.config, str(tmp_path / "run"))
     assert np.isfinite(results["test"]["loss"])

@@ -37,7 +37,7 @@ def test_mutual_learning_gradient_is_each_students_own_dml_loss(tmp_path, data_d
     task = trainer.task
     state = jax.device_get(trainer.init_state())
     batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator()).items()}
-    grads = jax.grad(lambda p: task.loss_fn(p, state["model_state"], {}, batch, None, 0)[0])(state["params"])
+    grads = jax.jit(jax.grad(lambda p: task.loss_fn(p, state["model_state"], {}, batch, None, 0)[0]))(state["params"])
 
     def own(p0):
         x = batch["image"]
@@ -48,7 +48,7 @@ def test_mutual_learning_gradient_is_each_students_own_dml_loss(tmp_path, data_d
         kl = jnp.mean(jnp.sum(jax.nn.softmax(s1 / t) * (jax.nn.log_softmax(s1 / t) - jax.nn.log_softmax(s0 / t)), -1))
         return ce + 2.0 * t * t * kl
 
-    expected = jax.grad(own)(state["params"]["model"])
+    expected = jax.jit(jax.grad(own))(state["params"]["model"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), grads["model"], expected)
 
 
@@ -179,7 +179,8 @@ def test_hard_augmentor_is_pushed_to_hurt_the_student_and_keep_the_teacher(tmp_p
     def loss(p):
         return trainer.task.loss_fn(p, state["model_state"], frozen, batch, rng, jnp.int32(0))[0]
 
-    g = jax.grad(loss)(state["params"])["augmentor"]
+    loss = jax.jit(loss)
+    g = jax.jit(jax.grad(loss))(state["params"])["augmentor"]
     norm = float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g))))
     assert norm > 0
     step = jax.tree.map(lambda p, d: p - 1e-3 * d, state["params"]["augmentor"], g)  # a small SGD step on the total
