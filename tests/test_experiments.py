@@ -77,6 +77,19 @@ def test_bad_config_arguments_name_the_culprit():
         config_lib.load(os.path.join(REPO, "experiments", "kd", "table.py") + ":methods=kd+nope")
 
 
+def test_kd_table_takes_any_pair_with_its_per_pair_hyperparameters():
+    table = os.path.join(REPO, "experiments", "kd", "table.py")
+    config = config_lib.load(table + ":teacher=resnet32x4,student=resnet8x4,methods=reviewkd,seeds=1")
+    arms = {arm["name"]: arm for arm in config.study.arms}
+    assert config.model.name == "resnet8x4" and arms["teacher"]["overrides"]["model.name"] == "resnet32x4"
+    assert arms["student+reviewkd"]["overrides"]["teacher.name"] == "resnet32x4"
+    assert arms["student+reviewkd"]["overrides"]["distill.terms"][0]["weight"] == 5.0  # mdistiller's, this pair
+    assert config.study.title.startswith("KD methods on mnist5k: resnet32x4 teacher → resnet8x4 student")
+    default = config_lib.load(table + ":methods=reviewkd")
+    assert [a for a in default.study.arms if a["name"] == "student+reviewkd"][0]["overrides"][
+        "distill.terms"][0]["weight"] == 1.0
+
+
 # --------------------------------------------------------------------------- method presets
 
 

