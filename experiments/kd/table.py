@@ -20,8 +20,8 @@ CIFAR-100 recipe's shape), batch 64, pad-2 crop (no flip: digits), warm-ups of
 20/240 of the run; the teacher trains twice as long. Selection: the last step
 (the validation split is only evaluated, the test split is reported once).
 Time on 2 idle CPU cores (results/kd.md, which this config wrote): a 250-step KD
-run takes about 34 s with compilation, evaluation and checkpoints (ReviewKD 78 s,
-TGeo-KD 83 s; the 500-step teacher 93 s); the whole table 48 min.
+run takes about 33 s with compilation, evaluation and checkpoints (ReviewKD 92 s,
+TGeo-KD 58 s; the 500-step teacher 93 s); the whole table 43 min.
 
   python -m transferlab.main --config experiments/kd/table.py --workdir runs/kd_table
   python -m transferlab.main --config experiments/kd/table.py:steps=100,seeds=1,methods=kd+dkd+fitnet --workdir runs/kd_short
