@@ -48,9 +48,9 @@ def _terms_summary(distill: dict) -> str:
     return f"CE {distill['ce_weight']:g} + {terms}" if terms else f"CE {distill['ce_weight']:g}"
 
 
-def _fmt(ms: float, step_ms: float) -> str:
-    """Milliseconds with one decimal, or two where the steps take under 20 ms (GPU)."""
-    return f"{ms:.1f}" if step_ms >= 20 else f"{ms:.2f}"
+def _fmt(ms: float, step_ms: float, sign: str = "") -> str:
+    """Milliseconds with one decimal, or two where the steps take under 20 ms (GPU); sign='+' to sign them."""
+    return f"{ms:{sign}.{1 if step_ms >= 20 else 2}f}"
 
 
 def main(argv=None) -> int:
@@ -139,13 +139,13 @@ def main(argv=None) -> int:
     print("| method | loss (CIFAR-100 preset) | step ms | overhead over KD ms | overhead % | min ms | first call s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in steps:
-        over = "—" if name in ("kd", "student") else "+" * (med[name] >= kd_ms) + _fmt(med[name] - kd_ms, kd_ms)
+        over = "—" if name in ("kd", "student") else _fmt(med[name] - kd_ms, kd_ms, "+")
         pct = "—" if name in ("kd", "student") else f"{100 * (med[name] - kd_ms) / kd_ms:+.1f}"
         print(f"| {name} | {summaries[name]} | {_fmt(med[name], kd_ms)} | {over} | {pct} | "
               f"{_fmt(min(times[name]) * 1e3, kd_ms)} | {first_call[name]:.1f} |")
     print()
-    print(f"# kd step spread (max - min over rounds) {_fmt(spread, kd_ms)} ms; other processes used {100 * other:.0f}% of "
-          f"the CPUs while timing; total wall time {(datetime.datetime.now() - started).total_seconds():.0f} s")
+    print(f"# kd step spread (max - min over rounds) {_fmt(spread, kd_ms)} ms; "
+          f"other processes used {100 * other:.0f}% of the CPUs while timing; total wall time {(datetime.datetime.now() - started).total_seconds():.0f} s")
     return 0
 
 

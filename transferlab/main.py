@@ -53,7 +53,8 @@ def _configure_environment() -> None:
 
 
 def run(argv=None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
     _configure_environment()
     from transferlab import config as config_lib, provenance
     provenance.git_commit()  # the commit of the code this process imported (read once, see provenance)
@@ -72,8 +73,7 @@ def run(argv=None) -> int:
             jax.distributed.initialize(**kwargs)
         from transferlab import study, train
         if config.study.arms:
-            command = shlex.join(["python", "-m", "transferlab.main",
-                                  *(sys.argv[1:] if argv is None else argv)])
+            command = shlex.join(["python", "-m", "transferlab.main", *argv])
             out = study.run_study(config, args.workdir, train.train_and_evaluate, train.check_config, command)
         else:
             out = train.train_and_evaluate(config, args.workdir)

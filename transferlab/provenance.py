@@ -11,6 +11,8 @@ import functools
 import os
 import subprocess
 
+from transferlab import host_allocator as host_allocator_lib
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,18 +22,18 @@ def git_commit(short: bool = True) -> str:
     Read once per process (the first call; `python -m transferlab.main` makes it at start), so
     that every run of a long study names the code it imported, not a commit made while it ran.
     """
-    sha, dirty = _head()
-    if sha != "unknown" and short:
-        sha = _git("rev-parse", "--short", sha) or sha[:7]
-    return sha + ("+dirty" if dirty else "")
+    full, abbreviated, dirty = _head()
+    return (abbreviated if short else full) + ("+dirty" if dirty else "")
 
 
 @functools.lru_cache(maxsize=None)
-def _head() -> tuple[str, bool]:
+def _head() -> tuple[str, str, bool]:
+    """(full sha, short sha, has uncommitted changes) of the checkout, read by git once."""
     sha = _git("rev-parse", "HEAD")
     if not sha:
-        return "unknown", False
-    return sha, bool(_git("status", "--porcelain", "--untracked-files=no"))
+        return "unknown", "unknown", False
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return sha, _git("rev-parse", "--short", sha) or sha[:7], dirty
 
 
 def _git(*args: str) -> str:
@@ -58,7 +60,9 @@ def host_allocator() -> str:
     """'mimalloc' if it is mapped into this process (see transferlab/host_allocator.py), else 'system'."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as f:
-            return "mimalloc" if any("libmimalloc" in line for line in f) else "system"
+            # a maps line ends with the mapped file's path
+            return "mimalloc" if any(host_allocator_lib.is_mimalloc(line.split()[-1]) for line in f
+                                     if line.strip()) else "system"
     except OSError:
         return "system"
 
