@@ -6,7 +6,10 @@
 #   quickstart  the quickstart job (`make run`'s config, 1 seed) on the GPU, end to end;
 #   overhead    bench/loss_overhead.py on the GPU: each method's step overhead over plain KD,
 #               resnet56 -> resnet20 (~3 min: 20 step builds, XLA:GPU autotuning included);
-#   overhead8x4 the same for resnet32x4 -> resnet8x4 (~3 min).
+#   overhead8x4 the same for resnet32x4 -> resnet8x4 (~3 min);
+#   tests       the numerics tests on the GPU backend: loss parity against the torchdistill /
+#               paper goldens (rtol 1e-5), connector parity, the loss and model unit tests
+#               (~2 min; needs the pytest wheels in .whl/).
 # Usage: bash bench/gpu_check.sh [STAGE ...]   (default: bench64 bench256 quickstart).
 # Packages missing on that machine travel as wheels in .whl/ (see bench/README.md); outputs go
 # to $OUT (or /tmp/gpu_out).
@@ -41,6 +44,12 @@ for stage in $STAGES; do
     overhead8x4)
       JAX_PLATFORMS=cuda timeout 270 python3 bench/loss_overhead.py --pair resnet32x4:resnet8x4 --rounds 20 \
         --warmup 2 2>&1 | tee "$OUT/gpu_loss_overhead_resnet8x4.md" ;;
-    *) echo "gpu_check: unknown stage '$stage' (bench64, bench256, quickstart, overhead, overhead8x4)"; exit 2 ;;
+    tests)
+      XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda timeout 300 python3 -m pytest -p no:cacheprovider \
+        -n 4 -rfE tests/test_loss_parity.py tests/test_connector_parity.py tests/test_losses.py \
+        tests/test_chunked_conv.py tests/test_models.py \
+        --deselect tests/test_chunked_conv.py::test_batch_sharded_chunks_need_no_communication_but_the_gradient_sum \
+        2>&1 | tail -40 | tee "$OUT/gpu_tests.txt" ;;  # (deselected: needs 8 devices)
+    *) echo "gpu_check: unknown stage '$stage' (bench64, bench256, quickstart, overhead, overhead8x4, tests)"; exit 2 ;;
   esac
 done

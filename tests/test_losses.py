@@ -366,3 +366,35 @@ def test_crd_dense_and_gathered_scores_agree(monkeypatch):
     monkeypatch.setattr(relation, "CRD_DENSE_SCORE_FACTOR", 0)  # force the gather
     np.testing.assert_allclose(losses.get("crd").fn(s, t, batch), dense_value, rtol=1e-5)
     np.testing.assert_allclose(grad(s), dense_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_matmuls_are_float32_on_every_backend(name):
+    """Every matrix product of a loss and its gradient asks for float32 precision.
+
+    XLA's default for float32 products is TF32 on recent GPUs and one bfloat16 pass on
+    TPUs; the registry wraps each loss in `float32_matmuls` (CPU ignores the setting, so
+    the check reads the lowered program).
+    """
+    s, t, batch = example(name)
+    fn = losses.get(name).fn
+    hp = losses.resolve_hparams(name, {})
+    text = jax.jit(jax.value_and_grad(lambda x, y, b: fn(x, y, b, **hp))).lower(s, t, batch).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line or "stablehlo.dot " in line]
+    assert all("HIGHEST" in line for line in dots), [line for line in dots if "HIGHEST" not in line][:2]
+
+
+def test_helper_matmuls_are_float32():
+    """The public helpers the KD task calls outside a registered loss also ask for float32 products."""
+    rng = np.random.default_rng(0)
+    labels = jnp.asarray(rng.integers(0, 3, B), jnp.int32)
+    embed, memory = _normal(0, (B, 16)), _normal(1, (64, 16))
+    idx = jnp.asarray(rng.integers(0, 64, (B, 5)), jnp.int32)
+    for fn, args in [(relation.crd_scores, (embed, memory, idx, 0.07)),
+                     (relation.crd_scores, (embed, _normal(2, (1000, 16)), idx, 0.07)),  # the gathered path
+                     (logit.class_mean_rows, (embed, labels, jnp.ones((B,), jnp.float32))),
+                     (losses.feature.adaptive_avg_pool, (_normal(3, (B, 5, 5, 4)), (2, 2)))]:
+        text = jax.jit(fn, static_argnums=(3,) if fn is relation.crd_scores else
+                       ((1,) if fn is losses.feature.adaptive_avg_pool else ())).lower(*args).as_text()
+        dots = [line for line in text.splitlines() if "dot_general" in line]
+        assert dots and all("HIGHEST" in line for line in dots), (fn.__name__, dots[:1])

@@ -34,7 +34,7 @@ def adaptive_avg_pool(x, out_hw):
     """NHWC [B, H, W, C] -> [B, h, w, C], as torch.nn.functional.adaptive_avg_pool2d."""
     ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], out_hw[0]))
     pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], out_hw[1]))
-    return jnp.einsum("ih,bhwc,jw->bijc", ph, x, pw)
+    return jnp.einsum("ih,bhwc,jw->bijc", ph, x, pw, precision="highest")  # float32 on GPU/TPU too
 
 
 def as_map(x):

@@ -209,7 +209,8 @@ def class_relation(student, teacher, batch, *, temperature=4.0):
 def class_mean_rows(values, labels, weights):
     """[B, D]: for each sample, the weighted mean of `values` over the samples sharing its label."""
     same = (labels[:, None] == labels[None, :]).astype(jnp.float32) * weights[None, :]
-    return (same @ values) / jnp.maximum(jnp.sum(same, axis=-1, keepdims=True), 1e-12)
+    sums = jnp.matmul(same, values, precision="highest")  # float32 on GPU/TPU too (registry.float32_matmuls)
+    return sums / jnp.maximum(jnp.sum(same, axis=-1, keepdims=True), 1e-12)
 
 
 def trilateral_features(student_logits, teacher_logits, labels, *, temperature=1.0, mask=None,

@@ -5,16 +5,27 @@ returning a float32 scalar. Its hparams are its keyword-only arguments; their
 defaults are read from the signature, so the function is the one source of
 truth. `register` records the default feature taps, the connector the student
 tap needs when shapes differ, and whether the loss takes lists of taps.
+
+Every registered loss computes its matrix products in full float32
+(`float32_matmuls`): XLA's default for float32 operands is TF32 on recent NVIDIA
+GPUs and single-pass bfloat16 on TPUs, which leaves ~3 significant digits in the
+Gram matrices, pairwise distances and memory-bank scores of SP, RKD, PKT, CRD,
+TRG and ND (RKD's `|a|² + |b|² − 2a·b` cancels catastrophically at that precision).
+PyTorch computes float32 matmuls in float32 on GPUs by default, so the peers'
+values are float32 ones. On CPU nothing changes. The products are small
+([B, B] or [B, N] with N the memory size): the cost is negligible.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 
 from transferlab import errors
@@ -36,15 +47,30 @@ class LossSpec:
 _REGISTRY: dict[str, LossSpec] = {}
 
 
+def float32_matmuls(fn):
+    """`fn` with every matrix product it traces computed at float32 precision ('highest')."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision("float32"):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def register(name: str, *, taps, connector: str | None = None, multi_tap: bool = False,
              choices: Mapping[str, tuple] | None = None):
-    """Decorator registering `fn` under `name`; its keyword-only args are its hparams."""
+    """Decorator registering `fn` under `name`; its keyword-only args are its hparams.
+
+    Returns `fn` wrapped by `float32_matmuls`: the registered and the module-level function are the same.
+    """
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"loss {name!r} registered twice")
         params = inspect.signature(fn).parameters.values()
         defaults = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        fn = float32_matmuls(fn)
         _REGISTRY[name] = LossSpec(name=name, fn=fn, defaults=defaults, default_taps=tuple(taps),
                                    connector=connector, multi_tap=multi_tap, choices=dict(choices or {}))
         return fn

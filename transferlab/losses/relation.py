@@ -214,9 +214,9 @@ def crd_scores(embed, memory, contrast_idx, temperature):
     """
     memory = jax.lax.stop_gradient(memory)
     if memory.shape[0] <= CRD_DENSE_SCORE_FACTOR * contrast_idx.shape[1]:
-        dots = jnp.take_along_axis(embed @ memory.T, contrast_idx, axis=1)
+        dots = jnp.take_along_axis(jnp.matmul(embed, memory.T, precision="highest"), contrast_idx, axis=1)
     else:
-        dots = jnp.einsum("bkd,bd->bk", memory[contrast_idx], embed)
+        dots = jnp.einsum("bkd,bd->bk", memory[contrast_idx], embed, precision="highest")
     return jnp.exp(dots / temperature)
 
 

@@ -63,7 +63,7 @@ def warp(images_BHWC, theta_B23):
     grid = jnp.stack([xs.ravel(), ys.ravel(), jnp.ones(h * w)])  # [3, HW]
 
     def one(image_HWC, theta_23):
-        src = theta_23 @ grid  # [2, HW] source (x, y) in [-1, 1]
+        src = jnp.matmul(theta_23, grid, precision="highest")  # [2, HW] source (x, y) in [-1, 1]; float32 on GPU/TPU
         coords = jnp.stack([(src[1] + 1.0) * (h - 1) / 2.0, (src[0] + 1.0) * (w - 1) / 2.0])
 
         def channel(c_HW):

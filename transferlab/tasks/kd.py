@@ -437,13 +437,13 @@ class KDTask:
             return jnp.mean(logits, axis=0)
         if combination == "weighted":
             w = jnp.asarray(self.config.distill.teacher_weights, jnp.float32)
-            return jnp.einsum("k,kbc->bc", w / jnp.sum(w), logits)
+            return jnp.einsum("k,kbc->bc", w / jnp.sum(w), logits, precision="highest")
         ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[None, :, None], axis=-1)[..., 0]  # [K, B]
         if combination == "partition":
             w = jax.nn.one_hot(jnp.argmin(ce, axis=0), len(teacher_taps), axis=0)
         else:
             w = jax.nn.softmax(-ce, axis=0)
-        return jnp.einsum("kb,kbc->bc", w, logits)
+        return jnp.einsum("kb,kbc->bc", w, logits, precision="highest")  # float32 on GPU/TPU too
 
     def _hard_augment(self, params, model_state, frozen, batch, rng):
         """The batch warped by the learned augmentor, and the augmentor's teacher-consistency loss."""
