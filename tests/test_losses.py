@@ -151,19 +151,107 @@ def test_dkd_decomposes_kd():
 MASKABLE = [n for n in ALL if n != "dkpp"]
 
 
+_GRADS = {}
+
+
+def value_and_student_grad(name, s, t, batch):
+    """Loss `name` (default hparams) and its gradient w.r.t. the student taps, jitted once per loss."""
+    if name not in _GRADS:
+        fn, hp = losses.get(name).fn, losses.resolve_hparams(name, {})
+        _GRADS[name] = jax.jit(jax.value_and_grad(lambda x, y, b: fn(x, y, b, **hp)))
+    return _GRADS[name](s, t, batch)
+
+
+def _rows(x, keep):
+    return [a[keep] for a in x] if isinstance(x, list) else x[keep]
+
+
+def _sub_batch(batch, keep):
+    return {k: (v if k.startswith("crd_memory") else v[keep]) for k, v in batch.items()}
+
+
+def _zero_rows(x, keep):
+    """The rows not kept set to 0, as the padding of a short last batch."""
+    def one(a):
+        return jnp.where(jnp.asarray(keep).reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0)
+    return [one(a) for a in x] if isinstance(x, list) else one(x)
+
+
 @pytest.mark.parametrize("name", MASKABLE)
 def test_mask_equals_subset(name):
+    """Masked rows, random or zero-padded, leave the value and the kept rows' gradient as on the subset.
+
+    The masked rows get an exactly zero gradient and nothing is NaN: a zero row is where a
+    square root's or a clamped divisor's derivative overflows (DIST's Pearson norms, PKT's
+    row sums once did, NaN-ing the whole gradient of a padded batch).
+    """
     s, t, batch = example(name)
     keep = np.array([1, 1, 0, 1, 0, 1, 1, 1], bool)
-    hp = losses.resolve_hparams(name, {})
-    masked = call(name, s, t, {**batch, "mask": jnp.asarray(keep)}, **hp)
+    v_sub, g_sub = value_and_student_grad(name, _rows(s, keep), _rows(t, keep), _sub_batch(batch, keep))
+    for padded in (False, True):
+        s_in, t_in = (_zero_rows(s, keep), _zero_rows(t, keep)) if padded else (s, t)
+        value, grad = value_and_student_grad(name, s_in, t_in, {**batch, "mask": jnp.asarray(keep)})
+        np.testing.assert_allclose(value, v_sub, rtol=2e-5, atol=1e-6, err_msg=f"padded={padded}")
+        for g, g_ref in zip(jax.tree.leaves(grad), jax.tree.leaves(g_sub)):
+            g = np.asarray(g)
+            assert np.all(np.isfinite(g)), f"padded={padded}: non-finite gradient"
+            np.testing.assert_allclose(g[keep], g_ref, rtol=1e-4, atol=1e-6, err_msg=f"padded={padded}")
+            assert np.all(g[~keep] == 0), f"padded={padded}: masked rows get a gradient"
 
-    def take(x):
-        return [a[keep] for a in x] if isinstance(x, list) else x[keep]
 
-    sub = {k: (v if k.startswith("crd_memory") else v[keep]) for k, v in batch.items()}
-    subset = call(name, take(s), take(t), sub, **hp)
-    np.testing.assert_allclose(masked, subset, rtol=2e-5, atol=1e-6)
+@pytest.mark.parametrize("name", MASKABLE)
+def test_a_single_valid_row_is_finite(name):
+    """One valid sample (batch size 1, or all but one row masked) gives a finite value and gradient."""
+    s, t, batch = example(name)
+    one = np.arange(B) == 3
+    v_masked, g_masked = value_and_student_grad(name, s, t, {**batch, "mask": jnp.asarray(one)})
+    v_one, g_one = value_and_student_grad(name, _rows(s, one), _rows(t, one), _sub_batch(batch, one))
+    assert np.isfinite(v_one) and np.isfinite(v_masked)
+    np.testing.assert_allclose(v_masked, v_one, rtol=2e-5, atol=1e-6)
+    for g, g_ref in zip(jax.tree.leaves(g_masked), jax.tree.leaves(g_one)):
+        assert np.all(np.isfinite(g)) and np.all(np.isfinite(g_ref))
+        np.testing.assert_allclose(np.asarray(g)[one], g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_dist_constant_softmax_row_has_a_finite_gradient():
+    """A student row with equal logits (zero-centred softmax) is where |a| = 0 in DIST's Pearson.
+
+    4 classes: softmax = 0.25 exactly, so the centred row is exactly 0 (with 10 classes float
+    rounding of 0.1 hides it); also a batch padded with zero logits."""
+    s, t, batch = example("dist")
+    s, t = s[:, :4].at[2].set(0.0), t[:, :4]
+    value, grad = value_and_student_grad("dist", s, t, batch)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+
+
+def test_dkd_large_logit_gaps_stay_finite():
+    """TCKD in log space: a logit gap of 95 at T = 1 (where softmax probabilities underflow in float32)
+    still matches a float64 evaluation of the paper's formula."""
+    s = np.array([[0.0, 95.0, 0.0], [3.0, -40.0, 120.0]])
+    t = np.array([[2.0, 0.0, 1.0], [0.5, 0.1, -0.3]])
+    y = np.array([0, 2])
+
+    def reference(s, t):  # float64, the paper's b = [p_g, 1 - p_g] and NCKD, alpha 1, beta 8, T 1
+        def log_softmax(z):
+            z = z - z.max(-1, keepdims=True)
+            return z - np.log(np.exp(z).sum(-1, keepdims=True))
+        total = 0.0
+        for i in range(len(y)):
+            ls, lt = log_softmax(s[i]), log_softmax(t[i])
+            others = np.arange(3) != y[i]
+            lb_s = np.array([ls[y[i]], np.log(np.exp(ls[others]).sum())])
+            lb_t = np.array([lt[y[i]], np.log(np.exp(lt[others]).sum())])
+            tckd = np.sum(np.exp(lb_t) * (lb_t - lb_s))
+            ns, nt = log_softmax(s[i][others]), log_softmax(t[i][others])
+            total += tckd + 8.0 * np.sum(np.exp(nt) * (nt - ns))
+        return total / len(y)
+
+    batch = {"label": jnp.asarray(y, jnp.int32)}
+    # the default T = 4 on logits x4 is T = 1 on these, times T^2 = 16
+    value, grad = value_and_student_grad("dkd", jnp.asarray(4 * s, jnp.float32), jnp.asarray(4 * t, jnp.float32),
+                                         batch)
+    np.testing.assert_allclose(value, 16.0 * reference(s, t), rtol=1e-5)
+    assert np.all(np.isfinite(grad))
 
 
 def test_hparam_errors():

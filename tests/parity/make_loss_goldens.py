@@ -281,7 +281,8 @@ def nd_reference(s, t, centers, y):
     total = 0.0
     for sb, tb, yb in zip(s, t, y):
         c = centers[int(yb)]
-        total = total + 1 - torch.dot(sb, c / c.norm(p=2)) / torch.maximum(sb.norm(p=2), tb.norm(p=2))
+        # the authors' Python max(s_norm, t_norm): a tie takes the student's norm (torch.maximum splits it)
+        total = total + 1 - torch.dot(sb, c / c.norm(p=2)) / max(sb.norm(p=2), tb.norm(p=2))
     return total / len(y)
 
 

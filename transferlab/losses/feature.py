@@ -63,7 +63,7 @@ def fitnet(student, teacher, batch):
 
 def attention_map(f, p):
     """[B, H*W]: L2-normalized mean over channels of |f|^p."""
-    a = jnp.mean(jnp.abs(f) ** p, axis=-1)
+    a = jnp.mean((f * jnp.sign(f)) ** p, axis=-1)  # |f| with torch's zero subgradient at 0 (matters for p = 1)
     return l2_normalize(a.reshape(a.shape[0], -1))
 
 
@@ -116,7 +116,9 @@ def nd(student, teacher, batch, *, class_means=None):
     direction = l2_normalize(centers)
     norm_s = jnp.sqrt(jnp.sum(s * s, -1) + 1e-20)
     norm_t = jnp.sqrt(jnp.sum(t * t, -1))
-    return batch_mean(1.0 - jnp.sum(s * direction, -1) / jnp.maximum(norm_s, norm_t), batch)
+    # max(|s|, |t|) as the authors' Python `max(s_norm, t_norm)`: a tie takes the student's norm
+    # (jnp.maximum would split the gradient, e.g. for a student initialised from the teacher)
+    return batch_mean(1.0 - jnp.sum(s * direction, -1) / jnp.where(norm_s >= norm_t, norm_s, norm_t), batch)
 
 
 def hcl(fs, ft, pool_sizes, batch):

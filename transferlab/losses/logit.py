@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
 from transferlab import errors
-from transferlab.losses.registry import batch_mean, f32, labels_of, register, sample_weights
+from transferlab.losses.registry import batch_mean, f32, labels_of, norm_or_zero, register, sample_weights
 
 LOGITS = ("logits", "logits")
 _NEG = -1e9  # masks a class out of a softmax without producing inf * 0
@@ -58,17 +58,23 @@ def dkd(student, teacher, batch, *, alpha=1.0, beta=8.0, temperature=4.0):
       NCKD = KL(softmax_{c != g}(t / T) || softmax_{c != g}(s / T))
       loss = T^2 * mean_b (alpha * TCKD + beta * NCKD)
     Defaults alpha=1, beta=8, T=4 (paper / mdistiller CIFAR-100). The warm-up ramp
-    of the reference is the task's `warmup_steps`, not part of the loss.
+    of the reference is the task's `warmup_steps`, not part of the loss. b is formed
+    in log space (log p_g and the log-sum-exp of the other classes): the reference's
+    probabilities underflow in float32 once a logit gap exceeds ~87 T (inf loss).
     """
     s, t = f32(student) / temperature, f32(teacher) / temperature
     gt = jax.nn.one_hot(labels_of(batch, "dkd"), s.shape[-1], dtype=jnp.bool_)
-    p_s, p_t = jax.nn.softmax(s, axis=-1), jax.nn.softmax(t, axis=-1)
 
-    def binary(p):
-        return jnp.stack([jnp.sum(jnp.where(gt, p, 0.0), -1), jnp.sum(jnp.where(gt, 0.0, p), -1)], -1)
+    def log_binary(z):
+        # log b in log space: the reference's log(p_g) and log(sum_{c != g} p_c) of the
+        # probabilities underflow (inf loss, NaN gradient) once a logit gap exceeds ~87 T.
+        log_p = jax.nn.log_softmax(z, axis=-1)
+        target = jnp.sum(jnp.where(gt, log_p, 0.0), -1)
+        return jnp.stack([target, jax.nn.logsumexp(jnp.where(gt, -jnp.inf, log_p), axis=-1)], -1)
 
-    b_s, b_t = binary(p_s), binary(p_t)
-    tckd = jnp.sum(xlogy(b_t, b_t) - b_t * jnp.log(b_s), axis=-1)
+    log_b_s, log_b_t = log_binary(s), log_binary(t)
+    b_t = jnp.exp(log_b_t)
+    tckd = jnp.sum(jnp.where(b_t > 0, b_t * (log_b_t - log_b_s), 0.0), axis=-1)
     nckd = kl_rows(jnp.where(gt, _NEG, t), jnp.where(gt, _NEG, s))
     return temperature ** 2 * batch_mean(alpha * tckd + beta * nckd, batch)
 
@@ -78,9 +84,7 @@ def _pearson_rows(a, b, w, eps):
     n = jnp.maximum(jnp.sum(w), 1.0)
     a = (a - jnp.sum(a * w[None, :], -1, keepdims=True) / n) * w[None, :]
     b = (b - jnp.sum(b * w[None, :], -1, keepdims=True) / n) * w[None, :]
-    norm_a = jnp.sqrt(jnp.sum(a * a, -1))
-    norm_b = jnp.sqrt(jnp.sum(b * b, -1))
-    return jnp.sum(a * b, -1) / (norm_a * norm_b + eps)
+    return jnp.sum(a * b, -1) / (norm_or_zero(a) * norm_or_zero(b) + eps)
 
 
 @register("dist", taps=LOGITS)

@@ -180,3 +180,22 @@ def check_pairs(loss: str, student, teacher):
 def f32(x):
     """`x` as a float32 array (models may sow bfloat16 features)."""
     return jnp.asarray(x).astype(jnp.float32)
+
+
+def norm_or_zero(x, axis=-1, keepdims=False):
+    """|x|_2 along `axis`, with torch's zero subgradient at x = 0.
+
+    `jnp.sqrt`'s derivative at 0 is infinite, and the zero cotangent it meets there
+    (a masked or zero-padded row, a constant softmax row) makes 0 * inf = NaN, which a
+    later matmul or sum spreads over the whole gradient.
+    """
+    sq = jnp.sum(x * x, axis=axis, keepdims=keepdims)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def nonzero_divisor(x):
+    """`x` where it is nonzero, else 1: for a sum that is 0 exactly when what it divides is 0
+    (a masked row's total, a mean over no pairs); a clamp like max(x, 1e-30) keeps the
+    value but its gradient 1/x^2 overflows to inf."""
+    return jnp.where(x != 0, x, 1.0)

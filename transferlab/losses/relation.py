@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from transferlab import errors
 from transferlab.losses.feature import l2_normalize
-from transferlab.losses.registry import batch_mean, f32, register, sample_weights
+from transferlab.losses.registry import batch_mean, f32, nonzero_divisor, norm_or_zero, register, sample_weights
 
 FEATURES = ("features", "features")
 
@@ -84,7 +84,7 @@ def rkd(student, teacher, batch, *, w_dist=25.0, w_angle=50.0, eps=1e-12):
 
     def dist(e):
         d = _pair_distances(e, eps)
-        return d / (jnp.sum(d * off_w) / jnp.maximum(jnp.sum(off_w), 1.0))
+        return d / nonzero_divisor(jnp.sum(d * off_w) / jnp.maximum(jnp.sum(off_w), 1.0))  # 1 valid row: no pairs
 
     loss_d = jnp.sum(_huber(dist(s) - dist(t)) * pair_w) / n ** 2
     triple_w = pair_w[:, :, None] * w[None, None, :]
@@ -107,9 +107,9 @@ def pkt(student, teacher, batch, *, eps=1e-7):
 
     def cond_prob(x):
         x = _flat(x)
-        x = x / (jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)) + eps)
+        x = x / (norm_or_zero(x, keepdims=True) + eps)
         sim = (x @ x.T + 1.0) / 2.0 * pair_w
-        return sim / jnp.maximum(jnp.sum(sim, axis=-1, keepdims=True), 1e-30)
+        return sim / nonzero_divisor(jnp.sum(sim, axis=-1, keepdims=True))  # a masked row sums to 0
 
     p_s, p_t = cond_prob(student), cond_prob(teacher)
     per = p_t * jnp.log((p_t + eps) / (p_s + eps))
