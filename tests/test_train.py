@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -314,3 +315,25 @@ def test_closed_loop_callback_errors_are_dropped_and_others_pass_through(monkeyp
                                            err_msg=None, object=None))
     assert [type(e) for e in seen] == [RuntimeError, RuntimeError, ValueError, ValueError]
     assert seen[0] is other and seen[1] is other
+
+
+def test_best_checkpoint_is_recorded_on_disk_and_survives_a_restart(tmp_path):
+    """The best validation step is read back by a new process and kept by its preservation policy
+    (Orbax persists step metrics only with `best_fn`; without it the best was forgotten and deleted)."""
+    state = {"w": jnp.zeros((3,), jnp.float32)}
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+    for step, score in [(1, 0.5), (2, 0.9), (3, None), (4, 0.6)]:
+        ckpt.save(step, {"w": state["w"] + step}, {"position": step}, score)
+    ckpt.wait()
+    ckpt.close()
+    again = checkpoint.Checkpointer(str(tmp_path), keep=2)  # a restarted run
+    assert again.best_step() == 2
+    for step, score in [(5, 0.7), (6, None), (7, 0.1)]:
+        again.save(step, {"w": state["w"] + step}, {"position": step}, score)
+    again.wait()
+    assert again.best_step() == 2 and 2 in again.manager.all_steps()
+    assert sorted(again.manager.all_steps())[-2:] == [6, 7]
+    target = {"w": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    restored, data = again.restore(2, target)
+    assert float(restored["w"][0]) == 2.0 and data == {"position": 2}
+    again.close()

@@ -23,7 +23,8 @@ from transferlab.errors import UserError
 
 
 def _metric_fn(metrics) -> float:
-    return float(metrics["selection_metric"])
+    """A checkpoint's validation score for `BestN`; -inf for one saved between evaluations."""
+    return float(metrics["selection_metric"]) if metrics and "selection_metric" in metrics else float("-inf")
 
 
 def _is_closed_loop_callback(exc_type, exc, tb) -> bool:
@@ -66,8 +67,10 @@ class Checkpointer:
             policies.LatestN(n=keep),
             policies.BestN(get_metric_fn=_metric_fn, n=1, keep_checkpoints_without_metrics=False),
         ])
+        # best_fn makes Orbax write each step's metrics to disk: without it `BestN` ranks only the
+        # saves of this process, `metrics(step)` is None, and a restart forgets (and deletes) the best.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, create=not read_only, read_only=read_only,
+            preservation_policy=policy, best_fn=_metric_fn, create=not read_only, read_only=read_only,
             enable_async_checkpointing=not read_only)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -83,7 +86,7 @@ class Checkpointer:
         return max(scored)[1] if scored else None
 
     def save(self, step: int, state, data_state, selection_metric: float | None = None) -> None:
-        metrics = None if selection_metric is None else {"selection_metric": float(selection_metric)}
+        metrics = {} if selection_metric is None else {"selection_metric": float(selection_metric)}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), metrics=metrics)
 
