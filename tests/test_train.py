@@ -154,7 +154,9 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
     assert steps == sorted(set(steps))  # no duplicated records after the resume
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_and_exit_cleanly(tmp_path, data_dir, signum, code):
+    """A preemption (SIGTERM, exit 0) or Ctrl-C (exit 130): the step finishes, a checkpoint is saved."""
     workdir = str(tmp_path / "run")
     args = ["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI,
             "--config.total_steps=100000", "--config.checkpoint_every_steps=0", "--config.eval_every_steps=0"]
@@ -164,12 +166,31 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "preempted" in out
+    assert proc.returncode == code, err
+    assert f"stopped ({signal.Signals(signum).name}) at step" in out and "Traceback" not in err
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     assert ckpt.latest_step() and ckpt.latest_step() > 0
+
+
+def test_a_signal_between_study_runs_starts_no_further_run(tmp_path, monkeypatch):
+    """SIGTERM during a run's final evaluation (after its loop) stops the study before the next run."""
+    from transferlab import preemption
+    flag = preemption.StopFlag()
+    monkeypatch.setattr(preemption, "_FLAG", flag)
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))
+    config.study.arms = ({"name": "a", "overrides": {}}, {"name": "b", "overrides": {}})
+    trained = []
+
+    def train_fn(cfg, run_dir):
+        trained.append(os.path.relpath(run_dir, tmp_path))
+        flag.signum = signal.SIGTERM  # arrives while this run evaluates and writes its results
+        return {"test": {}}
+
+    out = study.run_study(config, str(tmp_path), train_fn)
+    assert trained == [os.path.join("a", "seed_0")]
+    assert out == {"preempted_at_step": None, "signal": "SIGTERM", "before": "b seed 0"}
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):

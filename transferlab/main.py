@@ -22,6 +22,7 @@ CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGTERM, a preemption, exits 0: the scheduler may requeue it)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -56,7 +57,8 @@ def run(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)
     _configure_environment()
-    from transferlab import config as config_lib, provenance
+    from transferlab import config as config_lib, preemption, provenance
+    preemption.install()  # SIGTERM / Ctrl-C from here on: finish the step, save, stop
     provenance.git_commit()  # the commit of the code this process imported (read once, see provenance)
     from transferlab.errors import NonFiniteLoss, UserError
 
@@ -88,8 +90,16 @@ def run(argv=None) -> int:
     except NonFiniteLoss as e:
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    except KeyboardInterrupt:  # a second Ctrl-C (preemption.StopFlag): no further save
+        print("transferlab: interrupted; the last complete checkpoint is kept, rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if "preempted_at_step" in out:
-        print(f"preempted at step {out['preempted_at_step']}; rerun the same command to resume", flush=True)
+        where = (f"at step {out['preempted_at_step']}" if out["preempted_at_step"] is not None
+                 else f"before {out['before']}")
+        signal_name = out.get("signal", "SIGTERM")
+        print(f"stopped ({signal_name}) {where}; rerun the same command to resume", flush=True)
+        return EXIT_INTERRUPTED if signal_name == "SIGINT" else 0
     return 0
 
 

@@ -7,8 +7,11 @@ import json
 import math
 import os
 import sys
+import time
 
 import jax
+
+from transferlab import files
 
 
 def _plain(value):
@@ -29,9 +32,9 @@ class MetricWriter:
             return
         _truncate_after(self.path, start_step)  # a killed run may have logged past its last checkpoint
         self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if tensorboard:  # a resume purges the earlier files' events after the checkpoint (they are logged again)
+            self._tb = _TensorBoard(os.path.join(workdir, "tensorboard"),
+                                    purge_from=start_step + 1 if start_step >= 0 else None)
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
@@ -48,14 +51,21 @@ class MetricWriter:
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, int(step))
+                    self._tb.scalar(key, value, int(step))
         shown = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-        text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        text = " ".join([f"{k}={v:.4g}" for k, v in shown.items()] +
+                        [str(v) for v in record.values() if isinstance(v, str)])  # events
         if self._bar is not None:
             self._bar.set_postfix_str(text[:120], refresh=False)
             self._bar.write(f"step {step}: {text}") if any(k.startswith("eval/") for k in shown) else None
         else:
             print(f"[{os.path.basename(os.path.dirname(self.path))}] step {step}: {text}", flush=True)
+
+    def flush(self) -> None:
+        """Puts TensorBoard's buffered events on disk (with each checkpoint: a kill loses only what the
+        resume logs again)."""
+        if self._tb is not None:
+            self._tb.flush()
 
     def advance(self, step: int) -> None:
         """Moves the progress bar to `step`."""
@@ -72,6 +82,32 @@ class MetricWriter:
             self._bar.close()
 
 
+class _TensorBoard:
+    """Scalars to a tfevents file, written synchronously: tensorboardX's SummaryWriter queues events for a
+    thread that its flush() does not drain, so a killed run lost whatever was still queued for good."""
+
+    def __init__(self, logdir: str, purge_from: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar
+
+        os.makedirs(logdir, exist_ok=True)
+        self._event, self._summary = Event, scalar
+        self._writer = EventsWriter(os.path.join(logdir, "events"))
+        if purge_from is not None:  # TensorBoard's restart marker: drop earlier files' events from this step on
+            self._writer.write_event(Event(wall_time=time.time(), step=purge_from,
+                                           session_log=SessionLog(status=SessionLog.START)))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=self._summary(tag, value)))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def _truncate_after(path: str, step: int) -> None:
     """Drops records with step > `step` (written after the checkpoint a resume starts from)."""
     if not os.path.exists(path):
@@ -82,11 +118,11 @@ def _truncate_after(path: str, step: int) -> None:
     for line in lines:
         try:
             if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError):
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
             continue  # a torn last line from a kill
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
+    if kept != lines:
+        files.write_text(path, "".join(kept))  # atomic: a kill now leaves the old file, never an empty one
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 
-from transferlab import config as config_lib, report
+from transferlab import config as config_lib, preemption, report
 
 
 def _substitute(value, workdir: str, seed: int):
@@ -79,12 +79,16 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
         if os.path.exists(os.path.join(run_dir, "results.json")):
             print(f"[study] {arm} seed {seed}: already finished, skipped", flush=True)
             continue
+        if stop := preemption.requested():  # a signal during the previous run's evaluation or start-up
+            return {"preempted_at_step": None, "signal": stop.name, "before": f"{arm} seed {seed}"}
         print(f"[study] {arm} seed {seed}: training in {run_dir}", flush=True)
         out = train_fn(run_config, run_dir)
         if "preempted_at_step" in out:
             return out
     arms = [arm for arm, _, _ in runs]
     for ens in config.study.ensembles:
+        if stop := preemption.requested():
+            return {"preempted_at_step": None, "signal": stop.name, "before": f"ensemble {ens['name']}"}
         _run_ensemble(ens, runs, workdir)
         arms.append(ens["name"])
     return report.write_study_report(workdir, arms, title=config.study.title,

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 import transferlab
-from transferlab import checkpoint, config as config_lib, data, files, parallel, provenance
+from transferlab import checkpoint, config as config_lib, data, files, parallel, preemption, provenance
 from transferlab.data import augment
 from transferlab.errors import ConfigError, NonFiniteLoss, UserError
 from transferlab.metrics import MetricWriter
@@ -165,7 +165,7 @@ class Trainer:
         frozen = self.task.load_frozen(self.mesh, self.abstract_images)
         self.compile(frozen)
         ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-        writer = stop = None
+        writer = None
         try:
             train_iter = self.train_iterator()
             latest = ckpt.latest_step()
@@ -183,15 +183,13 @@ class Trainer:
             writer = MetricWriter(workdir, config.total_steps, start_step=start if latest is not None else -1)
             if latest is not None:
                 writer.write(start, {"event": "resumed"})
-            stop = _SigtermFlag()
-            state = self._loop(state, frozen, train_iter, ckpt, writer, start, stop)
+            with preemption.handling_signals() as stop:
+                state = self._loop(state, frozen, train_iter, ckpt, writer, start, stop)
             if stop.raised:
                 ckpt.wait()
-                return {"preempted_at_step": int(state["step"])}
+                return {"preempted_at_step": int(state["step"]), "signal": stop.name}
             return self._finish(state, frozen, ckpt, writer, time.time() - start_time)
         finally:
-            if stop is not None:
-                stop.restore()
             ckpt.wait()
             ckpt.close()
             if writer is not None:
@@ -243,8 +241,9 @@ class Trainer:
             if save_now:
                 self._check_finite(step, metrics, ckpt)
                 ckpt.save(step, state, train_iter.get_state(), selection_metric)
+                writer.flush()
             if stop.raised:
-                writer.write(step, {"event": "preempted (SIGTERM): checkpoint saved"})
+                writer.write(step, {"event": f"stopped ({stop.name}): checkpoint saved"})
                 break
             if step == _FAULT_KILL_AT_STEP:  # fault injection for the kill-and-resume test
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -295,25 +294,6 @@ def check_config(config, devices=None) -> None:
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains (or resumes) one run in `workdir` and returns its results."""
     return Trainer(config, workdir, devices).run()
-
-
-class _SigtermFlag:
-    """Set by SIGTERM (preemption): the loop finishes its step, saves, and exits cleanly."""
-
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            pass
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def write_config(config, workdir: str) -> None:

@@ -1,0 +1,76 @@
+"""Graceful stops: SIGTERM (a scheduler's preemption) and Ctrl-C finish the step, save, and exit.
+
+`python -m transferlab.main` calls `install()` first thing, so a signal is noted wherever it
+arrives (imports, compilation, a teacher-cache build, between a study's runs): the train loop
+saves at the end of its current step and returns, a study starts no further run. A second
+Ctrl-C stops at once (`KeyboardInterrupt`; the last complete checkpoint is kept). In-process
+callers (tests, notebooks) that never call `install()` get a SIGTERM handler for the duration of
+each `Trainer.run` (`handling_signals`), and Ctrl-C keeps Python's meaning there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+
+class StopFlag:
+    """Which stop signal arrived first (None: none yet)."""
+
+    def __init__(self):
+        self.signum = None
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def handle(self, signum, frame):  # noqa: ARG002  (signal handler signature)
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if self.signum is None:
+            self.signum = signum
+            again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+            print(f"transferlab: {self.name}: finishing the current step, saving a checkpoint, then stopping"
+                  f"{again}", file=sys.stderr, flush=True)
+
+
+_FLAG: StopFlag | None = None
+
+
+def install() -> StopFlag:
+    """The process-wide flag, set by SIGTERM and SIGINT from now on (main thread only; idempotent)."""
+    global _FLAG
+    if _FLAG is None:
+        flag = StopFlag()
+        signal.signal(signal.SIGTERM, flag.handle)
+        signal.signal(signal.SIGINT, flag.handle)
+        _FLAG = flag
+    return _FLAG
+
+
+def requested() -> StopFlag | None:
+    """The installed flag if a stop signal has arrived, else None."""
+    return _FLAG if _FLAG is not None and _FLAG.raised else None
+
+
+@contextlib.contextmanager
+def handling_signals():
+    """The installed flag; without one, a flag set by SIGTERM for the duration of the block."""
+    if _FLAG is not None:
+        yield _FLAG
+        return
+    flag, previous = StopFlag(), None
+    try:
+        previous = signal.signal(signal.SIGTERM, flag.handle)
+    except ValueError:  # not the main thread: no handler, the flag stays unset
+        pass
+    try:
+        yield flag
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
