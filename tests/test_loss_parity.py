@@ -93,7 +93,9 @@ def test_value_and_grad_match_peer(case):
 
 def test_kd_is_torchdistill_times_t_squared():
     g = load("kd")
-    assert float(g["scale"]) == json.loads(str(g["hparams"]))["temperature"] ** 2 == 16.0
+    assert float(g["scale"]) == json.loads(str(g["hparams"]))["temperature"] ** 2
+    if not os.environ.get("TRANSFERLAB_PARITY_DATA"):  # the committed golden is at the default T = 4
+        assert float(g["scale"]) == 16.0
 
 
 def test_sp_paper_and_torchdistill_differ():

@@ -8,7 +8,8 @@ Run by hand with the peer venv (NOT the project venv), from the repo root:
     /work/peer-venv/bin/python tests/parity/make_loss_goldens.py
 
 Parity on other inputs: `--seed N --out DIR` draws every case's inputs afresh
-(seed 0, the default, is the committed goldens) into DIR, and
+(seed 0, the default, is the committed goldens) into DIR, and for seeds other than 0
+also each case's hyper-parameters off their defaults (ranges in tests/parity/README.md);
 `TRANSFERLAB_PARITY_DATA=DIR pytest tests/test_loss_parity.py` checks our losses
 against them.
 
@@ -47,6 +48,26 @@ def rng_for(name):
     """A generator seeded from the case name (stable across runs and machines) and --seed."""
     base = sum(map(ord, name)) * 7919
     return np.random.default_rng(base if SEED == 0 else (base, SEED))
+
+
+def hp_rng(name):
+    """The hparam draws' own generator: drawing them leaves each seed's inputs as they were."""
+    return rng_for(name + "/hparams")
+
+
+def draw(r, default, lo, hi, also=None):
+    """`default` for seed 0; other seeds draw uniformly in [lo, hi] on a 1/64 grid (exact in float32, so
+    the peer's float64 and our float32 see the same value), or `also` one time in four when given."""
+    if SEED == 0:
+        return default
+    if also is not None and r.random() < 0.25:
+        return float(also)
+    return float(np.round(r.uniform(lo, hi) * 64) / 64)
+
+
+def pick(r, default, choices):
+    """`default` for seed 0, else one of `choices`."""
+    return default if SEED == 0 else choices[int(r.integers(len(choices)))]
 
 
 def t64(a, nhwc=False, grad=False):
@@ -97,7 +118,8 @@ def io(path, x, key="output"):
 def case_kd():
     r = rng_for("kd")
     b, c, sc = logit_shape(r)
-    s, t, temp = logits(r, b, c, sc), logits(r, b, c, sc), 4.0
+    s, t = logits(r, b, c, sc), logits(r, b, c, sc)
+    temp = draw(hp_rng("kd"), 4.0, 1.0, 8.0, also=1.0)  # scale T^2 below follows the drawn T
     xs = t64(s, grad=True)
     loss = td.KDLoss("s", "output", "t", "output", temperature=temp, alpha=None, beta=1.0)(
         io("s", xs), io("t", t64(t)))
@@ -123,7 +145,9 @@ def case_dkd():
     b, c, sc = logit_shape(r)
     s, t = logits(r, b, c, sc), logits(r, b, c, sc)
     y = r.integers(0, c, b).astype(np.int32)
-    hp = {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
+    h = hp_rng("dkd")  # mdistiller: alpha 1, beta 8 (CIFAR) / alpha 0.5, beta 0.5 (ImageNet), T 4
+    hp = {"alpha": draw(h, 1.0, 0.25, 2.0), "beta": draw(h, 8.0, 0.5, 10.0),
+          "temperature": draw(h, 4.0, 1.0, 8.0, also=1.0)}
     xs = t64(s, grad=True)
     loss = dkd_reference(xs, t64(t), torch.tensor(y, dtype=torch.long), hp["alpha"], hp["beta"], hp["temperature"])
     loss.backward()
@@ -146,7 +170,8 @@ def case_dist():
     r = rng_for("dist")
     b, c, sc = logit_shape(r, 16, 12)
     s, t = logits(r, b, c, sc), logits(r, b, c, sc)
-    hp = {"beta": 1.0, "gamma": 2.0, "tau": 2.0}
+    h = hp_rng("dist")  # the paper: beta = gamma = tau = 1 (ImageNet), beta = gamma = 2, tau = 4 (CIFAR)
+    hp = {"beta": draw(h, 1.0, 0.25, 4.0), "gamma": draw(h, 2.0, 0.25, 4.0), "tau": draw(h, 2.0, 1.0, 8.0, also=1.0)}
     xp = t64(s, grad=True)
     paper = dist_paper(xp, t64(t), **hp)
     paper.backward()
@@ -168,7 +193,8 @@ def case_dist():
 def case_kd_std():
     r = rng_for("kd_std")
     b, c, sc = logit_shape(r)
-    s, t, temp = logits(r, b, c, sc), logits(r, b, c, sc), 2.0
+    s, t = logits(r, b, c, sc), logits(r, b, c, sc)
+    temp = draw(hp_rng("kd_std"), 2.0, 1.0, 8.0, also=1.0)
     xs = t64(s, grad=True)
     loss = td.LogitStdKDLoss("s", "output", "t", "output", temperature=temp, alpha=None, beta=1.0)(
         io("s", xs), io("t", t64(t)))
@@ -192,7 +218,8 @@ def case_cwtm():
 
 def case_class_relation():
     r = rng_for("class_relation")
-    s, t, temp = logits(r, c=15, scale=1.0), logits(r, c=10, scale=1.0), 4.0
+    s, t = logits(r, c=15, scale=1.0), logits(r, c=10, scale=1.0)
+    temp = draw(hp_rng("class_relation"), 4.0, 1.0, 8.0, also=1.0)
     xs = t64(s, grad=True)
     tt = t64(t)
     k = t.shape[1]
@@ -213,7 +240,8 @@ def case_class_relation():
 def case_trilateral():
     r = rng_for("trilateral")
     b, c, sc = logit_shape(r)
-    s, t, temp = logits(r, b, c, sc), logits(r, b, c, sc), 4.0
+    s, t = logits(r, b, c, sc), logits(r, b, c, sc)
+    temp = draw(hp_rng("trilateral"), 4.0, 1.0, 8.0, also=1.0)
     y = r.integers(0, c, b).astype(np.int32)
     ratio = r.uniform(0, 1, b).astype(np.float32)
     xs = t64(s, grad=True)
@@ -241,6 +269,20 @@ def case_fitnet():
          "torch MSELoss (torchdistill's FitNet criterion, mdistiller F.mse_loss)")
 
 
+def at_stage(fs, ft, p):
+    """One stage of the authors' at_loss, mean (Q(s) - Q(t))^2, with Q from mean_c |f|^p (the paper's
+    F^p_sum; their code and torchdistill have p = 2 and mdistiller's f^p is signed). No exact zeros here."""
+    def att(f):
+        return F.normalize(f.abs().pow(p).mean(1).flatten(1))
+    return (att(fs) - att(ft)).pow(2).mean()
+
+
+def at_hparams(name, beta):
+    """p in {1.5, 2, 3} (not 1: |f| has no derivative at 0) and beta in [1, 2000] for seeds other than 0."""
+    h = hp_rng(name)
+    return pick(h, 2.0, [1.5, 2.0, 3.0]), draw(h, beta, 1.0, 2000.0)
+
+
 def case_at():
     r = rng_for("at")
     shapes_s = [(4, 16, 16, 8), (4, 8, 8, 16), (4, 4, 4, 32)]
@@ -252,11 +294,16 @@ def case_at():
                        "weight": 1} for i in range(3)}
     s_io = {f"s{i}": {"output": x} for i, x in enumerate(xs)}
     t_io = {f"t{i}": {"output": t64(a, nhwc=True)} for i, a in enumerate(t)}
-    loss = td.ATLoss(pairs, mode="code")(s_io, t_io)
+    p, beta = at_hparams("at", 1000.0)
+    if p == 2.0:
+        loss, peer = td.ATLoss(pairs, mode="code")(s_io, t_io), "torchdistill ATLoss(mode='code'), pair weights 1"
+    else:  # torchdistill's ATLoss has p = 2 only
+        loss = sum(at_stage(s_io[f"s{i}"]["output"], t_io[f"t{i}"]["output"], p) for i in range(3))
+        peer = f"authors' at_loss formula with |f|^{p} (torch), summed over 3 stages"
     loss.backward()
     inputs = {**{f"student_{i}": a for i, a in enumerate(s)}, **{f"teacher_{i}": a for i, a in enumerate(t)}}
-    save("at", "at", {"p": 2.0, "beta": 1000.0}, loss, [grad_nhwc(x) for x in xs], inputs,
-         "torchdistill ATLoss(mode='code'), pair weights 1; ours multiplies by beta", scale=1000.0)
+    save("at", "at", {"p": p, "beta": beta}, loss, [grad_nhwc(x) for x in xs], inputs,
+         peer + "; ours multiplies by beta", scale=beta)
 
 
 def case_at_pool():
@@ -265,15 +312,11 @@ def case_at_pool():
     s = [r.standard_normal((4, 10, 10, 8)).astype(np.float32)]
     t = [r.standard_normal((4, 4, 4, 16)).astype(np.float32)]
     xs = t64(s[0], nhwc=True, grad=True)
-
-    def att(f):
-        return F.normalize(f.pow(2).mean(1).flatten(1))
-
-    pooled = F.adaptive_avg_pool2d(xs, (4, 4))
-    loss = (att(pooled) - att(t64(t[0], nhwc=True))).pow(2).mean()
+    p, beta = at_hparams("at_pool", 1.0)
+    loss = at_stage(F.adaptive_avg_pool2d(xs, (4, 4)), t64(t[0], nhwc=True), p)
     loss.backward()
-    save("at_pool", "at", {"p": 2.0, "beta": 1.0}, loss, [grad_nhwc(xs)],
-         {"student_0": s[0], "teacher_0": t[0]}, "mdistiller single_stage_at_loss formula (torch)")
+    save("at_pool", "at", {"p": p, "beta": beta}, loss, [grad_nhwc(xs)],
+         {"student_0": s[0], "teacher_0": t[0]}, "mdistiller single_stage_at_loss formula (torch)", scale=beta)
 
 
 def nd_reference(s, t, centers, y):
@@ -321,16 +364,22 @@ def case_reviewkd():
     s = [r.standard_normal(sh).astype(np.float32) for sh in shapes]
     t = [r.standard_normal(sh).astype(np.float32) for sh in shapes]
     xs = [t64(a, nhwc=True, grad=True) for a in s]
+    # seeds other than 0: 1-3 distinct sizes from 6, 4, 3, 2, 1, largest first (k >= H is skipped; 3 on
+    # the 5x5 map gives overlapping bins)
+    h = hp_rng("reviewkd")
+    sizes = [4, 2, 1] if SEED == 0 else sorted(map(int, h.choice([6, 4, 3, 2, 1], h.integers(1, 4), replace=False)),
+                                               reverse=True)
+    hp = {} if SEED == 0 else {"pool_sizes": sizes}
     loss = 0.0
     for x, a in zip(xs, t):
-        hcl = td.HierarchicalContextLoss("s", "output", "t", "output", reduction="mean", output_sizes=[4, 2, 1])
+        hcl = td.HierarchicalContextLoss("s", "output", "t", "output", reduction="mean", output_sizes=sizes)
         x4 = x if x.ndim == 4 else x[:, :, None, None]
         ta = t64(a, nhwc=True)
         ta = ta if ta.ndim == 4 else ta[:, :, None, None]
         loss = loss + hcl(io("s", (x4, None)), io("t", ta))
     loss.backward()
     inputs = {**{f"student_{i}": a for i, a in enumerate(s)}, **{f"teacher_{i}": a for i, a in enumerate(t)}}
-    save("reviewkd", "reviewkd", {}, loss, [grad_nhwc(x) for x in xs], inputs,
+    save("reviewkd", "reviewkd", hp, loss, [grad_nhwc(x) for x in xs], inputs,
          "torchdistill HierarchicalContextLoss per pair, summed (ReviewKD hcl)")
 
 
@@ -366,21 +415,27 @@ def case_rkd():
     r = rng_for("rkd")
     s = r.standard_normal((8, 12)).astype(np.float32)
     t = (r.standard_normal((8, 20)) * 2.0).astype(np.float32)
+    h = hp_rng("rkd")  # a weight of 0 (that term off) one time in four, never both
+    w_dist = draw(h, 25.0, 1.0, 50.0, also=0.0)
+    w_angle = draw(h, 50.0, 1.0, 100.0, also=0.0 if w_dist else None)
     xs = t64(s, grad=True)
-    loss = td.RKDLoss("s", "t", dist_factor=25.0, angle_factor=50.0, reduction="mean")(io("s", xs), io("t", t64(t)))
+    rkd = td.RKDLoss("s", "t", dist_factor=w_dist, angle_factor=w_angle, reduction="mean")
+    loss = rkd(io("s", xs), io("t", t64(t)))
     loss.backward()
-    save("rkd", "rkd", {"w_dist": 25.0, "w_angle": 50.0}, loss, [grad_nhwc(xs)], {"student": s, "teacher": t},
-         "torchdistill RKDLoss(dist_factor=25, angle_factor=50)")
+    save("rkd", "rkd", {"w_dist": w_dist, "w_angle": w_angle}, loss, [grad_nhwc(xs)], {"student": s, "teacher": t},
+         f"torchdistill RKDLoss(dist_factor={w_dist:g}, angle_factor={w_angle:g})")
 
 
 def case_pkt():
     r = rng_for("pkt")
     s = r.standard_normal((8, 12)).astype(np.float32)
     t = r.standard_normal((8, 20)).astype(np.float32)
+    eps = pick(hp_rng("pkt"), 1e-7, [1e-8, 1e-6, 1e-5, 1e-4, 1e-3])  # torchdistill's default 1e-7
+    hp = {} if SEED == 0 else {"eps": eps}
     xs = t64(s, grad=True)
-    loss = td.PKTLoss("s", "output", "t", "output")(io("s", xs), io("t", t64(t)))
+    loss = td.PKTLoss("s", "output", "t", "output", eps=eps)(io("s", xs), io("t", t64(t)))
     loss.backward()
-    save("pkt", "pkt", {}, loss, [grad_nhwc(xs)], {"student": s, "teacher": t}, "torchdistill PKTLoss")
+    save("pkt", "pkt", hp, loss, [grad_nhwc(xs)], {"student": s, "teacher": t}, "torchdistill PKTLoss")
 
 
 def case_crd():
@@ -393,8 +448,11 @@ def case_crd():
     mem_t = r.uniform(-stdv, stdv, (n, d)).astype(np.float32)
     pos = r.choice(n, b, replace=False).astype(np.int32)
     idx = np.concatenate([pos[:, None], r.integers(0, n, (b, k))], 1).astype(np.int32)
+    # nce_t in [0.03, 0.5] (0.07 in the paper); momentum stays 0.5: it is no loss hparam, and the test's
+    # crd_update_memory check uses 0.5
+    temp = draw(hp_rng("crd"), 0.07, 0.03, 0.5)
     crd = td.CRDLoss("s", "e", "t", input_size=d, output_size=n, num_negative_samples=k, num_samples=n,
-                     temperature=0.07, momentum=0.5)
+                     temperature=temp, momentum=0.5)
     crd = crd.double()
     crd.memory_v1.copy_(t64(mem_s))
     crd.memory_v2.copy_(t64(mem_t))
@@ -412,7 +470,7 @@ def case_crd():
              "memory_student_after": crd.memory_v1.detach().numpy().astype(np.float32),
              "memory_teacher_after": crd.memory_v2.detach().numpy().astype(np.float32),
              "z": np.array([crd.params[2].item(), crd.params[3].item()])}
-    save("crd", "crd", {"temperature": 0.07}, loss, [grad_nhwc(xs)],
+    save("crd", "crd", {"temperature": temp}, loss, [grad_nhwc(xs)],
          {"student": s, "teacher": t, "batch_crd_memory_student": mem_s, "batch_crd_memory_teacher": mem_t,
           "batch_crd_contrast_idx": idx, "batch_index": pos},
          "torchdistill CRDLoss with given contrast_idx (embeddings L2-normalized in the graph)", extra=extra)
