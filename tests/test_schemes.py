@@ -149,6 +149,16 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
         <= teacher_cache.AGREEMENT_ATOL
     results = train_and_evaluate(kd(True), str(tmp_path / "run"))
     assert results["test"]["accuracy"] > 0.3
+    # the teacher retrained in place (same directory and step): a new cache file, made from the new weights
+    shutil.rmtree(teacher_dir)
+    train_and_evaluate(config_lib.from_dict(base(model=teacher, total_steps=10, seed=1)), teacher_dir)
+    again = Trainer(kd(True), str(tmp_path / "c2"))
+    frozen_again = again.task.load_frozen(again.mesh, again.abstract_images)
+    assert len(os.listdir(os.path.join(cache_dir, "transferlab_teacher_cache"))) == 2
+    assert teacher_cache.verify(np.asarray(frozen_again["cache"][0]), again.task.teachers[0],
+                                Trainer(kd(False), str(tmp_path / "l2")).task.load_frozen(
+                                    again.mesh, again.abstract_images)["teachers"][0],
+                                again.config, again.mesh, 64) <= teacher_cache.AGREEMENT_ATOL
     from transferlab.errors import ConfigError
     with pytest.raises(ConfigError, match="fixed inputs"):
         Trainer(kd(True, augment={"flip": True}), str(tmp_path / "bad"))

@@ -5,9 +5,10 @@ Valid only when the student sees the same fixed inputs the cache was made from,
 so it requires augmentation off (no crop, flip, mixup or cutmix) and logits-only
 distillation terms. Files live at
 `<data_dir>/transferlab_teacher_cache/<dataset>-<split>-<key>.npy`, where the key
-hashes the teacher's architecture, checkpoint directory and selected step; they
-are written atomically and reused by later runs. On creation the cached rows of
-the first batch are checked against a live teacher forward.
+hashes the teacher's architecture, checkpoint directory, selected step and weights
+(`weights_fingerprint`: a teacher retrained in the same directory gets a new file);
+they are written atomically and reused by later runs. On creation the cached rows
+of the first batch are checked against a live teacher forward.
 """
 
 from __future__ import annotations
@@ -38,9 +39,19 @@ def check_cacheable(config, terms) -> None:
                               f"{term.teacher_tap!r}; only logits are cached")
 
 
-def cache_path(config, section, step, split) -> str:
+def weights_fingerprint(variables) -> str:
+    """A digest of the bytes of the teacher's params and statistics (gathered to every process when the
+    arrays are sharded over several), so equal weights give the same file on any mesh."""
+    digest = hashlib.sha1()
+    for x in jax.tree.leaves(variables):
+        digest.update(np.ascontiguousarray(_host(x)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_path(config, section, step, split, weights: str) -> str:
     key = json.dumps({"name": section.name, "kwargs": dict(section.kwargs), "dtype": section.dtype,
-                      "checkpoint": os.path.abspath(section.checkpoint), "step": step}, sort_keys=True)
+                      "checkpoint": os.path.abspath(section.checkpoint), "step": step, "weights": weights},
+                     sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     root = data.resolve_data_dir(config.dataset.data_dir or None) / "transferlab_teacher_cache"
     return str(root / f"{config.dataset.name.replace('/', '_')}-{split}-{digest}.npy")
@@ -68,7 +79,7 @@ def _host(x):
 
 
 def load_or_build(model, variables, section, step, config, mesh, batch_size) -> np.ndarray:
-    path = cache_path(config, section, step, config.dataset.train_split)
+    path = cache_path(config, section, step, config.dataset.train_split, weights_fingerprint(variables))
     if os.path.exists(path):
         return np.load(path)
     table = teacher_logits_table(model, variables, config, mesh, batch_size)
