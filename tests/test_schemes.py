@@ -117,6 +117,7 @@ def test_born_again_generations_and_their_ensemble(tmp_path, data_dir):
     assert set(rows) == {"gen0", "gen1", "gen2", "ensemble"}
     ens = json.load(open(os.path.join(workdir, "ensemble", "seed_0", "results.json")))
     assert ens["test"]["count"] == 360 and 0.0 < ens["test"]["accuracy"] <= 1.0
+    assert ens["environment"]["jax"] == jax.__version__  # the study's environment line counts it too
 
 
 def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):

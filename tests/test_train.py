@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from transferlab import checkpoint, config as config_lib, parallel, study, train
-from transferlab.errors import ConfigError
+from transferlab.errors import ConfigError, UserError
 from transferlab.metrics import read_jsonl
 from transferlab.train import Trainer, train_and_evaluate
 
@@ -233,19 +234,31 @@ def test_workdir_that_cannot_be_created_is_a_clear_error(tmp_path):
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     assert cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI]).returncode == 0
-    proc = cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI,
-                "--config.model.kwargs.hidden_sizes=(16,)", "--config.total_steps=40"])
-    assert proc.returncode == 2 and "checkpoint" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    changed = ["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI,
+               "--config.model.kwargs.hidden_sizes=(16,)"]
+    proc = cli(changed)  # the saved config.json names the change
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "different config (model.kwargs.hidden_sizes: saved [32], now [16])" in proc.stderr
     with open(os.path.join(workdir, "config.json")) as f:  # nothing already written is lost
         assert json.load(f)["model"]["kwargs"]["hidden_sizes"] == [32]
-    assert cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI,
-                "--config.total_steps=30"]).returncode == 0  # the original config still resumes
+    saved = {name: open(os.path.join(workdir, name)).read() for name in ("config.json", "results.json")}
+    for name in saved:  # without config.json the checkpoint's own shapes are checked
+        os.remove(os.path.join(workdir, name))
+    proc = cli(changed)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "checkpoint" in proc.stderr and "does not match this config" in proc.stderr
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    proc = cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI])
+    assert proc.returncode == 0, proc.stderr  # the original config still resumes (and finishes)
+    assert json.load(open(os.path.join(workdir, "results.json")))["test"] == json.loads(saved["results.json"])["test"]
 
 
 def test_unreadable_checkpoint_is_a_clear_error_naming_the_earlier_one(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
-    args = ["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI]
-    assert cli(args + ["--config.total_steps=16"]).returncode == 0  # checkpoints at steps 8 and 16
+    args = ["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI, "--config.keep_checkpoints=3"]
+    assert cli(args).returncode == 0  # checkpoints at steps 8, 16 and 24; then as if killed after step 16:
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))
+    os.remove(os.path.join(workdir, "results.json"))
     latest = os.path.join(workdir, "checkpoints", "16")
     for root, _, files in os.walk(os.path.join(latest, "state")):
         for name in files:
@@ -358,3 +371,42 @@ def test_best_checkpoint_is_recorded_on_disk_and_survives_a_restart(tmp_path):
     restored, data = again.restore(2, target)
     assert float(restored["w"][0]) == 2.0 and data == {"position": 2}
     again.close()
+
+
+def test_a_changed_config_is_refused_on_resume_and_a_finished_run_is_kept(tmp_path, data_dir):
+    """A resume with another total_steps would mislabel the result (the step-10 model reported as step 5);
+    rerunning a finished run with its own config returns its results without touching them."""
+    workdir = str(tmp_path / "run")
+    first = train_and_evaluate(tiny(total_steps=10, eval_every_steps=0), workdir)
+    before = open(os.path.join(workdir, "results.json")).read()
+    records = len(read_jsonl(os.path.join(workdir, "metrics.jsonl")))
+    again = train_and_evaluate(tiny(total_steps=10, eval_every_steps=0, log_every_steps=1), workdir)
+    assert again == first and open(os.path.join(workdir, "results.json")).read() == before
+    assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == records
+    with pytest.raises(UserError, match=r"different config \(total_steps: saved 10, now 5\)"):
+        train_and_evaluate(tiny(total_steps=5, eval_every_steps=0), workdir)
+    os.remove(os.path.join(workdir, "results.json"))  # as if killed after the last checkpoint
+    with pytest.raises(UserError, match=r"started with a different config \(optimizer.learning_rate"):
+        train_and_evaluate(tiny(total_steps=10, eval_every_steps=0, optimizer={"learning_rate": 0.5}), workdir)
+
+
+def test_a_study_refuses_a_finished_run_of_another_recipe(tmp_path):
+    """Rerunning a study on its workdir with other arguments (steps=) must not average old and new runs."""
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))
+    config.study.arms = ({"name": "a", "overrides": {}},)
+    config.study.seeds = (0, 1)
+    run_dir = tmp_path / "a" / "seed_0"
+    run_dir.mkdir(parents=True)
+    old = config_lib.to_plain(study.resolve_arms(config, str(tmp_path))[0][2])
+    old["total_steps"] = 60
+    (run_dir / "config.json").write_text(json.dumps(old))
+    (run_dir / "results.json").write_text("{}")
+    trained = []
+    with pytest.raises(ConfigError, match=r"a seed 0: .* different config \(total_steps: saved 60, now"):
+        study.run_study(config, str(tmp_path), lambda cfg, d: trained.append(d))
+    assert trained == []
+    old["total_steps"] = config.total_steps
+    old["study"] = {"seeds": [0, 1, 2]}  # the study's own section is not compared
+    (run_dir / "config.json").write_text(json.dumps(old))
+    out = study.run_study(config, str(tmp_path), lambda cfg, d: (trained.append(d), {"preempted_at_step": 1})[1])
+    assert [os.path.relpath(d, tmp_path) for d in trained] == [os.path.join("a", "seed_1")] and out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import json
 import os
 import re
 
@@ -441,6 +442,50 @@ def _regex(key: str, pattern: str) -> None:
         re.compile(pattern)
     except re.error as e:
         raise ConfigError(f"config key {key!r}: invalid regex {pattern!r}: {e}") from None
+
+
+# Keys that may differ between a run and its resume (or a study's finished run and its rerun) without
+# changing what is trained: bookkeeping, where the data and caches live, how the devices are laid out.
+NOT_COMPARED = ("study", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "mesh_shape",
+                "eval_batch_size", "xla_cache_dir", "dataset.data_dir", "dataset.worker_count")
+
+
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def first_difference(saved: dict, config) -> str | None:
+    """'key: saved A, now B' for the first key whose value in `saved` (a run's config.json) differs from
+    `config`'s, or None. Keys in NOT_COMPARED, and keys only one side has (added to `defaults()` since),
+    are ignored."""
+    now = _flat(json.loads(json.dumps(to_plain(config), default=str)))
+    before = _flat({k: v for k, v in saved.items() if not k.startswith("_")})
+    for key in sorted(set(now) & set(before)):
+        if any(key == skip or key.startswith(skip + ".") for skip in NOT_COMPARED):
+            continue
+        if now[key] != before[key]:
+            return f"{key}: saved {_short(before[key])}, now {_short(now[key])}"
+    return None
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def saved_config_difference(run_dir: str, config) -> str | None:
+    """`first_difference` against `run_dir/config.json`; None when there is no readable one."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return first_difference(saved, config) if isinstance(saved, dict) else None
 
 
 def to_plain(config) -> dict:

@@ -13,7 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from transferlab import checkpoint, data, files, parallel
+from transferlab import checkpoint, data, files, parallel, provenance
 from transferlab.tasks import common
 from transferlab.tasks.kd import selected_step
 from transferlab.train import Trainer
@@ -61,6 +61,7 @@ def evaluate_ensemble(members, out_dir: str) -> dict:
         results[name] = {"accuracy": correct / count, "count": int(count)}
     results["wall_time_s"] = round(time.time() - start, 2)
     results["selected_step"] = None
+    results["environment"] = provenance.environment()
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         files.write_json(os.path.join(out_dir, "results.json"), results)

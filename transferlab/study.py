@@ -72,6 +72,13 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
     `command`, if given, is the command line that ran the study; the report names it.
     """
     runs = resolve_arms(config, workdir)
+    for arm, seed, run_config in runs:  # a finished run is reused only if this study would train the same one
+        run_dir = os.path.join(workdir, arm, f"seed_{seed}")
+        changed = (config_lib.saved_config_difference(run_dir, run_config)
+                   if os.path.exists(os.path.join(run_dir, "results.json")) else None)
+        if changed:
+            raise config_lib.ConfigError(f"{arm} seed {seed}: {run_dir} was finished with a different config "
+                                         f"({changed}); use a new --workdir, or move that run away to retrain it")
     if check_fn is not None:
         check_arms(config, runs, workdir, check_fn)
     for arm, seed, run_config in runs:

@@ -11,6 +11,7 @@ validation split, SIGTERM handling and the NaN guard.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -161,6 +162,9 @@ class Trainer:
             os.makedirs(workdir, exist_ok=True)
         except OSError as e:
             raise UserError(f"workdir {workdir!r}: cannot create it ({e.strerror})") from None
+        finished = self._finished_results()
+        if finished is not None:
+            return finished
         start_time = time.time()
         frozen = self.task.load_frozen(self.mesh, self.abstract_images)
         self.compile(frozen)
@@ -175,6 +179,10 @@ class Trainer:
                     state = self.load_init_checkpoint(state)
                 start = 0
             else:  # resume; an incompatible checkpoint raises here, before anything in workdir changes
+                changed = config_lib.saved_config_difference(workdir, config)
+                if changed:
+                    raise UserError(f"--workdir {workdir!r} holds a run started with a different config ({changed}); "
+                                    "rerun it with its own config, or use a new --workdir")
                 abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
                 state, data_state = ckpt.restore(latest, abstract)
                 train_iter.set_state(data_state)
@@ -194,6 +202,23 @@ class Trainer:
             ckpt.close()
             if writer is not None:
                 writer.close()
+
+    def _finished_results(self) -> dict | None:
+        """The saved results of a run that already finished in this workdir (its config unchanged): a rerun
+        neither trains, re-evaluates nor rewrites anything."""
+        path = os.path.join(self.workdir, "results.json")
+        if not os.path.exists(path):
+            return None
+        changed = config_lib.saved_config_difference(self.workdir, self.config)
+        if changed:
+            raise UserError(f"--workdir {self.workdir!r} holds a run finished with a different config ({changed}); "
+                            "use a new --workdir")
+        try:
+            with open(path, encoding="utf-8") as f:
+                results = json.load(f)
+        except (OSError, ValueError):
+            return None  # unreadable: evaluate again and rewrite it
+        return results if isinstance(results, dict) and "test" in results else None
 
     def load_init_checkpoint(self, state):
         """Replaces the model's params and BN statistics with those of the run in `init_checkpoint`."""
