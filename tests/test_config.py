@@ -8,6 +8,8 @@ import pytest
 from transferlab import config as config_lib
 from transferlab.errors import ConfigError
 
+from conftest import REPO
+
 
 def write_config(tmp_path, body: str, name="cfg.py") -> str:
     path = tmp_path / name
@@ -61,6 +63,28 @@ def test_overrides_are_typed(tmp_path):
     ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'nope'},)}", "nope"),
     ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'kd', 'tmp': 3},)}", "tmp"),
     ("c.task = 'kd'; c.teacher = {'name': 'not_a_model'}", "teacher.name"),
+    # found by a new user's mistakes (2026-11-27): each was accepted, or failed after compute or with a traceback
+    ("c.optimizer = {'learning_rate': float('nan')}", "optimizer.learning_rate"),
+    ("c.optimizer = {'weight_decay': float('inf')}", "optimizer.weight_decay"),
+    ("c.seed = -1", "'seed'"),
+    ("c.dataset = {'worker_count': -1}", "dataset.worker_count"),
+    ("c.dataset = {'eval_split': ''}", "dataset.eval_split"),
+    ("c.schedule = {'name': 'step', 'boundaries': (5,), 'decay_factor': -1.0}", "schedule.decay_factor"),
+    ("c.schedule = {'name': 'step', 'boundaries': (0.5, 1.5)}", "schedule.boundaries"),
+    ("c.schedule = {'warmup_steps': 10 ** 6}", "schedule.warmup_steps"),
+    ("c.optimizer = {'momentum': -0.5}", "optimizer.momentum"),
+    ("c.optimizer = {'b1': 1.5}", "optimizer.b1"),
+    ("c.teacher = {'name': 'mlp'}; c.teacher.checkpoint = 'x'; c.distill = {'terms': ({'name': 'kd'},)}",
+     "task is 'classify'"),
+    ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ('kd',)}", "distill.terms[0]"),
+    ("c.distill = {'terms': {'name': 'kd'}}", "distill.terms"),
+    ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.extra_teachers = ({'name': 'mlp', 'dtype': 'fp16'},)",
+     "extra_teachers[0].dtype"),
+    ("c.task = 'dml'; c.dml = {'peers': ('resnet8',)}", "dml.peers[0]"),
+    ("c.task = 'dml'; c.dml = {'peers': ({'name': 'mlp'}, {'name': 'mlp'})}", "dml.num_students"),
+    ("c.study = {'arms': ({'name': 'a'}, {'name': 'a'})}", "used by an earlier arm"),
+    ("c.study = {'arms': ({'name': '../escape'},)}", "plain directory name"),
+    ("c.study = {'arms': ({'name': 'a', 'seeds': 3},)}", "seeds must be a list"),
 ])
 def test_bad_config_names_the_culprit(tmp_path, extra, culprit):
     with pytest.raises(ConfigError) as info:
@@ -87,6 +111,12 @@ def test_config_file_problems(tmp_path):
         config_lib.load(write_config(tmp_path, "x = 1\n"))
     with pytest.raises(ConfigError, match="takes no argument"):
         config_lib.load(write_config(tmp_path, "def get_config():\n    return {}\n") + ":a=1")
+    with pytest.raises(ConfigError, match="defines no get_config"):
+        config_lib.load(write_config(tmp_path, "get_config = {'total_steps': 3}\n"))
+    with pytest.raises(ConfigError, match="get_config failed: SystemExit"):
+        config_lib.load(write_config(tmp_path, "import sys\ndef get_config():\n    sys.exit('no')\n"))
+    with pytest.raises(ConfigError, match="config argument 'step': expected one of steps, seeds"):
+        config_lib.load(os.path.join(REPO, "experiments", "kd", "quickstart.py") + ":step=5")
 
 
 def test_mesh_shape_parsing():

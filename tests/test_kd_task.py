@@ -188,7 +188,11 @@ def test_shape_mismatch_without_connector_is_an_error(tmp_path, teacher_dir):
     ({"name": "kd", "temperature": -1.0}, r"terms\[0\]: loss 'kd' hparam 'temperature': got -1.0; expected a number > 0"),
     ({"name": "dist", "tau": 0.0}, r"hparam 'tau': got 0.0; expected a number > 0"),
     ({"name": "rkd", "student_tap": "features", "teacher_tap": "features", "w_dist": float("inf")},
-     r"hparam 'w_dist': got inf; expected a finite number"),
+     r"'distill.terms\[0\].w_dist': expected a finite number, got inf"),
+    ({"name": "fitnet", "student_tap": ("stage1", "stage2"), "teacher_tap": ("stage1", "stage2")},
+     r"terms\[0\]\.student_tap: loss 'fitnet' compares one tap, got \['stage1', 'stage2'\]"),
+    ({"name": "fitnet", "connector": "mlp"}, r"terms\[0\]\.connector: unknown connector 'mlp'"),
+    ({"name": "at", "connector": "conv1x1_bn"}, r"terms\[0\]\.connector: 'conv1x1_bn' maps one tap, but loss 'at'"),
     # FitNet's default 1x1-conv connector on [B, D] vectors: a clear error, not a conv shape traceback
     ({"name": "fitnet", "student_tap": "hidden1", "teacher_tap": "logits"},
      r"terms\[0\]\.connector: 'conv1x1_bn' maps feature maps \[B, H, W, C\], but student tap hidden1"),

@@ -30,6 +30,7 @@ def test_study_report_has_header_table_mean_std_and_note(tmp_path):
     assert text.startswith("# My study\n\nSetup paragraph.\n\nCommand: `python -m transferlab.main x`\n\n| arm |")
     assert text.index("| teacher |") < text.index("| student |")  # the study's arm order
     assert "| student | mlp | 92.00 ± 2.00 |" in text  # mean ± sample std (ddof=1) over 3 seeds
+    assert "| teacher | mlp | 99.00 | 98.00 | 1 |" in text  # one seed: no sample std to show
     assert summary["arms"][1]["wall_time_s_total"] == 4.5
     assert report.header() == ""  # no title, description or command: the table alone
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -206,8 +207,16 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
         # a workdir that is a file, or lies under one
         ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "file")],
         ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "file" / "run")],
+        # checkpoints/ not writable (Orbax hung 5 min at the first save), a metric the task does not report
+        # (found at the first evaluation, after training), a tfds version that does not exist
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "g")],
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "h"),
+         "--config.selection_metric=teacher_agreement", "--config.eval_every_steps=0"],
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "i"), "--config.dataset.name=digits:9.9.9"],
     ]
     (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "checkpoints").write_text("x")
     errors = []
     for args in cases:
         proc = cli(args)
@@ -218,6 +227,9 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
         errors.append(lines[0])
     assert "batch_size" in errors[3]
     assert "is not a directory" in errors[6] and (tmp_path / "file").read_text() == "not a directory"
+    assert "checkpoints is not a writable directory" in errors[8]
+    assert "'selection_metric': 'teacher_agreement' is not an eval metric of task 'classify'" in errors[9]
+    assert "'dataset.name': 'digits:9.9.9'" in errors[10]
 
 
 def test_workdir_that_cannot_be_created_is_a_clear_error(tmp_path):
@@ -410,3 +422,19 @@ def test_a_study_refuses_a_finished_run_of_another_recipe(tmp_path):
     (run_dir / "config.json").write_text(json.dumps(old))
     out = study.run_study(config, str(tmp_path), lambda cfg, d: (trained.append(d), {"preempted_at_step": 1})[1])
     assert [os.path.relpath(d, tmp_path) for d in trained] == [os.path.join("a", "seed_1")] and out
+
+
+def test_a_study_checks_every_runs_checkpoint_inputs_before_training(tmp_path):
+    """A KD arm reading `teacher/seed_{seed}` for a seed the teacher arm never trains, or a mistyped
+    directory, fails before the first arm trains."""
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))
+    kd = {"task": "kd", "teacher.name": "mlp", "distill.terms": ({"name": "kd"},)}
+    config.study.seeds = (0, 1)
+    for path, culprit in [("{workdir}/teacher/seed_{seed}", "kd) seed 1: teacher.checkpoint"),
+                          ("{workdir}/teachr/seed_0", "kd) seed 0: teacher.checkpoint")]:
+        config.study.arms = ({"name": "teacher", "overrides": {}, "seeds": (0,)},
+                             {"name": "kd", "overrides": {**kd, "teacher.checkpoint": path}})
+        trained = []
+        with pytest.raises(ConfigError, match=re.escape(culprit)):
+            study.run_study(config, str(tmp_path), lambda cfg, d: trained.append(d))
+        assert trained == []

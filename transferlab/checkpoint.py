@@ -98,6 +98,9 @@ class Checkpointer:
         saved = collections.Counter(tuple(m.shape) for m in jax.tree.leaves(metadata, is_leaf=is_array)
                                     if is_array(m))
         wanted = collections.Counter(tuple(x.shape) for x in jax.tree.leaves(abstract_state))
+        if not saved:  # e.g. state/_METADATA missing: a damaged checkpoint, not another model
+            raise self._unreadable(step, RuntimeError("its state metadata lists no arrays (state/_METADATA "
+                                                      "missing or damaged)"))
         if saved != wanted:
             extra, missing = saved - wanted, wanted - saved
             raise UserError(f"checkpoint {self.directory}/{step} does not match this config (model or optimizer "

@@ -13,6 +13,7 @@ import ast
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 
@@ -41,7 +42,7 @@ def model_section(name: str = "mlp") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "name": name,  # any of transferlab.models.names()
         "dtype": "float32",  # compute dtype: float32 or bfloat16 (params stay float32)
-        "kwargs": ml_collections.ConfigDict(),  # extra constructor arguments, e.g. hidden=(128,)
+        "kwargs": ml_collections.ConfigDict(),  # extra constructor arguments, e.g. hidden_sizes=(128,) (mlp)
     })
 
 
@@ -117,7 +118,7 @@ def defaults() -> ml_collections.ConfigDict:
         "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive, partition
         "teacher_weights": (),  # 'weighted': one weight per teacher (teacher first, then extra_teachers)
         "teacher_cache": False,  # cache the teachers' train-split logits in the data dir (needs fixed inputs)
-        "ema_decay": 0.999,
+        "ema_decay": 0.999,  # teacher.checkpoint='self_ema': decay of the student's EMA teacher
         "trilateral_lookahead_lr": 0.05,  # 'trilateral' term: virtual SGD step of the ratio network's look-ahead
         # 'trilateral' term's outer (validation) objective: 'held_out_half' = the look-ahead steps on one half
         # of the batch and is scored on the other half; 'same_batch' = stepped and scored on the whole batch
@@ -128,7 +129,7 @@ def defaults() -> ml_collections.ConfigDict:
             "hidden": 32,  # augmentor MLP width
             "noise_dim": 8,  # per-sample noise fed to the augmentor
             "consistency_weight": 1.0,  # keeps the teacher's prediction on the warped image
-        }),  # teacher.checkpoint='self_ema': decay of the student's EMA teacher
+        }),
     })
 
     c.dml = ml_collections.ConfigDict({  # task 'dml': deep mutual learning, arXiv:1706.00384
@@ -163,8 +164,15 @@ def defaults() -> ml_collections.ConfigDict:
 def load_file(spec: str) -> ml_collections.ConfigDict:
     """Runs `get_config(arg)` of `path[:arg]` and returns its ConfigDict."""
     path, _, arg = spec.partition(":")
+    for i in (i for i, ch in enumerate(spec) if ch == ":"):  # a ':' may also be part of the path
+        if os.path.isfile(spec[:i]):
+            path, arg = spec[:i], spec[i + 1:]
+            break
+    else:
+        if os.path.isfile(spec):
+            path, arg = spec, ""
     if not os.path.isfile(path):
-        raise ConfigError(f"--config: no such file {path!r}")
+        raise ConfigError(f"--config: no such file {path!r} (FILE or FILE:ARG)")
     module_spec = importlib.util.spec_from_file_location("_transferlab_config", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
@@ -172,8 +180,8 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     except Exception as e:  # the user's file: report where, in one line
         raise ConfigError(f"--config {path}: cannot execute it: {type(e).__name__}: {e}") from e
     get_config = getattr(module, "get_config", None)
-    if get_config is None:
-        raise ConfigError(f"--config {path}: defines no get_config(arg=None)")
+    if not callable(get_config):
+        raise ConfigError(f"--config {path}: defines no get_config(arg=None) function")
     takes_arg = bool(inspect.signature(get_config).parameters)
     if arg and not takes_arg:
         raise ConfigError(f"--config {path}: get_config() takes no argument but ':{arg}' was given")
@@ -181,20 +189,23 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
         config = get_config(arg or None) if takes_arg else get_config()
     except ConfigError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (the user's code; sys.exit() in it too)
         raise ConfigError(f"--config {spec}: get_config failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f"--config {path}: get_config must return a ConfigDict, got {type(config).__name__}")
     return ml_collections.ConfigDict(config) if isinstance(config, dict) else config
 
 
-def parse_arg(arg: str | None) -> dict:
-    """'a=1,b=x' -> {'a': '1', 'b': 'x'} for config files' `get_config(arg)`."""
+def parse_arg(arg: str | None, allowed=None) -> dict:
+    """'a=1,b=x' -> {'a': '1', 'b': 'x'} for config files' `get_config(arg)`; a key not in `allowed`
+    (when given) is a ConfigError listing them."""
     out = {}
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"config argument {item!r}: expected key=value")
+        if allowed is not None and key.strip() not in allowed:
+            raise ConfigError(f"config argument {key.strip()!r}: expected one of {', '.join(allowed)}")
         out[key.strip()] = value.strip()
     return out
 
@@ -215,7 +226,10 @@ def merge(base: ml_collections.ConfigDict, update, prefix: str = "") -> None:
                 raise ConfigError(f"config key {path!r} is a section; got {value!r}")
             merge(base[key], value, path + ".")
         elif _is_free_form(path):
-            base[key] = value
+            try:
+                base[key] = value
+            except (TypeError, ValueError) as e:  # ml_collections keeps a field's type (a dict for a tuple)
+                raise ConfigError(f"config key {path!r}: expected {type(base[key]).__name__}, got {value!r}") from e
         else:
             base[key] = _coerce(path, base[key], value)
 
@@ -349,6 +363,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from transferlab import data, losses, models  # registries; imported lazily
 
     _choice("task", config.task, TASKS)
+    _check_finite(to_plain(config))
     _choice("selection", config.selection, SELECTIONS)
     _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", config.schedule.name, SCHEDULES)
@@ -367,6 +382,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "distill.hard_augment.hidden", "distill.hard_augment.noise_dim")
     _positive(config, "distill.ce_weight", "dml.kl_weight", "distill.hard_augment.consistency_weight",
               allow_zero=True)
+    if not 0 <= config.seed < 2 ** 32:
+        raise ConfigError(f"config key 'seed': expected an integer in [0, 2**32), got {config.seed}")
+    _positive(config, "dataset.worker_count", allow_zero=True)
+    for key in ("train_split", "eval_split"):
+        if not config.dataset[key]:
+            raise ConfigError(f"config key 'dataset.{key}': must name a split (e.g. 'train', 'validation')")
+    for key in ("optimizer.momentum", "optimizer.b1", "optimizer.b2"):
+        value = config[key.split(".")[0]][key.split(".")[1]]
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"config key {key!r} must be in [0, 1), got {value}")
+    _positive(config, "schedule.decay_factor", "optimizer.eps")
+    _positive(config, "schedule.end_factor", allow_zero=True)
+    if config.schedule.warmup_steps > config.total_steps:
+        raise ConfigError(f"config key 'schedule.warmup_steps': {config.schedule.warmup_steps} is more than "
+                          f"total_steps {config.total_steps}")
+    for b in config.schedule.boundaries:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0 or (isinstance(b, float) and b >= 1):
+            raise ConfigError(f"config key 'schedule.boundaries': {b!r} is neither a step (int >= 1) nor a "
+                              "fraction of total_steps (float in (0, 1))")
+    if config.task != "kd" and not config.study.arms:  # (a study's arms are validated with their overrides)
+        for key, unused in (("distill.terms", config.distill.terms), ("teacher.checkpoint", config.teacher.checkpoint),
+                            ("extra_teachers", config.extra_teachers)):
+            if unused:
+                raise ConfigError(f"config key {key!r} is set but task is {config.task!r}, which has no teacher; "
+                                  "set task='kd' to distil")
+    if config.task == "dml":
+        for i, peer in enumerate(config.dml.peers):
+            if not isinstance(peer, dict) or "name" not in peer:
+                raise ConfigError(f"dml.peers[{i}]: expected a model section like {{'name': 'resnet8'}}, got {peer!r}")
+        if len(config.dml.peers) + 1 > config.dml.num_students:
+            raise ConfigError(f"config key 'dml.num_students': {config.dml.num_students} students, but model plus "
+                              f"{len(config.dml.peers)} dml.peers are {len(config.dml.peers) + 1}; set "
+                              f"dml.num_students={len(config.dml.peers) + 1}")
     if not 0.0 <= config.distill.ema_decay <= 1.0:
         raise ConfigError(f"config key 'distill.ema_decay' must be in [0, 1], got {config.distill.ema_decay}")
     weights = config.distill.teacher_weights
@@ -400,12 +448,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config.teacher.name:
             _check_model_kwargs("teacher", config.teacher)
         for i, extra in enumerate(config.extra_teachers):
+            if not isinstance(extra, dict):
+                raise ConfigError(f"extra_teachers[{i}]: expected {{'name': ..., 'checkpoint': ...}}, got {extra!r}")
             name = dict(extra).get("name")
             if name not in models.names():
                 raise unknown_name(f"model (extra_teachers[{i}].name)", name, models.names())
+            _choice(f"extra_teachers[{i}].dtype", dict(extra).get("dtype", "float32"), DTYPES)
         if not config.distill.terms and config.distill.ce_weight == 0:
             raise ConfigError("distill: no loss terms and ce_weight == 0: nothing to train")
         for i, term in enumerate(config.distill.terms):
+            if not isinstance(term, dict):
+                raise ConfigError(f"distill.terms[{i}]: expected a dict like {{'name': 'kd', 'weight': 1.0}}, "
+                                  f"got {term!r}")
             term = dict(term)
             if "name" not in term:
                 raise ConfigError(f"distill.terms[{i}]: missing 'name'")
@@ -418,9 +472,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 losses.resolve_hparams(name, term)
             except ConfigError as e:
                 raise ConfigError(f"distill.terms[{i}]: {e}") from None
+    names = set()
     for i, arm in enumerate(config.study.arms):
         if not isinstance(arm, dict) or "name" not in arm or not set(arm) <= {"name", "overrides", "seeds"}:
             raise ConfigError(f"study.arms[{i}]: expected a dict with name, overrides, seeds; got {arm!r}")
+        name = arm["name"]
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.+=-]+", name) or name in (".", ".."):
+            raise ConfigError(f"study.arms[{i}]: name {name!r} must be a plain directory name "
+                              "(letters, digits, _ . + = -)")
+        if name in names:
+            raise ConfigError(f"study.arms[{i}]: name {name!r} is used by an earlier arm")
+        names.add(name)
+        seeds = arm.get("seeds", ())
+        if not isinstance(seeds, (tuple, list)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                            for s in seeds):
+            raise ConfigError(f"study.arms[{i}] ({name}): seeds must be a list of ints >= 0, got {seeds!r}")
+        if not isinstance(arm.get("overrides", {}), dict):
+            raise ConfigError(f"study.arms[{i}] ({name}): overrides must be a dict of dotted keys, "
+                              f"got {arm['overrides']!r}")
+
+
+def _check_finite(tree, path: str = "") -> None:
+    """Every float in the config (hparams of terms included) must be finite."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            _check_finite(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(tree, (tuple, list)):
+        for i, value in enumerate(tree):
+            _check_finite(value, f"{path}[{i}]")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise ConfigError(f"config key {path!r}: expected a finite number, got {tree}")
 
 
 def _check_model_kwargs(section: str, model) -> None:

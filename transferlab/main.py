@@ -59,6 +59,7 @@ def run(argv=None) -> int:
     _configure_environment()
     from transferlab import config as config_lib, preemption, provenance
     preemption.install()  # SIGTERM / Ctrl-C from here on: finish the step, save, stop
+    _quiet_library_warnings()
     provenance.git_commit()  # the commit of the code this process imported (read once, see provenance)
     from transferlab.errors import NonFiniteLoss, UserError
 
@@ -79,10 +80,12 @@ def run(argv=None) -> int:
             out = study.run_study(config, args.workdir, train.train_and_evaluate, train.check_config, command)
         else:
             out = train.train_and_evaluate(config, args.workdir)
-            if "test" in out:
-                print(f"test accuracy {100 * out['test']['accuracy']:.2f}% "
-                      f"(selection: {out['selection']}, step {out['selected_step']}); results in "
-                      f"{os.path.join(args.workdir, 'results.json')}", flush=True)
+            for split in ("test", "validation"):  # (no test split configured: the validation accuracy)
+                if "accuracy" in (out.get(split) or {}):
+                    print(f"{split} accuracy {100 * out[split]['accuracy']:.2f}% "
+                          f"(selection: {out['selection']}, step {out['selected_step']}); results in "
+                          f"{os.path.join(args.workdir, 'results.json')}", flush=True)
+                    break
     except UserError as e:
         _silence_unraisable()
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
@@ -130,6 +133,14 @@ def _use_compilation_cache(cache_dir: str, workdir: str) -> None:
         return
     import jax
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), cache_dir))
+
+
+def _quiet_library_warnings() -> None:
+    """Orbax and tfds log absl WARNING lines on every read-only checkpoint (a teacher, an init checkpoint)
+    and dataset lookup ('Given directory is read only', ...): noise above our own lines, and on bad input
+    lines above the one-line error. The CLI keeps absl's errors only."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 def _silence_unraisable() -> None:

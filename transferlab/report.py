@@ -53,13 +53,18 @@ def summarize(arm: str, results: list[dict]) -> dict:
     }
 
 
+def _mean_pm_std(row: dict, metric: str) -> str:
+    """'96.50 ± 0.46'; one seed has no sample std: just the value."""
+    mean, std = 100 * row[f"{metric}_mean"], 100 * row[f"{metric}_std"]
+    return f"{mean:.2f} ± {std:.2f}" if len(row["seeds"]) > 1 else f"{mean:.2f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| arm | model | test acc. % (mean ± std) | val. acc. % | seeds | selection | steps | wall time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['arm']} | {r['model']} | {100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}"
-            f" | {100 * r['validation_accuracy_mean']:.2f} ± {100 * r['validation_accuracy_std']:.2f}"
+            f"| {r['arm']} | {r['model']} | {_mean_pm_std(r, 'test_accuracy')} | {_mean_pm_std(r, 'validation_accuracy')}"
             f" | {len(r['seeds'])} | {r['selection']} | {r['steps']} | {r['wall_time_s_total']} |")
     return "\n".join(lines)
 

@@ -50,6 +50,30 @@ def resolve_arms(config, workdir: str) -> list[tuple[str, int, object]]:
     return runs
 
 
+def _checkpoint_inputs(run_config):
+    """(config key, workdir) of every other run this run reads weights from."""
+    pairs = [("teacher.checkpoint", run_config.teacher.checkpoint), ("init_checkpoint", run_config.init_checkpoint)]
+    pairs += [(f"extra_teachers[{i}].checkpoint", dict(t).get("checkpoint", ""))
+              for i, t in enumerate(run_config.extra_teachers)]
+    return [(key, path) for key, path in pairs if path and path not in ("random", "self_ema")]
+
+
+def check_run_inputs(config, runs, workdir: str) -> None:
+    """Every checkpoint a run reads (teacher, init, extra teachers) must exist already or be written by an
+    earlier run of the study: a mistyped `{workdir}/teachr/...` or a `{seed}` with no such teacher seed
+    fails before anything trains, not after the first arms have."""
+    index = {arm["name"]: i for i, arm in enumerate(config.study.arms)}
+    earlier = set()
+    for arm, seed, run_config in runs:
+        for key, path in _checkpoint_inputs(run_config):
+            path = os.path.abspath(path)
+            if path not in earlier and not os.path.isdir(os.path.join(path, "checkpoints")):
+                raise config_lib.ConfigError(
+                    f"study.arms[{index[arm]}] ({arm}) seed {seed}: {key} {path!r} is neither a trained run nor "
+                    f"one an earlier arm writes ({', '.join(sorted(os.path.relpath(p, workdir) for p in earlier)) or 'none'})")
+        earlier.add(os.path.abspath(os.path.join(workdir, arm, f"seed_{seed}")))
+
+
 def check_arms(config, runs, workdir: str, check_fn) -> None:
     """`check_fn(run_config)` once per arm with an unfinished run (its first such seed); a ConfigError
     names the arm."""
@@ -79,6 +103,7 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
         if changed:
             raise config_lib.ConfigError(f"{arm} seed {seed}: {run_dir} was finished with a different config "
                                          f"({changed}); use a new --workdir, or move that run away to retrain it")
+    check_run_inputs(config, runs, workdir)
     if check_fn is not None:
         check_arms(config, runs, workdir, check_fn)
     for arm, seed, run_config in runs:

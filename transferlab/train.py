@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -131,6 +132,20 @@ class Trainer:
         self.jit_eval_step = jax.jit(
             self.eval_step, in_shardings=(self.state_shardings, frozen_shardings, self.batch_sharding),
             out_shardings=self.replicated)
+        self._check_selection_metric(frozen)
+
+    def _check_selection_metric(self, frozen) -> None:
+        """`selection_metric` must be one of this task's eval metrics: found by tracing the eval step (no
+        compute), not at the first evaluation, which with eval_every_steps=0 is after all the training."""
+        n = self.eval_batch_size
+        batch = {"image": jax.ShapeDtypeStruct((n, *self.info.image_shape), jnp.float32),
+                 "label": jax.ShapeDtypeStruct((n,), jnp.int32), "index": jax.ShapeDtypeStruct((n,), jnp.int32),
+                 "mask": jax.ShapeDtypeStruct((n,), jnp.bool_)}
+        names = jax.eval_shape(self.eval_step, self.abstract_state, frozen, batch)
+        if self.config.selection_metric not in names:
+            available = [k for k in sorted(names) if re.fullmatch(config_lib.SELECTION_METRICS, k)]
+            raise ConfigError(f"config key 'selection_metric': {self.config.selection_metric!r} is not an eval "
+                              f"metric of task {self.config.task!r}; available: {', '.join(available)}")
 
     # ------------------------------------------------------------------ data
 
@@ -162,6 +177,9 @@ class Trainer:
             os.makedirs(workdir, exist_ok=True)
         except OSError as e:
             raise UserError(f"workdir {workdir!r}: cannot create it ({e.strerror})") from None
+        ckpt_dir = os.path.join(workdir, "checkpoints")  # (Orbax would fail only when it saves, after minutes)
+        if os.path.exists(ckpt_dir) and not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK | os.X_OK)):
+            raise UserError(f"workdir {workdir!r}: {ckpt_dir} is not a writable directory")
         finished = self._finished_results()
         if finished is not None:
             return finished

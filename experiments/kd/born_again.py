@@ -16,7 +16,7 @@ from transferlab.config import parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("steps", "generations", "loss", "seeds"))
     steps = int(args.get("steps", 600))
     generations = int(args.get("generations", 3))
     loss = args.get("loss", "kd")

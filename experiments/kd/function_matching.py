@@ -13,13 +13,16 @@ uses the same augmentation with soft-label cross-entropy. Selection: last step.
 import ml_collections
 
 from transferlab.config import parse_arg
+from transferlab.errors import ConfigError
 
 MIXING = {"mixup": (1.0, 0.0), "cutmix": (0.0, 1.0), "both": (1.0, 1.0), "none": (0.0, 0.0)}
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("steps", "aug", "seeds"))
     steps = int(args.get("steps", 1500))
+    if args.get("aug", "both") not in MIXING:
+        raise ConfigError(f"config argument aug={args['aug']!r}: expected one of {', '.join(MIXING)}")
     mixup, cutmix = MIXING[args.get("aug", "both")]
     c = ml_collections.ConfigDict()
     c.total_steps = steps

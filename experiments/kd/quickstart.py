@@ -25,7 +25,7 @@ from transferlab.config import parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, allowed=("steps", "seeds"))
     steps = int(args.get("steps", 600))
     seeds = tuple(range(int(args.get("seeds", 3))))
 

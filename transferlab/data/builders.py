@@ -39,7 +39,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from transferlab.errors import UserError
+from transferlab.errors import ConfigError, UserError
 
 SPLIT_SEED = 20240917  # fixed seed of the split hash; changing it changes every split
 
@@ -55,8 +55,12 @@ FASHION_MNIST_FILES = {
 
 def resolve_data_dir(data_dir=None) -> pathlib.Path:
     """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets, as an absolute path."""
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    return pathlib.Path(data_dir).expanduser().absolute()
+    given = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    path = pathlib.Path(given).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        where = "dataset.data_dir" if data_dir else ("$TFDS_DATA_DIR" if os.environ.get("TFDS_DATA_DIR") else "data dir")
+        raise ConfigError(f"{where} {str(path)!r} is a file, not a directory")
+    return path
 
 
 # ----------------------------------------------------------------------------

@@ -29,10 +29,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     try:
+        if not names:
+            raise UserError(f"--datasets: no dataset named; expected some of {','.join(sorted(builders.OFFLINE_BUILDERS))}")
         for name, path in prepare_all(names, args.data_dir).items():
             print(f"{name}: {path}")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"transferlab.data.prepare: error: {e}", file=sys.stderr)
         return 2
     return 0
 

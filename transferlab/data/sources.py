@@ -73,7 +73,11 @@ def _standard_builder(name: str, root) -> tfds.core.DatasetBuilder:
     base = _base_name(name)
     if base in registered.list_imported_builders():
         with _absl_errors_only():
-            builder = tfds.builder(name, data_dir=str(root))
+            try:
+                builder = tfds.builder(name, data_dir=str(root))
+            except Exception as e:  # pylint: disable=broad-except  (a version or config tfds does not have)
+                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise ConfigError(f"config key 'dataset.name': {name!r}: {first[:200]}") from e
     elif (root / base).is_dir():  # a dataset prepared elsewhere with its own code
         try:
             builder = tfds.core.read_only_builder.builder_from_files(name, data_dir=str(root))

@@ -72,6 +72,7 @@ from transferlab.tasks import common, hard_augment
 RANDOM_TEACHER = "random"  # teacher.checkpoint value for smoke tests and benchmarks only
 COMBINATIONS = ("average", "weighted", "adaptive", "partition")
 CONV_CONNECTORS = ("conv1x1_bn", "conv3x3")  # connectors that need NHWC feature maps on both sides
+MULTI_TAP_CONNECTORS = ("abf",)  # connectors that map a list of taps (ReviewKD's attention-based fusion)
 SELF_EMA = "self_ema"  # teacher.checkpoint value: the teacher is an EMA of the student (self-distillation)
 CRD_DEFAULTS = {"embed_dim": 128, "num_negatives": 16384, "memory_momentum": 0.5}
 ND_CLASS_MEANS = ("train", "batch")  # nd term's class_means: teacher means over the train split, or in-batch
@@ -136,7 +137,18 @@ class Term:
         default_s, default_t = self.spec.default_taps
         self.student_tap = raw.get("student_tap", default_s)
         self.teacher_tap = raw.get("teacher_tap", default_t)
+        for which, tap in (("student_tap", self.student_tap), ("teacher_tap", self.teacher_tap)):
+            if not self.spec.multi_tap and isinstance(tap, (list, tuple)) and len(tap) != 1:
+                raise ConfigError(f"{self.where}.{which}: loss {self.name!r} compares one tap, got {list(tap)}; "
+                                  "use one term per tap")
         self.connector = raw.get("connector", self.spec.connector)
+        if self.connector and self.connector != "none":
+            if self.connector not in connector_lib.names():
+                raise ConfigError(f"{self.where}.connector: unknown connector {self.connector!r}; expected one of: "
+                                  f"{', '.join(connector_lib.names())}, or 'none'")
+            if self.spec.multi_tap and self.connector not in MULTI_TAP_CONNECTORS:
+                raise ConfigError(f"{self.where}.connector: {self.connector!r} maps one tap, but loss {self.name!r} "
+                                  f"takes lists of taps; use {' or '.join(map(repr, MULTI_TAP_CONNECTORS))}, or 'none'")
         self.teacher = raw.get("teacher")
         if self.teacher is not None and self.teacher not in range(num_teachers):
             raise ConfigError(f"{self.where}.teacher: {self.teacher!r} is not a teacher index (0..{num_teachers - 1})")
