@@ -85,6 +85,8 @@ def test_overrides_are_typed(tmp_path):
     ("c.study = {'arms': ({'name': 'a'}, {'name': 'a'})}", "used by an earlier arm"),
     ("c.study = {'arms': ({'name': '../escape'},)}", "plain directory name"),
     ("c.study = {'arms': ({'name': 'a', 'seeds': 3},)}", "seeds must be a list"),
+    ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'kd'},), 'teacher_weights': (1.0,)}",
+     "teacher_combination is 'average'"),
 ])
 def test_bad_config_names_the_culprit(tmp_path, extra, culprit):
     with pytest.raises(ConfigError) as info:

@@ -231,7 +231,8 @@ def test_multi_teacher_combinations(tmp_path, teacher_dir, combination):
         task="kd", model={"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
         teacher={**TEACHER, "checkpoint": teacher_dir},
         extra_teachers=({"name": "mlp", "kwargs": {"hidden_sizes": (64, 64)}, "checkpoint": "random"},),
-        distill={"ce_weight": 0.1, "teacher_combination": combination, "teacher_weights": (3.0, 1.0),
+        distill={"ce_weight": 0.1, "teacher_combination": combination,
+                 "teacher_weights": (3.0, 1.0) if combination == "weighted" else (),
                  "terms": ({"name": "kd", "weight": 0.9},
                            {"name": "rkd", "weight": 1.0, "teacher": 1})}))
     trainer = Trainer(cfg, str(tmp_path / "kd"))

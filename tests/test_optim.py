@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from transferlab import config as config_lib
+from transferlab.errors import ConfigError
 from transferlab.optim import decay_mask, frozen_labels, make_optimizer, make_schedule
 
 PARAMS = {"conv": {"kernel": jnp.ones((3, 3, 1, 4))}, "bn": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
@@ -68,6 +69,8 @@ def test_optimizers_clip_and_freeze(name):
     assert float(jnp.abs(updates["head"]["kernel"]).max()) > 0.0
     labels = frozen_labels(PARAMS, "^conv/")
     assert labels["conv"]["kernel"] == "frozen" and labels["head"]["bias"] == "trained"
+    with pytest.raises(ConfigError, match="'optimizer.freeze': '\\^convv/' matches no parameter"):
+        make_optimizer(cfg(optimizer={"name": name, "freeze": "^convv/"}), PARAMS)  # a typo
 
 
 def test_clipping_bounds_the_update():

@@ -454,6 +454,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             if name not in models.names():
                 raise unknown_name(f"model (extra_teachers[{i}].name)", name, models.names())
             _choice(f"extra_teachers[{i}].dtype", dict(extra).get("dtype", "float32"), DTYPES)
+        if config.distill.teacher_weights and config.distill.teacher_combination != "weighted":
+            raise ConfigError(f"config key 'distill.teacher_weights' is set but teacher_combination is "
+                              f"{config.distill.teacher_combination!r}; set teacher_combination='weighted'")
         if not config.distill.terms and config.distill.ce_weight == 0:
             raise ConfigError("distill: no loss terms and ce_weight == 0: nothing to train")
         for i, term in enumerate(config.distill.terms):

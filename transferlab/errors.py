@@ -1,5 +1,9 @@
 """User-facing errors: one line naming the culprit, exit code 2, no traceback."""
 
+import argparse
+
+EXIT_USAGE = 2
+
 
 class UserError(Exception):
     """Bad input from the user (config, name, file). `main` prints it on one line and exits 2."""
@@ -19,3 +23,14 @@ def unknown_name(kind: str, name, allowed) -> ConfigError:
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss; the run stopped and its last good checkpoint is kept."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, '<label>: error: ...', and exit 2 (no usage dump)."""
+
+    def __init__(self, *args, label: str = "transferlab", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label = label
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.label}: error: {message}\n")

@@ -92,9 +92,9 @@ def load(export_dir: str):
 
 
 def main(argv=None) -> int:
-    from transferlab.main import _OneLineParser
-    parser = _OneLineParser(prog="python -m transferlab.export", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    from transferlab.errors import OneLineArgumentParser
+    parser = OneLineArgumentParser(prog="python -m transferlab.export", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a finished (or checkpointed) run directory")
     parser.add_argument("--out", required=True, help="new directory for the exported model")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -17,22 +17,19 @@ import os
 import shlex
 import sys
 
+from transferlab import errors
+
 # XLA:CPU runs the conv nets of this library 10-25% faster with the YNNPACK fusion off (see bench/).
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 
-EXIT_USAGE = 2
+EXIT_USAGE = errors.EXIT_USAGE
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGTERM, a preemption, exits 0: the scheduler may requeue it)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"transferlab: error: {message}\n")
-
-
 def parse_args(argv):
-    parser = _OneLineParser(prog="python -m transferlab.main", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = errors.OneLineArgumentParser(prog="python -m transferlab.main", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="config file, optionally with ':arg'")
     parser.add_argument("--workdir", required=True, help="run directory (created; resumed if it has checkpoints)")
     parser.add_argument("--coordinator_address", default="", help="multi-process: host:port of process 0")

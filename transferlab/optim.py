@@ -15,6 +15,7 @@ import re
 import jax
 import optax
 
+from transferlab.errors import ConfigError
 from transferlab.parallel import path_str
 
 
@@ -65,6 +66,10 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
     if o.clip_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx)
     if o.freeze:
-        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
-                                   frozen_labels(params, o.freeze))
+        labels = frozen_labels(params, o.freeze)
+        if "frozen" not in jax.tree.leaves(labels):  # a typo would silently train everything
+            paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            raise ConfigError(f"config key 'optimizer.freeze': {o.freeze!r} matches no parameter; paths look like "
+                              f"{', '.join(paths[:3])}")
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule

@@ -5,7 +5,6 @@ any directory whose sub-directories hold results.json files)."""
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -14,7 +13,7 @@ import sys
 import numpy as np
 
 from transferlab import files, provenance
-from transferlab.errors import UserError
+from transferlab.errors import OneLineArgumentParser, UserError
 
 
 def _read_json(path: str) -> dict:
@@ -103,7 +102,8 @@ def write_study_report(workdir: str, arms, title: str = "", description: str = "
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineArgumentParser(prog="python -m transferlab.report", description=__doc__,
+                                   label="transferlab.report")
     parser.add_argument("workdir")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.workdir):

@@ -6,11 +6,10 @@ data_dir defaults to $TFDS_DATA_DIR, else ~/tensorflow_datasets. Already
 prepared datasets are left as they are. Errors: one line on stderr, exit 2.
 """
 
-import argparse
 import sys
 
 from transferlab.data import builders
-from transferlab.errors import UserError, unknown_name
+from transferlab.errors import OneLineArgumentParser, UserError, unknown_name
 
 
 def prepare_all(names, data_dir=None) -> dict:
@@ -22,7 +21,8 @@ def prepare_all(names, data_dir=None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m transferlab.data.prepare", description=__doc__.splitlines()[0],
+                                   label="transferlab.data.prepare")
     parser.add_argument("--datasets", required=True,
                         help=f"comma-separated, from: {','.join(sorted(builders.OFFLINE_BUILDERS))}")
     parser.add_argument("--data_dir", default=None, help="tfds data dir")

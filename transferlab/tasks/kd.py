@@ -195,6 +195,9 @@ class KDTask:
         if self.self_ema:
             if config.extra_teachers:
                 raise ConfigError("config key 'extra_teachers': not supported with teacher.checkpoint='self_ema'")
+            if config.distill.teacher_cache:
+                raise ConfigError("config key 'distill.teacher_cache': the EMA teacher (teacher.checkpoint='self_ema') "
+                                  "changes every step; its outputs cannot be cached")
             self.teacher_sections = [config.model]
         self.teachers = [common.build_model(t, num_classes) for t in self.teacher_sections]
         self.terms = [Term(i, t, len(self.teachers)) for i, t in enumerate(config.distill.terms)]
