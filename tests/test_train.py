@@ -147,8 +147,16 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
                  env_extra={"TRANSFERLAB_FAULT_KILL_AT_STEP": "13"})
     assert killed.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(resumed, "results.json"))
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"), TINY_CLI)
+    trainer = Trainer(config, resumed)
+    ckpt = checkpoint.Checkpointer(resumed, read_only=True)
+    _, data_state = ckpt.restore(8, checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings))
+    ckpt.close()
+    assert set(data_state) == {"iterator", "elapsed_s"} and data_state["elapsed_s"] > 0
     again = cli(["--config", "tests/configs/tiny.py", "--workdir", resumed, *TINY_CLI])
     assert again.returncode == 0, again.stderr
+    # the wall time counts the killed process's time up to its checkpoint too
+    assert json.load(open(os.path.join(resumed, "results.json")))["wall_time_s"] > data_state["elapsed_s"]
     config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"), TINY_CLI)
     a, b = final_params(straight, config), final_params(resumed, config)
     jax.tree.map(np.testing.assert_array_equal, a, b)

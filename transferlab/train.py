@@ -183,7 +183,7 @@ class Trainer:
         finished = self._finished_results()
         if finished is not None:
             return finished
-        start_time = time.time()
+        self._clock = [time.time(), 0.0]  # this process's start, and the time earlier processes spent on the run
         frozen = self.task.load_frozen(self.mesh, self.abstract_images)
         self.compile(frozen)
         ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -203,6 +203,9 @@ class Trainer:
                                     "rerun it with its own config, or use a new --workdir")
                 abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
                 state, data_state = ckpt.restore(latest, abstract)
+                if isinstance(data_state, dict) and set(data_state) == {"iterator", "elapsed_s"}:
+                    self._clock[1] = float(data_state["elapsed_s"])
+                    data_state = data_state["iterator"]  # (checkpoints before 2026-11-27: the iterator alone)
                 train_iter.set_state(data_state)
                 start = int(latest)
             write_config(config, workdir)
@@ -214,12 +217,16 @@ class Trainer:
             if stop.raised:
                 ckpt.wait()
                 return {"preempted_at_step": int(state["step"]), "signal": stop.name}
-            return self._finish(state, frozen, ckpt, writer, time.time() - start_time)
+            return self._finish(state, frozen, ckpt, writer, self._elapsed())
         finally:
             ckpt.wait()
             ckpt.close()
             if writer is not None:
                 writer.close()
+
+    def _elapsed(self) -> float:
+        """Seconds spent on this run so far, over every process that worked on it (saved in checkpoints)."""
+        return self._clock[1] + time.time() - self._clock[0]
 
     def _finished_results(self) -> dict | None:
         """The saved results of a run that already finished in this workdir (its config unchanged): a rerun
@@ -283,7 +290,8 @@ class Trainer:
             save_now = save_now or last or stop.raised or (selection_metric is not None and config.selection == "best")
             if save_now:
                 self._check_finite(step, metrics, ckpt)
-                ckpt.save(step, state, train_iter.get_state(), selection_metric)
+                ckpt.save(step, state, {"iterator": train_iter.get_state(), "elapsed_s": self._elapsed()},
+                          selection_metric)
                 writer.flush()
             if stop.raised:
                 writer.write(step, {"event": f"stopped ({stop.name}): checkpoint saved"})
