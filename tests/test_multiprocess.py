@@ -19,18 +19,18 @@ def test_two_processes_train_and_resume(tmp_path, data_dir):
                 "--config.eval_every_steps=6", "--config.log_every_steps=6", "--config.mesh_shape=data=4,fsdp=2"]
         return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
-    proc = launch(18)
+    proc = launch(12)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["test"]["count"] == 360  # every test example counted once across both processes
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["_versions"]["processes"] == 2 and config["_versions"]["devices"].startswith("8 x")
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "18"))  # as if both processes died after step 12's save
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))  # as if both processes died after step 6's save
     os.remove(os.path.join(workdir, "results.json"))
-    proc = launch(18)
+    proc = launch(12)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert any(r.get("event") == "resumed" and r["step"] == 12 for r in records)
+    assert any(r.get("event") == "resumed" and r["step"] == 6 for r in records)
     resumed = json.load(open(os.path.join(workdir, "results.json")))
-    assert resumed["selected_step"] == 18
+    assert resumed["selected_step"] == 12
     assert resumed["test"] == results["test"] and resumed["validation"] == results["validation"]
