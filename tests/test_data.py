@@ -241,6 +241,30 @@ def test_train_iterator_with_workers_matches_and_resumes(data_dir):
     _assert_same_batches(head + tail, plain)
 
 
+def test_workers_of_a_killed_process_exit(data_dir):
+    """SIGKILL leaves no grain worker (nor its resource tracker) behind: they used to live on as orphans."""
+    import psutil
+    code = ("import sys, time\nfrom transferlab import data\n"
+            f"it = data.train_iterator('digits', 'train', 50, seed=0, data_dir={data_dir!r}, worker_count=1)\n"
+            "next(it)\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    left = [c.pid for c in alive]
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    assert not left, f"orphaned worker processes {left}"
+
+
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_visits_every_example_once(data_dir, process_count):
     global_batch = 100  # does not divide the 360 test examples
