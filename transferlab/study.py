@@ -7,8 +7,11 @@ value becomes the study's workdir, so a KD arm can point `teacher.checkpoint` at
 `{workdir}/teacher/seed_0`. Every arm's config is resolved and validated before
 any training, and (with `check_fn`, as the CLI does) each unfinished arm's models,
 taps and connectors are built abstractly too, so a wrong tap name in the last arm
-fails in seconds, not after the teacher has trained. Finished runs (results.json present) are skipped, so rerunning
-the command resumes a killed study. The table goes to DIR/results.{json,md}.
+fails in seconds, not after the teacher has trained; so does a checkpoint input (teacher, init) that
+neither exists nor is written by an earlier run. Finished runs (results.json present) are skipped if
+their config.json matches the run the study would train (else a ConfigError before anything trains), so
+rerunning the command resumes a killed study. A stop signal (`preemption`) between runs starts no
+further run. The table goes to DIR/results.{json,md}.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def _checkpoint_inputs(run_config):
     pairs = [("teacher.checkpoint", run_config.teacher.checkpoint), ("init_checkpoint", run_config.init_checkpoint)]
     pairs += [(f"extra_teachers[{i}].checkpoint", dict(t).get("checkpoint", ""))
               for i, t in enumerate(run_config.extra_teachers)]
-    return [(key, path) for key, path in pairs if path and path not in ("random", "self_ema")]
+    from transferlab.tasks.kd import RANDOM_TEACHER, SELF_EMA
+    return [(key, path) for key, path in pairs if path and path not in (RANDOM_TEACHER, SELF_EMA)]
 
 
 def check_run_inputs(config, runs, workdir: str) -> None:
