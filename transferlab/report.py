@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         write_study_report(args.workdir, arms,
                            **{k: str(previous.get(k) or "") for k in ("title", "description", "command")})
     except UserError as e:
-        print(f"transferlab.report: error: {e}", file=sys.stderr)
+        print(f"{parser.label}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

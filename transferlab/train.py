@@ -282,10 +282,7 @@ class Trainer:
             if (config.eval_every_steps and step % config.eval_every_steps == 0) or last:
                 evals = self.evaluate(state, frozen, config.dataset.eval_split)
                 writer.write(step, {f"eval/{k}": v for k, v in evals.items()})
-                selection_metric = evals.get(config.selection_metric)
-                if selection_metric is None:
-                    raise ConfigError(f"config key 'selection_metric': {config.selection_metric!r} is not an "
-                                      f"eval metric; available: {', '.join(sorted(evals))}")
+                selection_metric = evals[config.selection_metric]  # present: checked by compile()
             save_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
             save_now = save_now or last or stop.raised or (selection_metric is not None and config.selection == "best")
             if save_now:

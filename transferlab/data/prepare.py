@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         for name, path in prepare_all(names, args.data_dir).items():
             print(f"{name}: {path}")
     except UserError as e:
-        print(f"transferlab.data.prepare: error: {e}", file=sys.stderr)
+        print(f"{parser.label}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
