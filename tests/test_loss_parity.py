@@ -17,6 +17,9 @@ from the paper by a known factor. Known, pinned differences:
     column is nearly constant (very large logits); such draws are marked eps_sensitive and skipped.
   * class_relation: the Cr-KD-NCD code uses cross-entropy; we use the paper's KL;
     the golden stores both and we check ours == code_loss - entropy_term.
+Tolerance: rtol 1e-5, atol 1e-6 * max|peer|; each golden also holds the peer's own float32
+result (`peer32_*`), and where that is further off (ill-conditioned draws) ours may be off by
+up to PEER32_FACTOR times as much.
 """
 
 import glob
@@ -35,6 +38,9 @@ DATA = os.environ.get("TRANSFERLAB_PARITY_DATA") or os.path.join(os.path.dirname
                                                                   "parity", "data")
 CASES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(DATA, "*.npz")))
 RTOL = 1e-5
+# Where the peer's own float32 run is off by more than our tolerance (ill-conditioned inputs: logits of
+# scale 20, nearly constant softmax rows), our float32 error may be up to this many times the peer's.
+PEER32_FACTOR = 4.0
 
 
 def load(case):
@@ -63,9 +69,13 @@ def inputs_of(g):
     return name, losses.resolve_hparams(name, hparams), to_jnp(student), to_jnp(teacher), batch
 
 
-def close(ours, ref, what):
+def close(ours, ref, what, peer32=None):
+    """ours == ref (the float64 peer) to rtol 1e-5 and atol 1e-6 * max|ref|, or, where the float32 peer
+    `peer32` is itself further off than that, to PEER32_FACTOR times its largest error."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     atol = 1e-6 * max(1e-3, float(np.max(np.abs(ref))))
+    if peer32 is not None:
+        atol = max(atol, PEER32_FACTOR * float(np.max(np.abs(np.asarray(peer32, np.float64) - ref))))
     np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=atol, err_msg=what)
 
 
@@ -84,11 +94,15 @@ def test_value_and_grad_match_peer(case):
     fn = losses.get(name).fn
     value, grad = jax.jit(jax.value_and_grad(lambda s, t, b: fn(s, t, b, **hparams)))(student, teacher, batch)
     scale = float(g["scale"])
-    close(value, scale * g["loss"], f"{case}: loss vs {g['peer']}")
+
+    def peer32(key):  # goldens made before the float32 peer run was stored have none
+        return scale * g["peer32_" + key] if "peer32_" + key in g else None
+
+    close(value, scale * g["loss"], f"{case}: loss vs {g['peer']}", peer32("loss"))
     grads = grad if isinstance(grad, list) else [grad]
-    refs = [g["grad"]] if "grad" in g else [g[f"grad_{i}"] for i in range(len(grads))]
-    for i, (ours, ref) in enumerate(zip(grads, refs)):
-        close(ours, scale * ref, f"{case}: grad[{i}] vs {g['peer']}")
+    keys = ["grad"] if "grad" in g else [f"grad_{i}" for i in range(len(grads))]
+    for i, (ours, key) in enumerate(zip(grads, keys)):
+        close(ours, scale * g[key], f"{case}: grad[{i}] vs {g['peer']}", peer32(key))
 
 
 def test_kd_is_torchdistill_times_t_squared():

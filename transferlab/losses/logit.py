@@ -124,6 +124,8 @@ def kd_std(student, teacher, batch, *, temperature=2.0, eps=1e-7):
       loss = T^2 * mean_b KL(softmax(Z(t_b) / T) || softmax(Z(s_b) / T))
     Default T = 2 (torchdistill's LogitStdKDLoss example). torchdistill returns the KL
     without T^2 when alpha is None; ours includes it (pinned in the parity test).
+    With 2 classes every standardized row is (1, -1) or (-1, 1): the loss then only sees
+    which logit is larger, and its gradient is zero up to rounding (use `kd` there).
     """
     s, t = standardize(f32(student), eps), standardize(f32(teacher), eps)
     return temperature ** 2 * batch_mean(kl_rows(t / temperature, s / temperature), batch)
