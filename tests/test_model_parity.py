@@ -28,7 +28,11 @@ import pytest
 
 from transferlab import models
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parity", "data", "models")
+# TRANSFERLAB_PARITY_DATA=DIR with DIR/models/ (make_model_goldens.py --seed N --out DIR/models):
+# goldens drawn with other weights and inputs; else the committed ones.
+_OTHER = os.path.join(os.environ.get("TRANSFERLAB_PARITY_DATA", ""), "models")
+DATA = (_OTHER if os.environ.get("TRANSFERLAB_PARITY_DATA") and os.path.isdir(_OTHER)
+        else os.path.join(os.path.dirname(os.path.abspath(__file__)), "parity", "data", "models"))
 CASES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(DATA, "*.npz")))
 EXPECTED = {"resnet8", "resnet20", "resnet8x4", "wrn_16_2", "vgg8", "mobilenetv2",
             "shufflenetv1", "shufflenetv2"}

@@ -4,6 +4,9 @@ Run by hand with the peer venv (see make_loss_goldens.py), from the repo root:
 
     /work/peer-venv/bin/python tests/parity/make_connector_goldens.py
 
+Other inputs: `--seed N --out DIR/connectors` draws the shapes and values afresh, and
+`TRANSFERLAB_PARITY_DATA=DIR pytest tests/test_connector_parity.py` checks against them.
+
 torchdistill has no ABF module, so the peer is a PyTorch module written here from
 ReviewKD (arXiv:2104.09044, Sec. 3.3) and our reading of the authors' code
 (github.com/dvlab-research/ReviewKD, CIFAR-100/model/reviewkd.py): per level,
@@ -53,13 +56,44 @@ class PeerABF(nn.Module):
         return self.bn2(self.conv2(x)), x
 
 
+def level_shapes(seed):
+    """(student shapes, teacher shapes), shallow -> deep, NHWC or pooled [B, C].
+
+    Seed 0: the committed golden (3 levels, the deepest pooled). Other seeds draw the batch
+    (2-6), the number of levels (1-4), each level's student map (halving with depth from 4-9
+    pixels, at least 1) and the teacher's (the student's size, 2x, or any 1-10: nearest
+    resizing at non-integer ratios too), channels 1-16, and whether the deepest level is pooled.
+    """
+    if seed == 0:
+        batch = 4
+        return ([(batch, 4, 4, 8), (batch, 2, 2, 12), (batch, 16)],
+                [(batch, 8, 8, 10), (batch, 4, 4, 14), (batch, 20)])
+    r = np.random.default_rng((2104_09044, seed))
+    batch, n = int(r.integers(2, 7)), int(r.integers(1, 5))
+    hw = int(r.integers(4, 10))
+    s_shapes, t_shapes = [], []
+    for i in range(n):
+        s_hw = max(1, hw >> i)
+        t_hw = int(r.choice([s_hw, 2 * s_hw, int(r.integers(1, 11))]))
+        s_c, t_c = int(r.integers(1, 17)), int(r.integers(1, 17))
+        if i == n - 1 and r.random() < 0.5:  # a pooled deepest level, as the reference's
+            s_shapes.append((batch, s_c))
+            t_shapes.append((batch, t_c))
+        else:
+            s_shapes.append((batch, s_hw, s_hw, s_c))
+            t_shapes.append((batch, t_hw, t_hw, t_c))
+    return s_shapes, t_shapes
+
+
 def main():
-    os.makedirs(OUT, exist_ok=True)
-    rng = np.random.default_rng(2104_09044)
-    batch = 4
-    # student levels shallow -> deep (NHWC; the deepest pooled), teacher shapes per level
-    s_shapes = [(batch, 4, 4, 8), (batch, 2, 2, 12), (batch, 16)]
-    t_shapes = [(batch, 8, 8, 10), (batch, 4, 4, 14), (batch, 20)]
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, default=0, help="0: the committed golden; others draw shapes and values")
+    p.add_argument("--out", default=OUT, help="directory for abf.npz")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rng = np.random.default_rng(2104_09044 if args.seed == 0 else (2104_09044, args.seed, 1))
+    s_shapes, t_shapes = level_shapes(args.seed)
     mid = min(512, s_shapes[-1][-1])
     n = len(s_shapes)
     blocks = [PeerABF(s[-1], mid, t[-1], fuse=i < n - 1) for i, (s, t) in enumerate(zip(s_shapes, t_shapes))]
@@ -115,7 +149,7 @@ def main():
     for name, p in named.items():
         arrays[f"param:{name}"] = to_flax(p)
         arrays[f"gparam:{name}"] = to_flax(p.grad)
-    np.savez(os.path.join(OUT, "abf.npz"), peer="PyTorch ABF review path (ReviewKD reference structure), float64",
+    np.savez(os.path.join(args.out, "abf.npz"), peer="PyTorch ABF review path (ReviewKD reference structure), float64",
              **arrays)
     print(f"abf: {n} levels, total <out, cot> = {total.item():.8g}")
 
