@@ -87,6 +87,25 @@ def test_overrides_are_typed(tmp_path):
     ("c.study = {'arms': ({'name': 'a', 'seeds': 3},)}", "seeds must be a list"),
     ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'kd'},), 'teacher_weights': (1.0,)}",
      "teacher_combination is 'average'"),
+    # a second new-user audit (2026-11-27): each was accepted and silently ignored, or selected on test
+    ("c.schedule = {'name': 'cosine', 'boundaries': (2,)}", "'schedule.boundaries' is set but schedule.name is 'cosine'"),
+    ("c.total_steps = 50; c.schedule = {'name': 'step', 'boundaries': (60,)}", "step 60 is not before total_steps 50"),
+    ("c.selection = 'best'; c.dataset.eval_split = 'test'", "'dataset.eval_split': 'test' is the test split"),
+    ("c.selection = 'best'; c.dataset.eval_split = 'test[:50%]'", "'dataset.eval_split': 'test[:50%]' is the test"),
+    ("c.task = 'dml'; c.dml = {'num_students': 0}", "needs at least 2 students, got 0"),
+    ("c.task = 'dml'; c.dml = {'peers': ({'name': 'resnet9'},)}", "dml.peers[0].name"),
+    ("c.task = 'dml'; c.dml = {'peers': ({'name': 'mlp', 'kwargs': {'depth': 3}},)}", "dml.peers[0].kwargs"),
+    ("c.dml = {'num_students': 3}", "'dml.num_students' is set but task is 'classify'"),
+    ("c.distill = {'hard_augment': {'enabled': True}}", "'distill.hard_augment.enabled' is set but task is 'classify'"),
+    ("c.task = 'dml'; c.distill = {'ce_weight': 0.0}", "'distill.ce_weight' is set but task is 'dml'"),
+    ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'kd'},)}; "
+     "c.sla = {'transform': 'color_permutation'}", "'sla.transform' is set but task is 'kd'"),
+    ("c.task = 'kd'; c.teacher = {'name': 'resnet8x4'}; c.teacher.checkpoint = 'self_ema'; "
+     "c.distill = {'terms': ({'name': 'kd'},)}", "'teacher.name' is set but teacher.checkpoint='self_ema'"),
+    ("c.task = 'kd'; c.teacher = {'name': '', 'kwargs': {'hidden_sizes': (9,)}}; "
+     "c.distill = {'terms': ({'name': 'kd'},)}", "'teacher.kwargs' is set but teacher.name is ''"),
+    ("c.task = 'kd'; c.teacher = {'name': '', 'dtype': 'bfloat16'}; c.distill = {'terms': ({'name': 'kd'},)}",
+     "'teacher.dtype' is set but teacher.name is ''"),
 ])
 def test_bad_config_names_the_culprit(tmp_path, extra, culprit):
     with pytest.raises(ConfigError) as info:
@@ -104,6 +123,25 @@ def test_bad_config_names_the_culprit(tmp_path, extra, culprit):
 def test_bad_override_names_the_key(tmp_path, override, culprit):
     with pytest.raises(ConfigError, match=culprit):
         load(tmp_path, overrides=[override])
+
+
+STUDY = """
+    c.total_steps = 40
+    c.study = {'seeds': (0, 1), 'arms': ({'name': 'teacher', 'overrides': {'total_steps': 60, 'model.kwargs':
+               {'hidden_sizes': (64,)}}}, {'name': 'student'})}
+"""
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.total_steps=20", "override 'total_steps': study arm 'teacher' sets 'total_steps' itself"),
+    ("--config.model.kwargs.hidden_sizes=(8,)", "override 'model.kwargs.hidden_sizes': study arm 'teacher' sets "
+                                                "'model.kwargs'"),
+    ("--config.seed=7", "override 'seed': a study's runs take their seeds from study.seeds"),
+])
+def test_overrides_a_study_would_overrule_are_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, STUDY, overrides=[override])
+    load(tmp_path, STUDY, overrides=["--config.batch_size=32", "--config.study.seeds=(3,)"])  # not set by arms
 
 
 def test_config_file_problems(tmp_path):

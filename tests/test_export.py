@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 
-from transferlab import checkpoint, config as config_lib, export
+from transferlab import checkpoint, config as config_lib, data, export
 from transferlab.tasks import common
 from transferlab.train import Trainer, train_and_evaluate
 
@@ -50,6 +50,17 @@ def test_export_keeps_only_the_student_and_reproduces_its_logits(tmp_path, data_
                               images, train=False)[0]
     np.testing.assert_allclose(module.apply(variables, images, train=False), expected, rtol=1e-6, atol=1e-6)
 
+    # Raw uint8 test images through `export.preprocess` reproduce the run's own test accuracy.
+    source = data.get_source("digits", "test", data_dir)
+    records = [source[i] for i in range(len(source))]
+    raw = np.stack([r["image"] for r in records])
+    labels = np.asarray([r["label"] for r in records])
+    assert raw.dtype == np.uint8
+    logits = module.apply(variables, export.preprocess(out, raw), train=False)
+    with open(os.path.join(run, "results.json")) as f:
+        test_accuracy = json.load(f)["test"]["accuracy"]
+    assert abs(float(np.mean(np.argmax(logits, -1) == labels)) - test_accuracy) < 1e-6
+
 
 def test_export_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
     def cli(*args):
@@ -65,4 +76,8 @@ def test_export_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
     (tmp_path / "nope" / "config.json").write_text(json.dumps({}))
     busy = cli("--workdir", str(tmp_path / "nope"), "--out", str(occupied))
     assert busy.returncode == 2 and "not empty" in busy.stderr and len(busy.stderr.splitlines()) == 1
+    assert (occupied / "keep.txt").read_text() == "mine"
+    for out in (occupied / "keep.txt", occupied / "keep.txt" / "sub"):  # a file, a path under a file
+        bad = cli("--workdir", str(tmp_path / "nope"), "--out", str(out))
+        assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "--out" in bad.stderr, bad.stderr
     assert (occupied / "keep.txt").read_text() == "mine"

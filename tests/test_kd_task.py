@@ -1,5 +1,8 @@
 """The KD task: frozen teacher restored from a workdir, terms composed from the config, no retracing."""
 
+import os
+import shutil
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -196,10 +199,40 @@ def test_shape_mismatch_without_connector_is_an_error(tmp_path, teacher_dir):
     # FitNet's default 1x1-conv connector on [B, D] vectors: a clear error, not a conv shape traceback
     ({"name": "fitnet", "student_tap": "hidden1", "teacher_tap": "logits"},
      r"terms\[0\]\.connector: 'conv1x1_bn' maps feature maps \[B, H, W, C\], but student tap hidden1"),
+    # found by a new-user audit: these were tracebacks or silently ignored
+    ({"name": "crd", "embed_dim": 0}, r"terms\[0\]\.embed_dim: expected an int >= 1, got 0"),
+    ({"name": "crd", "num_negatives": -3}, r"terms\[0\]\.num_negatives: expected an int >= 1, got -3"),
+    ({"name": "crd", "embed_dim": 8.7}, r"terms\[0\]\.embed_dim: expected an int >= 1, got 8.7"),
+    ({"name": "crd", "memory_momentum": 1.5}, r"terms\[0\]\.memory_momentum: expected a number in \[0, 1\)"),
+    ({"name": "kd", "embed_dim": 64}, r"terms\[0\]: embed_dim only apply to a 'crd' term, not 'kd'"),
+    ({"name": "crd", "connector": "linear"}, r"terms\[0\]\.connector: loss 'crd' embeds both sides"),
+    ({"name": "trilateral", "connector": "linear"}, r"terms\[0\]\.connector: loss 'trilateral' compares logits"),
+    ({"name": "kd", "student_tap": {"a": 1}}, r"terms\[0\]\.student_tap: expected a tap name like 'logits'"),
+    ({"name": "kd", "student_tap": [["logits"]]}, r"terms\[0\]\.student_tap: expected a tap name"),
+    ({"name": "reviewkd", "pool_sizes": (4, "a")}, r"hparam 'pool_sizes': got \(4, 'a'\); expected a non-empty list "
+                                                   r"of ints > 0"),
+    ({"name": "reviewkd", "pool_sizes": (0,)}, r"hparam 'pool_sizes': got \(0,\); expected a non-empty list"),
+    ({"name": "kd", "warmup_steps": 100}, r"terms\[0\]\.warmup_steps: 100 is more than total_steps"),
 ])
 def test_bad_term_values_are_one_clear_config_error(tmp_path, term, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(kd_config("random", terms=(term,)), str(tmp_path / "kd"))
+
+
+@pytest.mark.parametrize("distill, extra, message", [
+    ({"terms": ({"name": "dkd"},)}, (), r"'augment.mixup_alpha': distill.terms\[0\] \('dkd'\) reads each image's "
+                                        r"class label"),
+    ({"terms": ({"name": "kd"},), "teacher_combination": "adaptive"}, ({"name": "mlp", "checkpoint": "random"},),
+     r"'augment.mixup_alpha': distill.teacher_combination='adaptive' reads each image's class label"),
+])
+def test_label_reading_methods_refuse_mixup(tmp_path, distill, extra, message):
+    def config(mixup):
+        return config_lib.from_dict(base(task="kd", model={"name": "mlp", "kwargs": {"hidden_sizes": (32,)}},
+                                         teacher={**TEACHER, "checkpoint": "random"}, extra_teachers=extra,
+                                         distill=distill, augment={"mixup_alpha": mixup}))
+    with pytest.raises(ConfigError, match=message):
+        Trainer(config(0.4), str(tmp_path / "kd"))
+    Trainer(config(0.0), str(tmp_path / "kd2"))  # the same without mixing is fine
 
 
 def test_bad_override_value_names_the_key():
@@ -211,6 +244,17 @@ def test_bad_override_value_names_the_key():
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     trainer = Trainer(kd_config(str(tmp_path / "nowhere")), str(tmp_path / "kd"))
     with pytest.raises(UserError, match="teacher.checkpoint"):
+        trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+
+
+def test_damaged_teacher_results_is_a_clear_error(tmp_path, teacher_dir):
+    damaged = str(tmp_path / "teacher")
+    shutil.copytree(teacher_dir, damaged)
+    with open(os.path.join(damaged, "results.json"), "w") as f:
+        f.write("{bad")
+    trainer = Trainer(kd_config(damaged), str(tmp_path / "kd"))
+    with pytest.raises(ConfigError, match=r"results.json: unreadable \(JSONDecodeError\), so the step that run "
+                                          r"selected is unknown; rerun that run's command"):
         trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
 
 

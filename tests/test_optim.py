@@ -71,6 +71,8 @@ def test_optimizers_clip_and_freeze(name):
     assert labels["conv"]["kernel"] == "frozen" and labels["head"]["bias"] == "trained"
     with pytest.raises(ConfigError, match="'optimizer.freeze': '\\^convv/' matches no parameter"):
         make_optimizer(cfg(optimizer={"name": name, "freeze": "^convv/"}), PARAMS)  # a typo
+    with pytest.raises(ConfigError, match="'optimizer.freeze': '.\\*' matches every parameter"):
+        make_optimizer(cfg(optimizer={"name": name, "freeze": ".*"}), PARAMS)  # nothing would train
 
 
 def test_clipping_bounds_the_update():

@@ -97,6 +97,7 @@ def test_sla_sd_trains_and_reports_single_aggregated_and_joint_heads(tmp_path, d
     ({"sla": {"transform": "rotation_color"}}, "'rotation_color' needs 3 channels"),
     ({"sla": {"transform": "flip"}}, "sla.transform"),
     ({"sla": {"temperature": 0.0}}, "sla.temperature"),
+    ({"sla": {"joint_weight": 0.0, "single_weight": 0.0, "distill_weight": 0.0}}, "nothing to train"),
 ])
 def test_bad_sla_settings_name_the_key(tmp_path, data_dir, override, culprit):
     with pytest.raises(ConfigError, match=culprit):

@@ -307,10 +307,30 @@ def load(spec: str, overrides=()) -> ml_collections.ConfigDict:
     """defaults() <- config file <- overrides, then `validate`."""
     config = defaults()
     merge(config, load_file(spec))
+    keys = []
     for text in overrides:
-        apply_override(config, *parse_override(text))
+        key, raw = parse_override(text)
+        apply_override(config, key, raw)
+        keys.append(key)
+    _check_study_overrides(config, keys)
     validate(config)
     return config
+
+
+def _check_study_overrides(config, keys) -> None:
+    """A command-line override that a study would silently overrule (an arm sets the same key, or the
+    study's seeds replace `seed`) is a ConfigError."""
+    arms = [dict(a) for a in config.study.arms if isinstance(a, dict)]
+    for key in keys:
+        if key == "seed" and arms and (config.study.seeds or any(a.get("seeds") for a in arms)):
+            raise ConfigError("override 'seed': a study's runs take their seeds from study.seeds (and its arms' "
+                              "seeds); override study.seeds instead")
+        for arm in arms:
+            for set_by_arm in dict(arm.get("overrides", {})):
+                if set_by_arm == key or set_by_arm.startswith(key + ".") or key.startswith(set_by_arm + "."):
+                    raise ConfigError(f"override {key!r}: study arm {arm.get('name')!r} sets {set_by_arm!r} "
+                                      "itself and would overrule it; change it in the config file (or through "
+                                      "the file's arguments, e.g. quickstart.py:steps=100)")
 
 
 def from_dict(update, overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -403,10 +423,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.schedule.warmup_steps > config.total_steps:
         raise ConfigError(f"config key 'schedule.warmup_steps': {config.schedule.warmup_steps} is more than "
                           f"total_steps {config.total_steps}")
+    if config.schedule.boundaries and config.schedule.name != "step":
+        raise ConfigError(f"config key 'schedule.boundaries' is set but schedule.name is "
+                          f"{config.schedule.name!r}; boundaries are for the 'step' schedule")
     for b in config.schedule.boundaries:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0 or (isinstance(b, float) and b >= 1):
             raise ConfigError(f"config key 'schedule.boundaries': {b!r} is neither a step (int >= 1) nor a "
                               "fraction of total_steps (float in (0, 1))")
+        if isinstance(b, int) and b >= config.total_steps:
+            raise ConfigError(f"config key 'schedule.boundaries': step {b} is not before total_steps "
+                              f"{config.total_steps}, so it would never apply")
+    if config.selection == "best" and _split_name(config.dataset.eval_split) == _split_name(config.dataset.test_split):
+        raise ConfigError(f"config key 'dataset.eval_split': {config.dataset.eval_split!r} is the test split, and "
+                          "selection='best' would select the model on it; use a validation split")
     if config.task != "kd" and not config.study.arms:  # (a study's arms are validated with their overrides)
         for key, unused in (("distill.terms", config.distill.terms), ("teacher.checkpoint", config.teacher.checkpoint),
                             ("extra_teachers", config.extra_teachers)):
@@ -414,9 +443,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(f"config key {key!r} is set but task is {config.task!r}, which has no teacher; "
                                   "set task='kd' to distil")
     if config.task == "dml":
+        if config.dml.num_students < 2:
+            raise ConfigError(f"config key 'dml.num_students': mutual learning needs at least 2 students, got "
+                              f"{config.dml.num_students}")
         for i, peer in enumerate(config.dml.peers):
             if not isinstance(peer, dict) or "name" not in peer:
                 raise ConfigError(f"dml.peers[{i}]: expected a model section like {{'name': 'resnet8'}}, got {peer!r}")
+            if peer["name"] not in models.names():
+                raise unknown_name(f"model (dml.peers[{i}].name)", peer["name"], models.names())
+            if not isinstance(peer.get("kwargs", {}), dict):
+                raise ConfigError(f"dml.peers[{i}].kwargs: expected a dict, got {peer['kwargs']!r}")
+            _check_model_kwargs(f"dml.peers[{i}]", ml_collections.ConfigDict(
+                {"name": peer["name"], "kwargs": dict(peer.get("kwargs", {}))}))
+            _choice(f"dml.peers[{i}].dtype", peer.get("dtype", "float32"), DTYPES)
         if len(config.dml.peers) + 1 > config.dml.num_students:
             raise ConfigError(f"config key 'dml.num_students': {config.dml.num_students} students, but model plus "
                               f"{len(config.dml.peers)} dml.peers are {len(config.dml.peers) + 1}; set "
@@ -481,6 +520,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 losses.resolve_hparams(name, term)
             except ConfigError as e:
                 raise ConfigError(f"distill.terms[{i}]: {e}") from None
+    if not config.study.arms:
+        _check_sections_used(config)
     names = set()
     for i, arm in enumerate(config.study.arms):
         if not isinstance(arm, dict) or "name" not in arm or not set(arm) <= {"name", "overrides", "seeds"}:
@@ -499,6 +540,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not isinstance(arm.get("overrides", {}), dict):
             raise ConfigError(f"study.arms[{i}] ({name}): overrides must be a dict of dotted keys, "
                               f"got {arm['overrides']!r}")
+
+
+def _split_name(split: str) -> str:
+    """'train[:80%]' -> 'train': the split a tfds split string reads from."""
+    return str(split).split("[")[0].strip()
+
+
+# section -> the tasks that read it; elsewhere a changed key would be silently ignored
+TASK_SECTIONS = {"distill": ("kd",), "teacher": ("kd",), "dml": ("dml",), "sla": ("sla_sd",)}
+
+
+def _check_sections_used(config) -> None:
+    """A key changed from its default in a section the task never reads, or in `teacher` where the teacher is
+    the student's own model (born-again, self_ema), is a ConfigError naming it."""
+    base = defaults()
+    for section, tasks in TASK_SECTIONS.items():
+        given = _flat(to_plain(config[section]), section + ".")
+        default = _flat(to_plain(base[section]), section + ".")
+        changed = [k for k in given if given[k] != default.get(k, given[k]) or (k not in default and given[k])]
+        if config.task not in tasks and changed:
+            raise ConfigError(f"config key {changed[0]!r} is set but task is {config.task!r}, which does not use "
+                              f"the {section!r} section (used by task {' or '.join(map(repr, tasks))})")
+    if config.task == "kd" and (not config.teacher.name or config.teacher.checkpoint == "self_ema"):
+        own = ("teacher.checkpoint='self_ema' (an EMA of the student)" if config.teacher.checkpoint == "self_ema"
+               else "teacher.name is '' (born-again: the student's own architecture)")
+        keys = (("teacher.name", config.teacher.name), ("teacher.kwargs", dict(config.teacher.kwargs)),
+                ("teacher.dtype", config.teacher.dtype != "float32"))
+        for key, value in keys:
+            if value:
+                raise ConfigError(f"config key {key!r} is set but {own}: the teacher takes the student's model "
+                                  "name, kwargs and dtype; unset it")
 
 
 def _check_finite(tree, path: str = "") -> None:

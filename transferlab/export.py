@@ -8,10 +8,14 @@ selection rule chose (`results.json`'s `selected_step`, else the latest), restor
 joint head, a self-distillation EMA teacher, optimizer state. Writes
 
     DIR/variables/   an Orbax checkpoint of the flax variables {'params': ..., 'batch_stats': ...}
-    DIR/model.json   {name, kwargs, dtype, num_classes, image_shape, source run, step, git commit}
+    DIR/model.json   {name, kwargs, dtype, num_classes, image_shape, input (the normalization the
+                     model was trained with: dataset, mean, std), source run, step, git commit}
 
-`load(DIR)` gives back `(module, variables)` for `module.apply(variables, images, train=False)`.
-Bad input (no such run, no checkpoint, DIR not empty) is one line on stderr and exit code 2.
+`load(DIR)` gives back `(module, variables)` for `module.apply(variables, images, train=False)`,
+where `images` are normalized as in training: `preprocess(DIR, uint8_images)` does it
+((pixels / 255 - mean) / std per channel, the data pipeline's normalization).
+Bad input (no such run, no checkpoint, DIR not empty or not a directory) is one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -39,8 +43,16 @@ def export(run_dir: str, out_dir: str) -> dict:
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"--workdir {run_dir!r}: no config.json (not a transferlab run directory)")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir!r} exists and is not a directory; choose a new directory")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise UserError(f"--out {out_dir!r} exists and is not empty; choose a new directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out_dir!r}: cannot create it ({e.strerror or e})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out {out_dir!r}: not writable")
     with open(config_path, encoding="utf-8") as f:
         resolved = json.load(f)
     versions = resolved.pop("_versions", {})
@@ -54,9 +66,12 @@ def export(run_dir: str, out_dir: str) -> dict:
     variables = {"params": restored["params"]["model"], **restored["model_state"]["model"]}
     info = {"name": config.model.name, "kwargs": config_lib.to_plain(config.model.kwargs),
             "dtype": config.model.dtype, "num_classes": trainer.task.num_classes,
-            "image_shape": list(trainer.abstract_images.shape[1:]), "source_run": os.path.abspath(run_dir),
+            "image_shape": list(trainer.abstract_images.shape[1:]),
+            "input": {"dataset": config.dataset.name, "mean": [float(m) for m in trainer.info.mean],
+                      "std": [float(v) for v in trainer.info.std],
+                      "normalization": "(uint8 pixels / 255 - mean) / std, per channel"},
+            "source_run": os.path.abspath(run_dir),
             "step": int(step), "git_commit": versions.get("git_commit", "unknown")}
-    os.makedirs(out_dir, exist_ok=True)
     with ocp.StandardCheckpointer() as saver:
         saver.save(os.path.join(os.path.abspath(out_dir), VARIABLES_DIR), variables)
     if jax.process_index() == 0:
@@ -91,6 +106,24 @@ def load(export_dir: str):
     return module, variables
 
 
+def preprocess(export_dir: str, images):
+    """uint8 images [B, H, W, C] -> the float32 input the exported model was trained on."""
+    import numpy as np
+
+    from transferlab.errors import UserError
+
+    path = os.path.join(export_dir, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{export_dir!r}: no {MODEL_FILE} (not a transferlab export)")
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    if "input" not in info:
+        raise UserError(f"{path}: made before exports recorded their input normalization; export the run again")
+    mean = np.asarray(info["input"]["mean"], np.float32)
+    std = np.asarray(info["input"]["std"], np.float32)
+    return (np.asarray(images, np.float32) / 255.0 - mean) / std
+
+
 def main(argv=None) -> int:
     from transferlab.errors import OneLineArgumentParser
     parser = OneLineArgumentParser(prog="python -m transferlab.export", description=__doc__,
@@ -99,8 +132,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="new directory for the exported model")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from transferlab.errors import UserError
-    from transferlab.main import _configure_environment
+    from transferlab.main import _configure_environment, _quiet_library_warnings
     _configure_environment()
+    _quiet_library_warnings()
     try:
         info = export(args.workdir, args.out)
     except UserError as e:

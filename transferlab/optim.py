@@ -71,5 +71,8 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
             paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
             raise ConfigError(f"config key 'optimizer.freeze': {o.freeze!r} matches no parameter; paths look like "
                               f"{', '.join(paths[:3])}")
+        if "trained" not in jax.tree.leaves(labels):
+            raise ConfigError(f"config key 'optimizer.freeze': {o.freeze!r} matches every parameter; nothing would "
+                              "train")
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule

@@ -154,7 +154,7 @@ def _read_options(read_threads, prefetch_batches):
 def _check_split_size(name, split, num_records, global_batch_size):
     if num_records < global_batch_size:
         raise ConfigError(
-            f"global_batch_size {global_batch_size} exceeds the {num_records} examples of "
+            f"config key 'batch_size': {global_batch_size} exceeds the {num_records} examples of "
             f"{name}:{split}; expected at most {num_records}"
         )
 

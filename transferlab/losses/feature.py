@@ -91,7 +91,7 @@ def at(student, teacher, batch, *, p=2.0, beta=1000.0):
     return beta * total
 
 
-@register("nd", taps=("features", "features"), connector="linear")
+@register("nd", taps=("features", "features"), connector="linear", reads_label=True)
 def nd(student, teacher, batch, *, class_means=None):
     """ND (feature norm and direction) loss, arXiv:2305.17007 (needs batch['label']).
 

@@ -48,7 +48,7 @@ def kd(student, teacher, batch, *, temperature=4.0):
     return t ** 2 * batch_mean(kl_rows(f32(teacher) / t, f32(student) / t), batch)
 
 
-@register("dkd", taps=LOGITS)
+@register("dkd", taps=LOGITS, reads_label=True)
 def dkd(student, teacher, batch, *, alpha=1.0, beta=8.0, temperature=4.0):
     """Decoupled KD, arXiv:2203.08679 (label-dependent; needs batch['label']).
 
@@ -131,7 +131,7 @@ def kd_std(student, teacher, batch, *, temperature=2.0, eps=1e-7):
     return temperature ** 2 * batch_mean(kl_rows(t / temperature, s / temperature), batch)
 
 
-@register("cwtm", taps=LOGITS)
+@register("cwtm", taps=LOGITS, reads_label=True)
 def cwtm(student, teacher, batch):
     """Confidence-Weighted by Teacher Max (born-again networks), arXiv:1805.04770.
 
@@ -248,7 +248,7 @@ def trilateral_features(student_logits, teacher_logits, labels, *, temperature=1
     return jax.lax.stop_gradient(jnp.concatenate(feats, axis=-1))
 
 
-@register("trilateral", taps=LOGITS)
+@register("trilateral", taps=LOGITS, reads_label=True)
 def trilateral(student, teacher, batch, *, temperature=4.0):
     """Adaptive per-sample KD / CE fusion (TGeo-KD, "Less or More From Teacher:
     Exploiting Trilateral Geometry For Knowledge Distillation", arXiv:2312.15112).

@@ -42,6 +42,7 @@ class LossSpec:
     connector: str | None
     multi_tap: bool
     choices: Mapping[str, tuple]  # hparam -> allowed values, for string-valued hparams
+    reads_label: bool = False  # uses batch['label'] (the hard class id)
 
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -59,7 +60,7 @@ def float32_matmuls(fn):
 
 
 def register(name: str, *, taps, connector: str | None = None, multi_tap: bool = False,
-             choices: Mapping[str, tuple] | None = None):
+             choices: Mapping[str, tuple] | None = None, reads_label: bool = False):
     """Decorator registering `fn` under `name`; its keyword-only args are its hparams.
 
     Returns `fn` wrapped by `float32_matmuls`: the registered and the module-level function are the same.
@@ -72,7 +73,8 @@ def register(name: str, *, taps, connector: str | None = None, multi_tap: bool =
         defaults = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         fn = float32_matmuls(fn)
         _REGISTRY[name] = LossSpec(name=name, fn=fn, defaults=defaults, default_taps=tuple(taps),
-                                   connector=connector, multi_tap=multi_tap, choices=dict(choices or {}))
+                                   connector=connector, multi_tap=multi_tap, choices=dict(choices or {}),
+                                   reads_label=reads_label)
         return fn
 
     return deco
@@ -116,9 +118,12 @@ def _check_value(name: str, key: str, value, default, choices):
             raise errors.ConfigError(f"{where}: got {value!r}; expected a number > 0")
         return float(value)
     if isinstance(default, tuple):
-        if not isinstance(value, (tuple, list)):
-            raise errors.ConfigError(f"{where}: got {value!r}; expected a list like {list(default)}")
-        return tuple(value)
+        positive_ints = default and all(isinstance(d, int) and d > 0 for d in default)
+        if not isinstance(value, (tuple, list)) or (positive_ints and not (
+                value and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in value))):
+            kind = "a non-empty list of ints > 0" if positive_ints else "a list"
+            raise errors.ConfigError(f"{where}: got {value!r}; expected {kind} like {list(default)}")
+        return tuple(int(v) for v in value) if positive_ints else tuple(value)
     return value
 
 

@@ -75,6 +75,9 @@ CONV_CONNECTORS = ("conv1x1_bn", "conv3x3")  # connectors that need NHWC feature
 MULTI_TAP_CONNECTORS = ("abf",)  # connectors that map a list of taps (ReviewKD's attention-based fusion)
 SELF_EMA = "self_ema"  # teacher.checkpoint value: the teacher is an EMA of the student (self-distillation)
 CRD_DEFAULTS = {"embed_dim": 128, "num_negatives": 16384, "memory_momentum": 0.5}
+# losses whose terms build their own trainable heads instead of a connector
+OWN_HEADS = {"crd": "embeds both sides with its own heads (embed_dim)",
+             "trilateral": "compares logits and trains its own fusion-ratio network"}
 ND_CLASS_MEANS = ("train", "batch")  # nd term's class_means: teacher means over the train split, or in-batch
 
 
@@ -115,6 +118,20 @@ def random_variables(abstract, seed: int):
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
+def _crd_settings(where: str, raw: dict) -> dict:
+    """A crd term's embed_dim, num_negatives (positive ints) and memory_momentum (in [0, 1))."""
+    out = {k: raw.get(k, v) for k, v in CRD_DEFAULTS.items()}
+    for key in ("embed_dim", "num_negatives"):
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ConfigError(f"{where}.{key}: expected an int >= 1, got {value!r}")
+        out[key] = int(value)
+    m = out["memory_momentum"]
+    if isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0.0 <= m < 1.0:
+        raise ConfigError(f"{where}.memory_momentum: expected a number in [0, 1), got {m!r}")
+    return out
+
+
 class Term:
     """One resolved loss term of `config.distill.terms`."""
 
@@ -138,9 +155,16 @@ class Term:
         self.student_tap = raw.get("student_tap", default_s)
         self.teacher_tap = raw.get("teacher_tap", default_t)
         for which, tap in (("student_tap", self.student_tap), ("teacher_tap", self.teacher_tap)):
+            names = list(tap) if isinstance(tap, (list, tuple)) else [tap]
+            if not names or not all(isinstance(t, str) and t for t in names):
+                expected = "a list of tap names" if self.spec.multi_tap else "a tap name"
+                raise ConfigError(f"{self.where}.{which}: expected {expected} like 'logits' or 'stage2', got {tap!r}")
             if not self.spec.multi_tap and isinstance(tap, (list, tuple)) and len(tap) != 1:
                 raise ConfigError(f"{self.where}.{which}: loss {self.name!r} compares one tap, got {list(tap)}; "
                                   "use one term per tap")
+        if "connector" in raw and self.name in OWN_HEADS:
+            raise ConfigError(f"{self.where}.connector: loss {self.name!r} {OWN_HEADS[self.name]}; "
+                              "a connector does not apply")
         self.connector = raw.get("connector", self.spec.connector)
         if self.connector and self.connector != "none":
             if self.connector not in connector_lib.names():
@@ -152,7 +176,10 @@ class Term:
         self.teacher = raw.get("teacher")
         if self.teacher is not None and self.teacher not in range(num_teachers):
             raise ConfigError(f"{self.where}.teacher: {self.teacher!r} is not a teacher index (0..{num_teachers - 1})")
-        self.crd = {k: raw.get(k, v) for k, v in CRD_DEFAULTS.items()} if self.name == "crd" else None
+        if self.name != "crd" and set(raw) & set(CRD_DEFAULTS):
+            raise ConfigError(f"{self.where}: {', '.join(sorted(set(raw) & set(CRD_DEFAULTS)))} only apply to a "
+                              f"'crd' term, not {self.name!r}")
+        self.crd = _crd_settings(self.where, raw) if self.name == "crd" else None
         # nd: the teacher's class means over the train split (the paper's), or in-batch means
         self.class_means = raw.pop("class_means", ND_CLASS_MEANS[0]) if self.name == "nd" else None
         if self.name == "nd" and self.class_means not in ND_CLASS_MEANS:
@@ -201,6 +228,11 @@ class KDTask:
             self.teacher_sections = [config.model]
         self.teachers = [common.build_model(t, num_classes) for t in self.teacher_sections]
         self.terms = [Term(i, t, len(self.teachers)) for i, t in enumerate(config.distill.terms)]
+        for term in self.terms:
+            if term.warmup_steps > config.total_steps:
+                raise ConfigError(f"{term.where}.warmup_steps: {term.warmup_steps} is more than total_steps "
+                                  f"{config.total_steps}")
+        _check_no_label_under_mixing(config, self.terms, len(self.teachers))
         self.needs_taps = any(t.taps("student") != ["logits"] or t.taps("teacher") != ["logits"]
                               for t in self.terms)
         if self.self_ema and self._class_means_terms():
@@ -582,6 +614,22 @@ class KDTask:
         return sums
 
 
+def _check_no_label_under_mixing(config, terms, num_teachers) -> None:
+    """With mixup/cutmix an image mixes two classes, so a method that reads the hard class id (DKD's target
+    class, CWTM's CE, ND's class means, TGeo-KD's CE, the adaptive/partition teacher weights) has none
+    to read: a ConfigError rather than silently using the first image's label."""
+    mixing = [k for k in ("mixup_alpha", "cutmix_alpha") if config.augment[k] > 0]
+    if not mixing:
+        return
+    users = [f"{t.where} ({t.name!r})" for t in terms if t.spec.reads_label]
+    combination = config.distill.teacher_combination
+    if num_teachers > 1 and combination in ("adaptive", "partition"):
+        users.append(f"distill.teacher_combination={combination!r}")
+    if users:
+        raise ConfigError(f"config key 'augment.{mixing[0]}': {users[0]} reads each image's class label, which "
+                          "mixup/cutmix mixes; use a method without labels (e.g. 'kd', 'dist') or turn mixing off")
+
+
 def _primary_teacher(config):
     """`teacher`, or the student's own architecture when `teacher.name` is empty (born-again)."""
     if config.teacher.name:
@@ -623,8 +671,15 @@ def selected_step(workdir: str, ckpt) -> int | None:
     """The step a finished run selected (results.json), else its latest checkpoint."""
     path = os.path.join(workdir, "results.json")
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            step = json.load(f).get("selected_step")
+        try:
+            with open(path, encoding="utf-8") as f:
+                results = json.load(f)
+            step = results.get("selected_step") if isinstance(results, dict) else None
+            if not isinstance(results, dict) or not isinstance(step, (int, type(None))):
+                raise ValueError("not a results object")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: unreadable ({type(e).__name__}), so the step that run selected is unknown; "
+                              "rerun that run's command to rewrite it") from None
         if step is not None and step in ckpt.manager.all_steps():
             return int(step)
     return ckpt.latest_step()

@@ -83,6 +83,8 @@ class SLASelfDistillTask:
         if self.kind not in TRANSFORMS:
             raise ConfigError(f"config key 'sla.transform': {self.kind!r} is not one of {', '.join(TRANSFORMS)}")
         self.num_copies = num_transforms(self.kind)
+        if not (config.sla.joint_weight or config.sla.single_weight or config.sla.distill_weight):
+            raise ConfigError("sla: joint_weight, single_weight and distill_weight are all 0: nothing to train")
         self.model = common.build_model(config.model, num_classes)
         self.joint_head = nn.Dense(num_classes * self.num_copies, name="joint_head")
 
