@@ -1,5 +1,6 @@
 """The KD task: frozen teacher restored from a workdir, terms composed from the config, no retracing."""
 
+import json
 import os
 import shutil
 
@@ -255,6 +256,12 @@ def test_damaged_teacher_results_is_a_clear_error(tmp_path, teacher_dir):
     trainer = Trainer(kd_config(damaged), str(tmp_path / "kd"))
     with pytest.raises(ConfigError, match=r"results.json: unreadable \(JSONDecodeError\), so the step that run "
                                           r"selected is unknown; rerun that run's command"):
+        trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    with open(os.path.join(teacher_dir, "results.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(damaged, "results.json"), "w") as f:  # its selected checkpoint deleted
+        json.dump({**results, "selected_step": 7}, f)
+    with pytest.raises(ConfigError, match=r"that run selected step 7, but .*/checkpoints/7 is gone"):
         trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
 
 

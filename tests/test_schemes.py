@@ -1,5 +1,6 @@
 """KD schemes beyond one teacher: mutual learning, self-distillation, born-again generations, caching."""
 
+import glob
 import os
 
 import jax
@@ -160,6 +161,13 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
                                 Trainer(kd(False), str(tmp_path / "l2")).task.load_frozen(
                                     again.mesh, again.abstract_images)["teachers"][0],
                                 again.config, again.mesh, 64) <= teacher_cache.AGREEMENT_ATOL
+    # a damaged cache file (replaced, truncated) is built again, not used (found by a kill/damage audit)
+    good = np.asarray(frozen_again["cache"][0])
+    newest = max(glob.glob(os.path.join(cache_dir, "transferlab_teacher_cache", "*.npy")), key=os.path.getmtime)
+    for damage in (lambda p: np.save(p, np.zeros((10, 10), np.float32)), lambda p: open(p, "r+b").truncate(1000)):
+        damage(newest)
+        rebuilt = Trainer(kd(True), str(tmp_path / "c3")).task.load_frozen(again.mesh, again.abstract_images)
+        np.testing.assert_array_equal(np.asarray(rebuilt["cache"][0]), good)
     from transferlab.errors import ConfigError
     with pytest.raises(ConfigError, match="fixed inputs"):
         Trainer(kd(True, augment={"flip": True}), str(tmp_path / "bad"))

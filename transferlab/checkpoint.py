@@ -58,6 +58,18 @@ def _ignore_closed_loop_callbacks() -> None:
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
+def _first_line(error: Exception) -> str:
+    """The first line of the innermost cause's message (TensorStore's, json's own), at most 300 characters."""
+    root = error
+    while True:
+        inner = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if inner is None:
+            break
+        root = inner
+    first = next((line for line in str(root).splitlines() if line.strip()), "")
+    return f"{type(root).__name__}: {first}"[:300] if first else type(root).__name__
+
+
 class Checkpointer:
     """Wraps one `ocp.CheckpointManager` under `workdir/checkpoints`."""
 
@@ -73,7 +85,11 @@ class Checkpointer:
             preservation_policy=policy, best_fn=_metric_fn, create=not read_only, read_only=read_only,
             enable_async_checkpointing=not read_only)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        except Exception as e:  # noqa: BLE001  (e.g. a step's metrics/metrics file garbled: JSONDecodeError)
+            raise UserError(f"checkpoints in {self.directory} cannot be read ({_first_line(e)}); a step's "
+                            "metadata is damaged: move that step's directory away") from None
         _ignore_closed_loop_callbacks()  # before anything is read (metadata reads fail the same way)
 
     def latest_step(self) -> int | None:
@@ -129,12 +145,8 @@ class Checkpointer:
         earlier = [s for s in self.manager.all_steps() if s < step]
         hint = (f"; to resume from step {max(earlier)} instead, move {self.directory}/{step} away" if earlier
                 else "")
-        root = error
-        while root.__cause__ is not None or root.__context__ is not None:  # TensorStore's own message
-            root = root.__cause__ or root.__context__
-        first = next((line for line in str(root).splitlines() if line.strip()), type(root).__name__)
         return UserError(f"checkpoint {self.directory}/{step} cannot be restored (corrupted, or the model or "
-                         f"optimizer changed): {first[:300]}{hint}")
+                         f"optimizer changed): {_first_line(error)}{hint}")
 
     def restore_subtree(self, step: int, abstract_subtree: dict):
         """Restores the parts of the saved train state named two levels deep in `abstract_subtree`

@@ -408,6 +408,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "distill.hard_augment.hidden", "distill.hard_augment.noise_dim")
     _positive(config, "distill.ce_weight", "dml.kl_weight", "distill.hard_augment.consistency_weight",
               allow_zero=True)
+    if config.total_steps >= 2 ** 31:
+        raise ConfigError(f"config key 'total_steps': {config.total_steps} does not fit the int32 step counter "
+                          "(at most 2**31 - 1)")
     if not 0 <= config.seed < 2 ** 32:
         raise ConfigError(f"config key 'seed': expected an integer in [0, 2**32), got {config.seed}")
     _positive(config, "dataset.worker_count", allow_zero=True)

@@ -109,7 +109,8 @@ class _TensorBoard:
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """Drops records with step > `step` (written after the checkpoint a resume starts from)."""
+    """Drops records with step > `step` (written after the checkpoint a resume starts from), and the final
+    evaluation's records (a run killed after logging them, before results.json, evaluates again)."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
@@ -117,7 +118,8 @@ def _truncate_after(path: str, step: int) -> None:
     kept = []
     for line in lines:
         try:
-            if json.loads(line)["step"] <= step:
+            record = json.loads(line)
+            if record["step"] <= step and not any(str(k).startswith("final/") for k in record):
                 kept.append(line if line.endswith("\n") else line + "\n")
         except (ValueError, KeyError, TypeError):
             continue  # a torn last line from a kill

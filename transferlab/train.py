@@ -206,7 +206,12 @@ class Trainer:
                 if isinstance(data_state, dict) and set(data_state) == {"iterator", "elapsed_s"}:
                     self._clock[1] = float(data_state["elapsed_s"])
                     data_state = data_state["iterator"]  # (checkpoints before 2026-11-27: the iterator alone)
-                train_iter.set_state(data_state)
+                try:
+                    train_iter.set_state(data_state)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise UserError(f"checkpoint {ckpt.directory}/{latest}: its data-iterator state is damaged "
+                                    f"({type(e).__name__}: {e}); move that step's directory away to resume from "
+                                    "an earlier one") from None
                 start = int(latest)
             write_config(config, workdir)
             writer = MetricWriter(workdir, config.total_steps, start_step=start if latest is not None else -1)

@@ -680,6 +680,9 @@ def selected_step(workdir: str, ckpt) -> int | None:
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: unreadable ({type(e).__name__}), so the step that run selected is unknown; "
                               "rerun that run's command to rewrite it") from None
-        if step is not None and step in ckpt.manager.all_steps():
+        if step is not None and step not in ckpt.manager.all_steps():
+            raise ConfigError(f"{path}: that run selected step {step}, but {ckpt.directory}/{step} is gone "
+                              f"(steps kept: {sorted(ckpt.manager.all_steps())})")
+        if step is not None:
             return int(step)
     return ckpt.latest_step()

@@ -81,7 +81,10 @@ def _host(x):
 def load_or_build(model, variables, section, step, config, mesh, batch_size) -> np.ndarray:
     path = cache_path(config, section, step, config.dataset.train_split, weights_fingerprint(variables))
     if os.path.exists(path):
-        return np.load(path)
+        cached = _usable(path, model, variables, config, mesh, batch_size)
+        if cached is not None:
+            return cached
+        # damaged (a truncated or replaced file) or stale: built again below
     table = teacher_logits_table(model, variables, config, mesh, batch_size)
     verify(table, model, variables, config, mesh, batch_size)
     if jax.process_index() == 0:
@@ -90,6 +93,20 @@ def load_or_build(model, variables, section, step, config, mesh, batch_size) -> 
         with open(tmp, "wb") as f:
             np.save(f, table)
         os.replace(tmp, path)
+    return table
+
+
+def _usable(path, model, variables, config, mesh, batch_size):
+    """The cached table at `path` if it reads, has one row per train example and agrees with the live
+    teacher on the first batch; else None."""
+    try:
+        table = np.load(path)
+        rows = len(data.get_source(config.dataset.name, config.dataset.train_split, config.dataset.data_dir or None))
+        if table.ndim != 2 or table.shape[0] != rows or not np.all(np.isfinite(table)):
+            return None
+        verify(table, model, variables, config, mesh, batch_size)
+    except (OSError, ValueError, EOFError, IndexError, UserError):
+        return None
     return table
 
 
