@@ -295,24 +295,19 @@ def test_unreadable_checkpoint_is_a_clear_error_naming_the_earlier_one(tmp_path,
 
     # Damaged JSON inside a checkpoint (found by a kill-and-resume audit: 20-60 line tracebacks before).
     os.remove(os.path.join(workdir, "results.json"))
-    step_metrics = os.path.join(workdir, "checkpoints", "8", "metrics", "metrics")
-    saved = open(step_metrics).read()
-    with open(step_metrics, "w") as f:
-        f.write("garbage")
-    proc = cli(args)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "cannot be read" in proc.stderr and "JSONDecodeError" in proc.stderr
-    with open(step_metrics, "w") as f:
-        f.write(saved)
-    iterator = os.path.join(workdir, "checkpoints", "24", "data", "metadata")
-    saved = open(iterator).read()
-    with open(iterator, "w") as f:
-        f.write('{"iterator": {}, "elapsed_s": 1.0}')
-    proc = cli(args)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "checkpoints/24: its data-iterator state is damaged" in proc.stderr
-    with open(iterator, "w") as f:
-        f.write(saved)
+    for relative, garbage, message in (
+            ("8/metrics/metrics", "garbage", "cannot be read (JSONDecodeError"),
+            ("24/data/metadata", '{"iterator": {}, "elapsed_s": 1.0}', "checkpoints/24: its data-iterator state is "
+                                                                       "damaged")):
+        path = os.path.join(workdir, "checkpoints", relative)
+        saved = open(path).read()
+        with open(path, "w") as f:
+            f.write(garbage)
+        proc = cli(args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert message in proc.stderr, proc.stderr
+        with open(path, "w") as f:
+            f.write(saved)
     # Killed after logging the final evaluation, before results.json: evaluated again, logged once.
     assert cli(args).returncode == 0
     finals = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if any(k.startswith("final/") for k in r)]
