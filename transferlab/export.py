@@ -80,20 +80,26 @@ def export(run_dir: str, out_dir: str) -> dict:
     return info
 
 
+def _read_info(export_dir: str) -> dict:
+    """An export's model.json; a directory without one is a UserError."""
+    from transferlab.errors import UserError
+
+    path = os.path.join(export_dir, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{export_dir!r}: no {MODEL_FILE} (not a transferlab export)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load(export_dir: str):
     """(module, variables) of an export: `module.apply(variables, images, train=False)` gives logits."""
     import jax
     import orbax.checkpoint as ocp
 
     from transferlab import models
-    from transferlab.errors import UserError
     from transferlab.tasks import common
 
-    path = os.path.join(export_dir, MODEL_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"{export_dir!r}: no {MODEL_FILE} (not a transferlab export)")
-    with open(path, encoding="utf-8") as f:
-        info = json.load(f)
+    info = _read_info(export_dir)
     module = models.create(info["name"], num_classes=info["num_classes"], dtype=common.DTYPES[info["dtype"]],
                            **info["kwargs"])
     images = jax.ShapeDtypeStruct((1, *info["image_shape"]), jax.numpy.float32)
@@ -112,13 +118,10 @@ def preprocess(export_dir: str, images):
 
     from transferlab.errors import UserError
 
-    path = os.path.join(export_dir, MODEL_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"{export_dir!r}: no {MODEL_FILE} (not a transferlab export)")
-    with open(path, encoding="utf-8") as f:
-        info = json.load(f)
+    info = _read_info(export_dir)
     if "input" not in info:
-        raise UserError(f"{path}: made before exports recorded their input normalization; export the run again")
+        raise UserError(f"{os.path.join(export_dir, MODEL_FILE)}: made before exports recorded their input "
+                        "normalization; export the run again")
     mean = np.asarray(info["input"]["mean"], np.float32)
     std = np.asarray(info["input"]["std"], np.float32)
     return (np.asarray(images, np.float32) / 255.0 - mean) / std

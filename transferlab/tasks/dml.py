@@ -30,9 +30,7 @@ class DMLTask:
         while len(sections) < config.dml.num_students:
             sections.append(config.model)
         self.names = ["model"] + [f"peer{i}" for i in range(1, len(sections))]
-        self.models = [common.build_model(s, num_classes) for s in sections]
-        if len(self.models) < 2:
-            raise ConfigError("config key 'dml.num_students': mutual learning needs at least 2 students")
+        self.models = [common.build_model(s, num_classes) for s in sections]  # >= 2: config.validate
 
     def init_params(self, rng, images):
         params, state = {}, {}
