@@ -152,7 +152,8 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
     ckpt = checkpoint.Checkpointer(resumed, read_only=True)
     _, data_state = ckpt.restore(8, checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings))
     ckpt.close()
-    assert set(data_state) == {"iterator", "elapsed_s"} and data_state["elapsed_s"] > 0
+    assert set(data_state) == {"iterator", "elapsed_s", "config"} and data_state["elapsed_s"] > 0
+    assert config_lib.first_difference(data_state["config"], config) is None
     again = cli(["--config", "tests/configs/tiny.py", "--workdir", resumed, *TINY_CLI])
     assert again.returncode == 0, again.stderr
     # the wall time counts the killed process's time up to its checkpoint too
@@ -428,6 +429,24 @@ def test_a_changed_config_is_refused_on_resume_and_a_finished_run_is_kept(tmp_pa
     os.remove(os.path.join(workdir, "results.json"))  # as if killed after the last checkpoint
     with pytest.raises(UserError, match=r"started with a different config \(optimizer.learning_rate"):
         train_and_evaluate(tiny(total_steps=10, eval_every_steps=0, optimizer={"learning_rate": 0.5}), workdir)
+
+
+def test_the_config_guard_survives_a_deleted_or_garbled_config_json(tmp_path, data_dir):
+    """Each checkpoint keeps a copy of the run's config: with config.json gone or garbled, a resume (or a
+    rerun of a finished run) with another recipe is still refused, and the own recipe still resumes."""
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(tiny(total_steps=10, eval_every_steps=0), workdir)
+    config_json = os.path.join(workdir, "config.json")
+    os.remove(config_json)
+    with pytest.raises(UserError, match=r"finished with a different config \(total_steps: saved 10, now 5\)"):
+        train_and_evaluate(tiny(total_steps=5, eval_every_steps=0), workdir)
+    os.remove(os.path.join(workdir, "results.json"))  # as if killed after the last checkpoint
+    with open(config_json, "w") as f:
+        f.write('{"seed": 0, "optimi')  # garbled by a crash mid-write on a non-atomic filesystem
+    with pytest.raises(UserError, match=r"started with a different config \(optimizer.learning_rate"):
+        train_and_evaluate(tiny(total_steps=10, eval_every_steps=0, optimizer={"learning_rate": 0.5}), workdir)
+    results = train_and_evaluate(tiny(total_steps=10, eval_every_steps=0), workdir)
+    assert results["selected_step"] == 10 and json.load(open(config_json))["total_steps"] == 10  # rewritten
 
 
 def test_a_study_refuses_a_finished_run_of_another_recipe(tmp_path):

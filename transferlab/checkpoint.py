@@ -12,6 +12,7 @@ written on 8 devices restores onto 2 (or onto another mesh shape).
 from __future__ import annotations
 
 import collections
+import json
 import os
 import sys
 
@@ -19,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from transferlab import config as config_lib
 from transferlab.errors import UserError
 
 
@@ -165,6 +167,16 @@ class Checkpointer:
             raise self._unreadable(step, e) from e
         return _prune(restored["state"], abstract_subtree)
 
+    def saved_config(self, step: int) -> dict | None:
+        """The resolved config saved with the checkpoint at `step` (None for checkpoints written before
+        2026-11-27 09:00, which hold the data-iterator state only, or when it cannot be read)."""
+        try:
+            data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        except Exception:  # noqa: BLE001  (unreadable: `restore` reports it with the one-line error)
+            return None
+        config = data.get("config") if isinstance(data, dict) else None
+        return config if isinstance(config, dict) else None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -191,6 +203,36 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
             raise error(f"{where}: {e}") from None
     finally:
         ckpt.close()
+
+
+def saved_config(run_dir: str) -> dict | None:
+    """The config a run in `run_dir` was started with: its config.json, else (deleted or garbled) the copy
+    in its latest checkpoint; None if neither can be read."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        if isinstance(saved, dict):
+            return saved
+    except (OSError, ValueError):
+        pass
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        return None
+    try:
+        ckpt = Checkpointer(run_dir, read_only=True)
+    except UserError:
+        return None
+    try:
+        step = ckpt.latest_step()
+        return None if step is None else ckpt.saved_config(step)
+    finally:
+        ckpt.close()
+
+
+def config_difference(run_dir: str, config) -> str | None:
+    """'key: saved A, now B' if the run in `run_dir` was started with a config other than `config`
+    (see `config.first_difference`); None if it was not, or if nothing saved says."""
+    saved = saved_config(run_dir)
+    return None if saved is None else config_lib.first_difference(saved, config)
 
 
 def abstract_with_shardings(tree, shardings):

@@ -643,16 +643,6 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def saved_config_difference(run_dir: str, config) -> str | None:
-    """`first_difference` against `run_dir/config.json`; None when there is no readable one."""
-    try:
-        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return first_difference(saved, config) if isinstance(saved, dict) else None
-
-
 def to_plain(config) -> dict:
     """A JSON-ready copy of a ConfigDict."""
     return ml_collections.ConfigDict(config).to_dict() if not isinstance(config, dict) else config

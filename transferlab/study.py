@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import os
 
-from transferlab import config as config_lib, preemption, report
+from transferlab import checkpoint, config as config_lib, preemption, report
 
 
 def _substitute(value, workdir: str, seed: int):
@@ -102,7 +102,7 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
     runs = resolve_arms(config, workdir)
     for arm, seed, run_config in runs:  # a finished run is reused only if this study would train the same one
         run_dir = os.path.join(workdir, arm, f"seed_{seed}")
-        changed = (config_lib.saved_config_difference(run_dir, run_config)
+        changed = (checkpoint.config_difference(run_dir, run_config)
                    if os.path.exists(os.path.join(run_dir, "results.json")) else None)
         if changed:
             raise config_lib.ConfigError(f"{arm} seed {seed}: {run_dir} was finished with a different config "

@@ -184,6 +184,7 @@ class Trainer:
         if finished is not None:
             return finished
         self._clock = [time.time(), 0.0]  # this process's start, and the time earlier processes spent on the run
+        self._plain_config = json.loads(json.dumps(config_lib.to_plain(config), default=str))  # saved in checkpoints
         frozen = self.task.load_frozen(self.mesh, self.abstract_images)
         self.compile(frozen)
         ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -197,13 +198,15 @@ class Trainer:
                     state = self.load_init_checkpoint(state)
                 start = 0
             else:  # resume; an incompatible checkpoint raises here, before anything in workdir changes
-                changed = config_lib.saved_config_difference(workdir, config)
+                # config.json, and the copy in the checkpoint itself (it survives a deleted config.json)
+                changed = (checkpoint.config_difference(workdir, config)
+                           or config_lib.first_difference(ckpt.saved_config(latest) or {}, config))
                 if changed:
                     raise UserError(f"--workdir {workdir!r} holds a run started with a different config ({changed}); "
                                     "rerun it with its own config, or use a new --workdir")
                 abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
                 state, data_state = ckpt.restore(latest, abstract)
-                if isinstance(data_state, dict) and set(data_state) == {"iterator", "elapsed_s"}:
+                if isinstance(data_state, dict) and {"iterator", "elapsed_s"} <= set(data_state):
                     self._clock[1] = float(data_state["elapsed_s"])
                     data_state = data_state["iterator"]  # (checkpoints before 2026-11-27: the iterator alone)
                 try:
@@ -239,7 +242,7 @@ class Trainer:
         path = os.path.join(self.workdir, "results.json")
         if not os.path.exists(path):
             return None
-        changed = config_lib.saved_config_difference(self.workdir, self.config)
+        changed = checkpoint.config_difference(self.workdir, self.config)
         if changed:
             raise UserError(f"--workdir {self.workdir!r} holds a run finished with a different config ({changed}); "
                             "use a new --workdir")
@@ -292,8 +295,8 @@ class Trainer:
             save_now = save_now or last or stop.raised or (selection_metric is not None and config.selection == "best")
             if save_now:
                 self._check_finite(step, metrics, ckpt)
-                ckpt.save(step, state, {"iterator": train_iter.get_state(), "elapsed_s": self._elapsed()},
-                          selection_metric)
+                ckpt.save(step, state, {"iterator": train_iter.get_state(), "elapsed_s": self._elapsed(),
+                                        "config": self._plain_config}, selection_metric)
                 writer.flush()
             if stop.raised:
                 writer.write(step, {"event": f"stopped ({stop.name}): checkpoint saved"})
