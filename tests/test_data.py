@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import threading
@@ -127,6 +128,47 @@ def test_prepare_waits_for_the_lock(tmp_path):
     assert done.is_set()
     assert data.dataset_info("digits", tmp_path).split_sizes == EXPECTED_SIZES["digits"]
     assert builders.prepare("digits", tmp_path).is_prepared()  # second call reuses
+
+
+def test_a_damaged_offline_dataset_is_moved_aside_and_prepared_again(data_dir, tmp_path, capsys):
+    """Offline datasets are derived from package data in seconds: a damaged copy (found before any
+    training, not at the first batch or the final test evaluation) is kept aside and rebuilt."""
+    builders.prepare("digits", tmp_path)
+    version_dir = tmp_path / "digits" / "1.0.0"
+    damages = {
+        "dataset_info.json lists no splits": lambda: [p.unlink() for p in version_dir.iterdir()],
+        "ParseError": lambda: (version_dir / "dataset_info.json").write_text("{garbage"),
+        "at least 64KB": lambda: os.truncate(next(version_dir.glob("digits-train.array_record*")), 1000),
+        "No such file": lambda: next(version_dir.glob("digits-test.array_record*")).unlink(),
+        "JSONDecodeError": lambda: (version_dir / "metadata.json").write_text("{x"),
+    }
+    for expected, damage in damages.items():
+        damage()
+        builders.prepare("digits", tmp_path)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "was damaged" in err and expected in err, (expected, err)
+        assert builders.damage(builders.make_builder("digits", tmp_path)) is None
+    assert len(list(tmp_path.glob("digits/1.0.0.damaged-*"))) == len(damages)  # nothing deleted
+    for split in EXPECTED_SIZES["digits"]:
+        assert _digest(_read_split("digits", split, tmp_path)) == _digest(_read_split("digits", split, data_dir))
+
+
+def test_a_damaged_prepared_tfds_dataset_is_a_one_line_error(data_dir, tmp_path):
+    """A dataset prepared elsewhere (here: digits copied under another name) that is damaged is refused
+    when the run starts, naming the directory to prepare again."""
+    builders.prepare("digits", data_dir)
+    target = tmp_path / "mydigits" / "1.0.0"
+    target.mkdir(parents=True)
+    for path in (pathlib.Path(data_dir) / "digits" / "1.0.0").iterdir():
+        (target / path.name.replace("digits-", "mydigits-")).write_bytes(path.read_bytes())
+    info = target / "dataset_info.json"
+    info.write_text(info.read_text().replace('"name": "digits"', '"name": "mydigits"'))
+    assert data.dataset_info("mydigits", tmp_path).split_sizes == EXPECTED_SIZES["digits"]
+    os.truncate(next(target.glob("mydigits-test.array_record*")), 100)
+    data.sources._builder.cache_clear()  # pylint: disable=protected-access
+    with pytest.raises(UserError, match=r"dataset 'mydigits' under .* is damaged: .*; prepare it again") as e:
+        data.get_source("mydigits", "train", tmp_path)
+    assert "\n" not in str(e.value)
 
 
 def test_unknown_names_give_one_line_errors(data_dir):

@@ -33,7 +33,9 @@ import gzip
 import hashlib
 import os
 import pathlib
+import sys
 import tempfile
+import time
 
 from etils import epath
 import numpy as np
@@ -287,6 +289,40 @@ def make_builder(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
     return OFFLINE_BUILDERS[name](data_dir=str(resolve_data_dir(data_dir)))
 
 
+def _first_line(error: Exception) -> str:
+    first = next((line for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first}"[:200] if first else type(error).__name__
+
+
+def damage(builder: tfds.core.DatasetBuilder) -> str | None:
+    """What is wrong with a prepared dataset directory, or None if nothing is seen: dataset_info.json and
+    metadata.json parse, and every split opens with the recorded number of examples, its first and last
+    example readable (a truncated, empty or missing ArrayRecord file fails here, not steps into training)."""
+    try:
+        splits = dict(builder.info.splits)
+        if not splits:
+            return "dataset_info.json lists no splits"
+        builder.info.metadata  # noqa: B018  (parses metadata.json)
+        for split, split_info in splits.items():
+            source = builder.as_data_source(split=split)
+            if len(source) != split_info.num_examples:
+                return f"split {split!r} holds {len(source)} examples, dataset_info.json says {split_info.num_examples}"
+            if len(source):
+                source[0], source[len(source) - 1]  # noqa: B018
+    except Exception as e:  # noqa: BLE001  (tfds, protobuf, json and ArrayRecord each raise their own)
+        return _first_line(e)
+    return None
+
+
+def _offline_damage(name: str, data_dir) -> str | None:
+    """`damage` of offline dataset `name`'s prepared directory (which may not even open)."""
+    try:
+        builder = make_builder(name, data_dir)
+    except Exception as e:  # noqa: BLE001  (a garbled dataset_info.json fails in the constructor)
+        return _first_line(e)
+    return damage(builder)
+
+
 def prepare(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
     """Prepares offline dataset `name` under data_dir if needed; returns a builder reading it.
 
@@ -298,13 +334,21 @@ def prepare(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
         from transferlab.errors import unknown_name
 
         raise unknown_name("offline dataset", name, OFFLINE_BUILDERS)
-    builder = make_builder(name, data_dir)
-    if builder.is_prepared():
-        return builder
+    root = resolve_data_dir(data_dir)
+    version_dir = root / name / str(OFFLINE_BUILDERS[name].VERSION)
+    if version_dir.is_dir() and _offline_damage(name, data_dir) is None:
+        return make_builder(name, data_dir)
     if name == "fashion_mnist_deb":
         check_fashion_mnist_files()
-    root = resolve_data_dir(data_dir)
     with _file_lock(root / ".locks" / f"{name}.lock"):
+        if version_dir.is_dir() and (problem := _offline_damage(name, data_dir)) is not None:
+            # derived from package data in seconds: keep the damaged copy aside (nothing is deleted), rebuild
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = next(path for i in range(1, 10**6)
+                         if not (path := version_dir.with_name(f"{version_dir.name}.damaged-{stamp}-{i}")).exists())
+            version_dir.rename(aside)
+            print(f"[data] {version_dir} was damaged ({problem}); moved it to {aside.name} and prepared "
+                  f"{name} again", file=sys.stderr, flush=True)
         builder = make_builder(name, data_dir)
         if not builder.is_prepared():
             with tempfile.TemporaryDirectory() as downloads, _quiet_tfds():

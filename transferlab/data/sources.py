@@ -77,6 +77,8 @@ def _standard_builder(name: str, root) -> tfds.core.DatasetBuilder:
                 builder = tfds.builder(name, data_dir=str(root))
             except Exception as e:  # pylint: disable=broad-except  (a version or config tfds does not have)
                 first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                if (root / base).is_dir() and "JSON" in first:  # its prepared files, not the name, are bad
+                    raise UserError(f"dataset {name!r}: cannot read {root / base} ({first[:200]})") from None
                 raise ConfigError(f"config key 'dataset.name': {name!r}: {first[:200]}") from e
     elif (root / base).is_dir():  # a dataset prepared elsewhere with its own code
         try:
@@ -103,6 +105,10 @@ def _standard_builder(name: str, root) -> tfds.core.DatasetBuilder:
             f"array_record (convert it with: tfds convert_format --dataset_dir="
             f"{builder.data_dir} --out_file_format=array_record)"
         )
+    problem = builders.damage(builder)
+    if problem is not None:
+        raise UserError(f"dataset {name!r} under {root} is damaged: {problem}; prepare it again into "
+                        f"{builder.data_dir}")
     return builder
 
 
