@@ -265,6 +265,29 @@ def test_damaged_teacher_results_is_a_clear_error(tmp_path, teacher_dir):
         trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
 
 
+def test_an_unfinished_teacher_is_noted_and_pinned_for_the_whole_run(tmp_path, capfd):
+    """A teacher run without results.json is used from its latest checkpoint (with a note); if it finishes
+    (or trains further) before a killed KD run resumes, the resume is refused rather than swapping teachers."""
+    teacher = str(tmp_path / "teacher")
+    train_and_evaluate(config_lib.from_dict(base(model=TEACHER, total_steps=10, checkpoint_every_steps=5)), teacher)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for name in ("results.json", "checkpoints/10"):  # as if the teacher were still at step 5
+        shutil.move(os.path.join(teacher, name), aside / os.path.basename(name))
+    capfd.readouterr()
+    kd_dir = str(tmp_path / "kd")
+    results = train_and_evaluate(kd_config(teacher, total_steps=4, checkpoint_every_steps=2), kd_dir)
+    assert results["teachers"] == {teacher: 5}
+    assert f"teacher.checkpoint: {teacher} has not finished (no results.json); using its latest checkpoint, " \
+           "step 5" in capfd.readouterr().err
+    os.remove(os.path.join(kd_dir, "results.json"))  # the KD run killed after its step-2 checkpoint
+    shutil.rmtree(os.path.join(kd_dir, "checkpoints", "4"))
+    shutil.move(aside / "10", os.path.join(teacher, "checkpoints", "10"))  # ... and the teacher finished meanwhile
+    shutil.move(aside / "results.json", os.path.join(teacher, "results.json"))
+    with pytest.raises(UserError, match=r"this run started from step 5 of teacher .*, which now gives step 10"):
+        train_and_evaluate(kd_config(teacher, total_steps=4, checkpoint_every_steps=2), kd_dir)
+
+
 def test_train_step_does_not_retrace(tmp_path, teacher_dir):
     trainer = Trainer(kd_config(teacher_dir), str(tmp_path / "kd"))
     frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)

@@ -152,7 +152,7 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
     ckpt = checkpoint.Checkpointer(resumed, read_only=True)
     _, data_state = ckpt.restore(8, checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings))
     ckpt.close()
-    assert set(data_state) == {"iterator", "elapsed_s", "config"} and data_state["elapsed_s"] > 0
+    assert set(data_state) == {"iterator", "elapsed_s", "config", "frozen_sources"} and data_state["elapsed_s"] > 0
     assert config_lib.first_difference(data_state["config"], config) is None
     again = cli(["--config", "tests/configs/tiny.py", "--workdir", resumed, *TINY_CLI])
     assert again.returncode == 0, again.stderr
@@ -263,12 +263,17 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path, data_dir):
     with open(os.path.join(workdir, "config.json")) as f:  # nothing already written is lost
         assert json.load(f)["model"]["kwargs"]["hidden_sizes"] == [32]
     saved = {name: open(os.path.join(workdir, name)).read() for name in ("config.json", "results.json")}
-    for name in saved:  # without config.json the checkpoint's own shapes are checked
+    for name in saved:  # without config.json, the copy of the config in the checkpoint names it
         os.remove(os.path.join(workdir, name))
     proc = cli(changed)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "checkpoint" in proc.stderr and "does not match this config" in proc.stderr
+    assert "different config (model.kwargs.hidden_sizes: saved [32], now [16])" in proc.stderr
     assert not os.path.exists(os.path.join(workdir, "results.json"))
+    trainer = Trainer(config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"), changed[4:]), workdir)
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)  # and the saved arrays' shapes are checked
+    with pytest.raises(UserError, match=r"checkpoint .*/24 does not match this config \(model or optimizer"):
+        ckpt.restore(24, checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings))
+    ckpt.close()
     proc = cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI])
     assert proc.returncode == 0, proc.stderr  # the original config still resumes (and finishes)
     assert json.load(open(os.path.join(workdir, "results.json")))["test"] == json.loads(saved["results.json"])["test"]

@@ -197,6 +197,9 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
         step = selected_step(workdir, ckpt)
         if step is None:
             raise error(f"{where}: {ckpt_dir} holds no complete checkpoint")
+        if not os.path.exists(os.path.join(workdir, "results.json")):
+            print(f"[note] {where}: {workdir} has not finished (no results.json); using its latest checkpoint, "
+                  f"step {step}", file=sys.stderr, flush=True)
         try:
             return ckpt.restore_subtree(step, abstract_subtree), step
         except UserError as e:

@@ -206,6 +206,7 @@ class Trainer:
                                     "rerun it with its own config, or use a new --workdir")
                 abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
                 state, data_state = ckpt.restore(latest, abstract)
+                self._check_frozen_sources(workdir, data_state)
                 if isinstance(data_state, dict) and {"iterator", "elapsed_s"} <= set(data_state):
                     self._clock[1] = float(data_state["elapsed_s"])
                     data_state = data_state["iterator"]  # (checkpoints before 2026-11-27: the iterator alone)
@@ -231,6 +232,22 @@ class Trainer:
             ckpt.close()
             if writer is not None:
                 writer.close()
+
+    def _frozen_sources(self) -> dict:
+        """{teacher checkpoint dir: the step restored from it} (what the task's frozen inputs came from)."""
+        return dict(getattr(self.task, "frozen_sources", {}))
+
+    def _check_frozen_sources(self, workdir: str, data_state) -> None:
+        """A resume must distil from the teacher checkpoints the run started with: an unfinished teacher
+        that has since finished, or was trained further, would otherwise swap teachers mid-run."""
+        saved = data_state.get("frozen_sources") if isinstance(data_state, dict) else None
+        if not isinstance(saved, dict):
+            return  # (checkpoints written before 2026-11-27 10:00 do not record it)
+        for source, step in self._frozen_sources().items():
+            if source in saved and saved[source] != step:
+                raise UserError(f"--workdir {workdir!r}: this run started from step {saved[source]} of teacher "
+                                f"{source}, which now gives step {step} (it finished, or trained further, since); "
+                                "use a new --workdir to distil from it now")
 
     def _elapsed(self) -> float:
         """Seconds spent on this run so far, over every process that worked on it (saved in checkpoints)."""
@@ -296,7 +313,8 @@ class Trainer:
             if save_now:
                 self._check_finite(step, metrics, ckpt)
                 ckpt.save(step, state, {"iterator": train_iter.get_state(), "elapsed_s": self._elapsed(),
-                                        "config": self._plain_config}, selection_metric)
+                                        "config": self._plain_config, "frozen_sources": self._frozen_sources()},
+                          selection_metric)
                 writer.flush()
             if stop.raised:
                 writer.write(step, {"event": f"stopped ({stop.name}): checkpoint saved"})
@@ -333,6 +351,7 @@ class Trainer:
             "selection": "last step" if config.selection == "last"
             else f"best validation {config.selection_metric} ({config.dataset.eval_split} split)",
             "selected_step": int(selected_step),
+            **({"teachers": self._frozen_sources()} if self._frozen_sources() else {}),
             "validation": validation, "test": test, "wall_time_s": round(wall_time, 2),
             "environment": provenance.environment(),
         }
