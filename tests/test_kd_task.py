@@ -350,6 +350,18 @@ def test_crd_keeps_and_updates_its_memory_bank(tmp_path, teacher_dir):
     np.testing.assert_array_equal(jax.device_get(state["model_state"]["memory"]["term1"]["z"]), after["z"])
 
 
+def test_crd_says_when_it_clips_num_negatives(tmp_path, teacher_dir, capfd):
+    """CRD's default 16,384 negatives exceed digits' 1,256 other train examples: clipped, and said so."""
+    for negatives, noted in ((64, False), (16384, True)):
+        terms = ({"name": "crd", "weight": 0.8, "embed_dim": 16, "num_negatives": negatives},)
+        trainer = Trainer(kd_config(teacher_dir, terms=terms), str(tmp_path / "kd"))
+        capfd.readouterr()
+        trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+        note = ("[note] distill.terms[0]: num_negatives 16384 is more than the 1256 other train examples; "
+                "using 1256")
+        assert (note in capfd.readouterr().err) == noted
+
+
 def test_trilateral_ratio_network_learns_by_lookahead(tmp_path, teacher_dir):
     trainer, state, frozen, batch, _, _ = _loss_setup(tmp_path, teacher_dir, ({"name": "trilateral", "weight": 1.0},))
     grads, (_, metrics) = jax.jit(jax.grad(trainer.task.loss_fn, has_aux=True))(

@@ -56,6 +56,7 @@ import json
 import math
 import numbers
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -398,6 +399,11 @@ class KDTask:
     def load_frozen(self, mesh, abstract_images):
         """Teachers' variables restored read-only (replicated on `mesh`) from their checkpoints; with
         `distill.teacher_cache`, their cached train-split logits instead of the variables."""
+        for term in self.terms:  # a clipped CRD num_negatives is said once per run
+            if term.crd is not None and int(term.crd["num_negatives"]) > self.num_train_examples - 1:
+                print(f"[note] {term.where}: num_negatives {term.crd['num_negatives']} is more than the "
+                      f"{self.num_train_examples - 1} other train examples; using {self.num_train_examples - 1}",
+                      file=sys.stderr, flush=True)
         if self.self_ema:
             return {"teachers": []}
         loaded = [self._load_teacher(i, mesh, abstract_images) for i in range(len(self.teachers))]
