@@ -452,3 +452,13 @@ def test_random_teacher_variables_are_he_normal_and_seeded():
     assert (v["model_state"]["batch_stats"]["bn"]["mean"] == 0).all()
     np.testing.assert_array_equal(kernel, random_variables(abstract, seed=3)["params"]["conv"]["kernel"])
     assert not np.array_equal(kernel, random_variables(abstract, seed=4)["params"]["conv"]["kernel"])
+
+
+def test_train_accuracy_under_mixup_weights_both_labels():
+    """Under mixup/cutmix a prediction of the first image's class scores lam, of the second's 1 - lam."""
+    from transferlab.tasks.common import train_accuracy
+    logits = jnp.asarray([[5.0, 1.0, 0.0], [0.0, 5.0, 1.0], [0.0, 1.0, 5.0]])
+    labels = jnp.asarray([0, 0, 0])
+    soft = jnp.asarray([[0.7, 0.3, 0.0], [0.7, 0.3, 0.0], [0.7, 0.3, 0.0]])
+    assert float(train_accuracy(logits, labels)) == pytest.approx(1 / 3)
+    assert float(train_accuracy(logits, labels, soft)) == pytest.approx((0.7 + 0.3 + 0.0) / 3)

@@ -25,7 +25,8 @@ class ClassifyTask:
         logits, new_state, _ = common.forward(self.model, params["model"], model_state["model"],
                                               batch["image"], train=True)
         loss = common.cross_entropy(logits, common.targets(batch, self.num_classes))
-        metrics = {"loss/ce": loss, "accuracy": common.train_accuracy(logits, batch["label"])}
+        accuracy = common.train_accuracy(logits, batch["label"], batch.get("label_soft"))
+        metrics = {"loss/ce": loss, "accuracy": accuracy}
         return loss, ({"model": new_state}, metrics)
 
     def eval_fn(self, params, model_state, frozen, batch):

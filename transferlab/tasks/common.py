@@ -73,5 +73,10 @@ def classification_sums(logits, labels, mask) -> dict:
             "top5_accuracy": jnp.sum(top5 * mask), "count": jnp.sum(mask)}
 
 
-def train_accuracy(logits, labels):
-    return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+def train_accuracy(logits, labels, soft_labels=None):
+    """Top-1 accuracy against `labels`; under mixup/cutmix (`soft_labels`, [B, K]) the target weight of the
+    predicted class (lam for the first image's class, 1 - lam for the second's; mixup, arXiv:1710.09412)."""
+    predicted = jnp.argmax(logits, -1)
+    if soft_labels is not None:
+        return jnp.mean(jnp.take_along_axis(soft_labels.astype(jnp.float32), predicted[:, None], axis=-1))
+    return jnp.mean((predicted == labels).astype(jnp.float32))

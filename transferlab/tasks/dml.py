@@ -58,7 +58,7 @@ class DMLTask:
             metrics[f"loss/{name}_mimic"] = mimic
         metrics["loss/ce"] = metrics["loss/model_ce"]
         metrics["loss/total"] = total
-        metrics["accuracy"] = common.train_accuracy(logits[0], batch["label"])
+        metrics["accuracy"] = common.train_accuracy(logits[0], batch["label"], batch.get("label_soft"))
         new_state = {n: o[1] for n, o in zip(self.names, outs)}
         return total, (new_state, metrics)
 

@@ -540,7 +540,8 @@ class KDTask:
                 {"params": params["model"], "model_state": new_model_state}))
         ce = common.cross_entropy(s_logits, common.targets(batch, self.num_classes))
         total = self.config.distill.ce_weight * ce
-        metrics = {"loss/ce": ce, "accuracy": common.train_accuracy(s_logits, batch["label"]),
+        metrics = {"loss/ce": ce,
+                   "accuracy": common.train_accuracy(s_logits, batch["label"], batch.get("label_soft")),
                    "teacher_agreement": common.train_accuracy(s_logits, jnp.argmax(t_logits, -1))}
         for n, term in enumerate(self.terms):
             source = teacher_taps[term.teacher] if term.teacher is not None else teacher_taps[0]

@@ -132,8 +132,9 @@ class SLASelfDistillTask:
         distill = t * t * jnp.mean(kl)
         total = cfg.joint_weight * joint_ce + cfg.single_weight * single_ce + cfg.distill_weight * distill
         metrics = {"loss/ce": single_ce, "loss/joint_ce": joint_ce, "loss/self_distill": distill,
-                   "loss/total": total, "accuracy": common.train_accuracy(single, batch["label"]),
-                   "aggregated_accuracy": common.train_accuracy(aggregated, batch["label"])}
+                   "loss/total": total,
+                   "accuracy": common.train_accuracy(single, batch["label"], batch.get("label_soft")),
+                   "aggregated_accuracy": common.train_accuracy(aggregated, batch["label"], batch.get("label_soft"))}
         return total, ({"model": new_state}, metrics)
 
     def eval_fn(self, params, model_state, frozen, batch):
