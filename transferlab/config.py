@@ -205,7 +205,8 @@ def parse_arg(arg: str | None, allowed=None) -> dict:
         if not sep:
             raise ConfigError(f"config argument {item!r}: expected key=value")
         if allowed is not None and key.strip() not in allowed:
-            raise ConfigError(f"config argument {key.strip()!r}: expected one of {', '.join(allowed)}")
+            expected = f"expected one of {', '.join(allowed)}" if allowed else "this config file takes no arguments"
+            raise ConfigError(f"config argument {key.strip()!r}: {expected}")
         out[key.strip()] = value.strip()
     return out
 

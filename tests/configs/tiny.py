@@ -2,8 +2,11 @@
 
 import ml_collections
 
+from transferlab.config import parse_arg
+
 
 def get_config(arg=None):
+    parse_arg(arg, allowed=())  # takes no argument: `tiny.py:anything` is an error
     c = ml_collections.ConfigDict()
     c.dataset = {"name": "digits"}
     c.model = {"name": "mlp"}
