@@ -242,6 +242,22 @@ def test_bad_override_value_names_the_key():
         config_lib.apply_override(config, "distill.terms", "[{'name': 'kd'}")
 
 
+def test_a_teacher_trained_on_another_dataset_is_noted(tmp_path, teacher_dir, capfd):
+    other = str(tmp_path / "teacher")
+    shutil.copytree(teacher_dir, other)
+    with open(os.path.join(other, "config.json")) as f:
+        saved = json.load(f)
+    saved["dataset"]["name"] = "mnist5k"  # as if trained on MNIST (same classes: accepted, but said)
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump(saved, f)
+    for teacher, noted in ((teacher_dir, False), (other, True)):
+        trainer = Trainer(kd_config(teacher), str(tmp_path / "kd"))
+        capfd.readouterr()
+        trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+        note = f"[note] teacher.checkpoint: {other} was trained on 'mnist5k', this run is on 'digits'"
+        assert (note in capfd.readouterr().err) == noted
+
+
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     trainer = Trainer(kd_config(str(tmp_path / "nowhere")), str(tmp_path / "kd"))
     with pytest.raises(UserError, match="teacher.checkpoint"):

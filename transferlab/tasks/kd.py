@@ -466,6 +466,7 @@ class KDTask:
             return jax.device_put(variables, {"params": shardings["params"]["model"],
                                               "model_state": shardings["model_state"]["model"]}), -1
         restored, step = restore_selected_subtree(section.checkpoint, abstract_with_shardings(target, shardings), where)
+        _note_other_dataset(where, section.checkpoint, self.config.dataset.name)
         return {"params": restored["params"]["model"], "model_state": restored["model_state"]["model"]}, step
 
     # ------------------------------------------------------------------ steps
@@ -675,6 +676,17 @@ def _halves(batch: dict) -> tuple[dict, dict]:
                 if getattr(v, "ndim", 0) >= 1 and v.shape[0] == size else v for k, v in batch.items()}
 
     return half(0), half(1)
+
+
+def _note_other_dataset(where: str, teacher_dir: str, dataset: str) -> None:
+    """One line when a teacher was trained on another dataset than this run's (legitimate for cross-dataset
+    transfer with the same classes, but more often a wrong path)."""
+    from transferlab.checkpoint import saved_config
+    saved = saved_config(teacher_dir) or {}
+    trained_on = saved.get("dataset", {}).get("name") if isinstance(saved.get("dataset"), dict) else None
+    if isinstance(trained_on, str) and trained_on != dataset:
+        print(f"[note] {where}: {teacher_dir} was trained on {trained_on!r}, this run is on {dataset!r}",
+              file=sys.stderr, flush=True)
 
 
 def selected_step(workdir: str, ckpt) -> int | None:
