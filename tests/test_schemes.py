@@ -28,6 +28,33 @@ def test_mutual_learning_trains_every_student(tmp_path, data_dir):
         assert results["test"][key] > 0.5, key
 
 
+def test_init_checkpoint_from_a_dml_run_restores_every_student(tmp_path, data_dir, capfd):
+    """init_checkpoint = a DML run: every student starts from its own trained weights; from a
+    single-model run, student 0 does and the peers keep their fresh init (said in one line)."""
+    from transferlab import checkpoint
+    from transferlab.train import Trainer
+    dml = {"num_students": 2, "peers": ({"name": "mlp", "kwargs": {"hidden_sizes": (16,)}},)}
+    source = str(tmp_path / "dml")
+    train_and_evaluate(config_lib.from_dict(base(task="dml", dml=dml, total_steps=6)), source)
+    trainer = Trainer(config_lib.from_dict(base(task="dml", dml=dml, init_checkpoint=source)), str(tmp_path / "b"))
+    ckpt = checkpoint.Checkpointer(source, read_only=True)
+    saved, _ = ckpt.restore(6, checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings))
+    ckpt.close()
+    fresh = trainer.init_state()
+    started = trainer.load_init_checkpoint(fresh)
+    for name in ("model", "peer1"):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(started["params"][name]),
+                     jax.device_get(saved["params"][name]))
+    single = str(tmp_path / "single")
+    train_and_evaluate(config_lib.from_dict(base(total_steps=6)), single)
+    trainer = Trainer(config_lib.from_dict(base(task="dml", dml=dml, init_checkpoint=single)), str(tmp_path / "c"))
+    capfd.readouterr()
+    started = trainer.load_init_checkpoint(trainer.init_state())
+    assert f"[note] init_checkpoint: {single} has no peer1; they start from their fresh init" in capfd.readouterr().err
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(started["params"]["peer1"]),
+                 jax.device_get(trainer.init_state()["params"]["peer1"]))
+
+
 def test_mutual_learning_gradient_is_each_students_own_dml_loss(tmp_path, data_dir):
     """d(total)/d(student k) == d(CE_k + w * T^2 KL(p_peer || p_k))/d(student k): peers are constants."""
     import jax.numpy as jnp

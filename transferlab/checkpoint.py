@@ -150,12 +150,16 @@ class Checkpointer:
         return UserError(f"checkpoint {self.directory}/{step} cannot be restored (corrupted, or the model or "
                          f"optimizer changed): {_first_line(error)}{hint}")
 
-    def restore_subtree(self, step: int, abstract_subtree: dict):
+    def restore_subtree(self, step: int, abstract_subtree: dict, optional=()):
         """Restores the parts of the saved train state named two levels deep in `abstract_subtree`
         (`{'params': {'model': ...}, 'model_state': {'model': ...}}`: a model's params and BN statistics)
-        onto its shardings; the rest (optimizer state, connectors) is read replicated and dropped."""
+        onto its shardings; the rest (optimizer state, connectors) is read replicated and dropped. Second-level
+        names in `optional` (a DML run's peers) that the checkpoint lacks are left out of the result."""
         metadata = self._state_metadata(step)
         metadata = getattr(metadata, "tree", metadata)
+        abstract_subtree = {top: {name: value for name, value in part.items()
+                                  if name not in optional or name in (metadata.get(top) or {})}
+                            for top, part in abstract_subtree.items()}
         sharding = jax.tree.leaves(abstract_subtree)[0].sharding
         is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
@@ -184,7 +188,7 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, error=UserError):
+def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, error=UserError, optional=()):
     """(restored `abstract_subtree`, step) from the checkpoint the run in `workdir` selected
     (its results.json), else its latest: a model's params and BN statistics for a teacher,
     an init checkpoint or an export. `where` (a config key or flag) leads every one-line error."""
@@ -201,7 +205,7 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
             print(f"[note] {where}: {workdir} has not finished (no results.json); using its latest checkpoint, "
                   f"step {step}", file=sys.stderr, flush=True)
         try:
-            return ckpt.restore_subtree(step, abstract_subtree), step
+            return ckpt.restore_subtree(step, abstract_subtree, optional), step
         except UserError as e:
             raise error(f"{where}: {e}") from None
     finally:

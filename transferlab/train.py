@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 
 import jax
@@ -271,14 +272,21 @@ class Trainer:
         return results if isinstance(results, dict) and "test" in results else None
 
     def load_init_checkpoint(self, state):
-        """Replaces the model's params and BN statistics with those of the run in `init_checkpoint`."""
-        part = {"params": {"model": state["params"]["model"]},
-                "model_state": {"model": state["model_state"]["model"]}}
+        """Replaces the model's params and BN statistics with those of the run in `init_checkpoint`; a DML
+        run's peers too, where that run has them (a DML run's own), else they keep their fresh init."""
+        names = list(getattr(self.task, "names", ["model"]))  # DML: ['model', 'peer1', ...]
+        part = {"params": {n: state["params"][n] for n in names},
+                "model_state": {n: state["model_state"][n] for n in names}}
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), part)
         restored, _ = checkpoint.restore_selected_subtree(self.config.init_checkpoint, abstract,
-                                                          "config key 'init_checkpoint'", ConfigError)
-        state = {**state, "params": {**state["params"], "model": restored["params"]["model"]},
-                 "model_state": {**state["model_state"], "model": restored["model_state"]["model"]}}
+                                                          "config key 'init_checkpoint'", ConfigError,
+                                                          optional=names[1:])
+        fresh = [n for n in names if n not in restored["params"]]
+        if fresh:
+            print(f"[note] init_checkpoint: {self.config.init_checkpoint} has no {', '.join(fresh)}; "
+                  "they start from their fresh init", file=sys.stderr, flush=True)
+        state = {**state, "params": {**state["params"], **restored["params"]},
+                 "model_state": {**state["model_state"], **restored["model_state"]}}
         if "ema" in state["model_state"]:
             state["model_state"]["ema"] = {"params": restored["params"]["model"],
                                            "model_state": restored["model_state"]["model"]}
