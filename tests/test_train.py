@@ -436,6 +436,36 @@ def test_a_changed_config_is_refused_on_resume_and_a_finished_run_is_kept(tmp_pa
         train_and_evaluate(tiny(total_steps=10, eval_every_steps=0, optimizer={"learning_rate": 0.5}), workdir)
 
 
+def test_workdir_files_of_the_wrong_kind_are_one_line_errors_before_training(tmp_path, data_dir):
+    """A directory where a workdir file goes (or a file for `tensorboard`) is refused when the run starts,
+    not when it first writes there (results.json: after all the training); unwritable writes name the file."""
+    from transferlab import files
+    for name, make in (("results.json", os.mkdir), ("metrics.jsonl", os.mkdir), ("config.json", os.mkdir),
+                       ("tensorboard", lambda p: open(p, "w").close())):
+        workdir = tmp_path / name.replace(".", "_")
+        workdir.mkdir()
+        make(str(workdir / name))
+        kind = "directory" if name == "tensorboard" else "file"
+        with pytest.raises(UserError, match=rf"{re.escape(str(workdir / name))} is not a {kind}; move it away"):
+            train_and_evaluate(tiny(total_steps=2), str(workdir))
+        assert not (workdir / "checkpoints").exists()
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError, match=r"cannot write .*/taken: Is a directory"):
+        files.write_json(str(tmp_path / "taken"), {})
+    assert not (tmp_path / "taken.tmp").exists()
+
+
+def test_a_resume_drops_metrics_lines_that_are_not_utf8(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(tiny(total_steps=10, eval_every_steps=0), workdir)
+    os.remove(os.path.join(workdir, "results.json"))
+    with open(os.path.join(workdir, "metrics.jsonl"), "ab") as f:
+        f.write(b"\xff\xfe torn by a crash\n")
+    results = train_and_evaluate(tiny(total_steps=10, eval_every_steps=0), workdir)
+    assert results["selected_step"] == 10
+    assert all(isinstance(r, dict) for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")))
+
+
 def test_the_config_guard_survives_a_deleted_or_garbled_config_json(tmp_path, data_dir):
     """Each checkpoint keeps a copy of the run's config: with config.json gone or garbled, a resume (or a
     rerun of a finished run) with another recipe is still refused, and the own recipe still resumes."""

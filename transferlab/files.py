@@ -5,13 +5,29 @@ from __future__ import annotations
 import json
 import os
 
+from transferlab.errors import UserError
+
+
+def unwritable(error: OSError, path: str) -> UserError:
+    """The one-line error for a workdir file that cannot be written (a directory in its place, no space,
+    no permission): names the file and the reason."""
+    import errno
+    target = error.filename2 or error.filename or path  # (os.replace: the file renamed over)
+    reason = "exists and is not a directory" if error.errno == errno.EEXIST else (error.strerror or str(error))
+    return UserError(f"cannot write {target}: {reason}")
+
 
 def write_text(path: str, text: str) -> None:
     """Writes `text` to `path` through a temporary file renamed over it."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise unwritable(e, path) from None
 
 
 def write_json(path: str, obj) -> None:

@@ -30,11 +30,14 @@ class MetricWriter:
         self._bar = None
         if not self.enabled:
             return
-        _truncate_after(self.path, start_step)  # a killed run may have logged past its last checkpoint
-        self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:  # a resume purges the earlier files' events after the checkpoint (they are logged again)
-            self._tb = _TensorBoard(os.path.join(workdir, "tensorboard"),
-                                    purge_from=start_step + 1 if start_step >= 0 else None)
+        try:
+            _truncate_after(self.path, start_step)  # a killed run may have logged past its last checkpoint
+            self._file = open(self.path, "a", encoding="utf-8")
+            if tensorboard:  # a resume purges the earlier files' events after the checkpoint (logged again)
+                self._tb = _TensorBoard(os.path.join(workdir, "tensorboard"),
+                                        purge_from=start_step + 1 if start_step >= 0 else None)
+        except OSError as e:  # e.g. metrics.jsonl a directory, `tensorboard` a file
+            raise files.unwritable(e, self.path) from None
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
@@ -113,7 +116,7 @@ def _truncate_after(path: str, step: int) -> None:
     evaluation's records (a run killed after logging them, before results.json, evaluates again)."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # bytes that are not UTF-8: a damaged line
         lines = [line for line in f if line.strip()]
     kept = []
     for line in lines:

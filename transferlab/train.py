@@ -181,6 +181,13 @@ class Trainer:
         ckpt_dir = os.path.join(workdir, "checkpoints")  # (Orbax would fail only when it saves, after minutes)
         if os.path.exists(ckpt_dir) and not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK | os.X_OK)):
             raise UserError(f"workdir {workdir!r}: {ckpt_dir} is not a writable directory")
+        for name, is_kind, kind in (("config.json", os.path.isfile, "file"),
+                                    ("metrics.jsonl", os.path.isfile, "file"),
+                                    ("results.json", os.path.isfile, "file"),
+                                    ("tensorboard", os.path.isdir, "directory")):
+            path = os.path.join(workdir, name)  # (found now, not after the training)
+            if os.path.lexists(path) and not is_kind(path):
+                raise UserError(f"workdir {workdir!r}: {path} is not a {kind}; move it away")
         finished = self._finished_results()
         if finished is not None:
             return finished
