@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from transferlab import config as config_lib
-from transferlab.errors import UserError
+from transferlab.errors import UserError, note
 
 
 def _metric_fn(metrics) -> float:
@@ -202,8 +202,7 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
         if step is None:
             raise error(f"{where}: {ckpt_dir} holds no complete checkpoint")
         if not os.path.exists(os.path.join(workdir, "results.json")):
-            print(f"[note] {where}: {workdir} has not finished (no results.json); using its latest checkpoint, "
-                  f"step {step}", file=sys.stderr, flush=True)
+            note(f"{where}: {workdir} has not finished (no results.json); using its latest checkpoint, step {step}")
         try:
             return ckpt.restore_subtree(step, abstract_subtree, optional), step
         except UserError as e:

@@ -1,6 +1,7 @@
-"""User-facing errors: one line naming the culprit, exit code 2, no traceback."""
+"""User-facing errors (one line naming the culprit, exit code 2, no traceback) and notes."""
 
 import argparse
+import sys
 
 EXIT_USAGE = 2
 
@@ -19,6 +20,14 @@ class ConfigError(UserError):
 def unknown_name(kind: str, name, allowed) -> ConfigError:
     """The standard error for an unknown registry name (model, loss, dataset, ...)."""
     return ConfigError(f"unknown {kind} {name!r}; expected one of: {', '.join(sorted(allowed))}")
+
+
+def note(message: str) -> None:
+    """One '[note] ...' line on stderr, from process 0 only: something a run does that its user may not
+    expect (a teacher that has not finished, a clipped hyper-parameter), said once, not an error."""
+    import jax
+    if jax.process_index() == 0:
+        print(f"[note] {message}", file=sys.stderr, flush=True)
 
 
 class NonFiniteLoss(RuntimeError):

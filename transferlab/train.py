@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 
 import jax
@@ -26,7 +25,7 @@ import optax
 import transferlab
 from transferlab import checkpoint, config as config_lib, data, files, parallel, preemption, provenance
 from transferlab.data import augment
-from transferlab.errors import ConfigError, NonFiniteLoss, UserError
+from transferlab.errors import ConfigError, NonFiniteLoss, UserError, note
 from transferlab.metrics import MetricWriter
 from transferlab.optim import make_optimizer
 from transferlab.tasks import create_task
@@ -290,8 +289,8 @@ class Trainer:
                                                           optional=names[1:])
         fresh = [n for n in names if n not in restored["params"]]
         if fresh:
-            print(f"[note] init_checkpoint: {self.config.init_checkpoint} has no {', '.join(fresh)}; "
-                  "they start from their fresh init", file=sys.stderr, flush=True)
+            note(f"init_checkpoint: {self.config.init_checkpoint} has no {', '.join(fresh)}; they start from "
+                 "their fresh init")
         state = {**state, "params": {**state["params"], **restored["params"]},
                  "model_state": {**state["model_state"], **restored["model_state"]}}
         if "ema" in state["model_state"]:

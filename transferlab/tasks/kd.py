@@ -56,7 +56,6 @@ import json
 import math
 import numbers
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +63,7 @@ import numpy as np
 
 from transferlab import losses
 from transferlab.config import TERM_KEYS, model_section
-from transferlab.errors import ConfigError
+from transferlab.errors import ConfigError, note
 from transferlab.losses import connectors as connector_lib
 from transferlab.losses import logit as logit_losses
 from transferlab.losses import relation
@@ -401,9 +400,8 @@ class KDTask:
         `distill.teacher_cache`, their cached train-split logits instead of the variables."""
         for term in self.terms:  # a clipped CRD num_negatives is said once per run
             if term.crd is not None and int(term.crd["num_negatives"]) > self.num_train_examples - 1:
-                print(f"[note] {term.where}: num_negatives {term.crd['num_negatives']} is more than the "
-                      f"{self.num_train_examples - 1} other train examples; using {self.num_train_examples - 1}",
-                      file=sys.stderr, flush=True)
+                note(f"{term.where}: num_negatives {term.crd['num_negatives']} is more than the "
+                     f"{self.num_train_examples - 1} other train examples; using {self.num_train_examples - 1}")
         if self.self_ema:
             return {"teachers": []}
         loaded = [self._load_teacher(i, mesh, abstract_images) for i in range(len(self.teachers))]
@@ -685,8 +683,7 @@ def _note_other_dataset(where: str, teacher_dir: str, dataset: str) -> None:
     saved = saved_config(teacher_dir) or {}
     trained_on = saved.get("dataset", {}).get("name") if isinstance(saved.get("dataset"), dict) else None
     if isinstance(trained_on, str) and trained_on != dataset:
-        print(f"[note] {where}: {teacher_dir} was trained on {trained_on!r}, this run is on {dataset!r}",
-              file=sys.stderr, flush=True)
+        note(f"{where}: {teacher_dir} was trained on {trained_on!r}, this run is on {dataset!r}")
 
 
 def selected_step(workdir: str, ckpt) -> int | None:
