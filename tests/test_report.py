@@ -61,3 +61,27 @@ def test_report_cli_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "arm" / "seed_0" / "results.json").write_text("[1, 2]")
     assert report.main([str(tmp_path)]) == 2
     assert "expected a JSON object, got list" in capsys.readouterr().err
+
+
+def test_report_bad_results_content_is_one_line_naming_the_file_and_key(tmp_path, capsys):
+    _run(str(tmp_path), "arm", 0, 0.9)
+    path = tmp_path / "arm" / "seed_0" / "results.json"
+    good = json.loads(path.read_text())
+    for bad, key in (({}, "model"), ({**good, "test": {"accuracy": "x"}}, "test.accuracy"),
+                     ({**good, "validation": None}, "validation.accuracy"), ({**good, "seed": True}, "seed")):
+        path.write_text(json.dumps(bad))
+        assert report.main([str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"results.json: {key} is " in err, err
+    path.write_text(json.dumps(good))
+    (tmp_path / "results.json").write_text(json.dumps({"arms": 5}))  # the study's own summary, damaged
+    assert report.main([str(tmp_path)]) == 0
+
+
+def test_a_study_without_a_test_split_reports_validation_only(tmp_path):
+    _run(str(tmp_path), "arm", 0, 0.9)
+    path = tmp_path / "arm" / "seed_0" / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "test": {}}))  # dataset.test_split = ''
+    summary = report.write_study_report(str(tmp_path), ["arm"])
+    assert summary["arms"][0]["test_accuracy_mean"] is None
+    assert "| arm | mlp | — | 89.00 | 1 |" in (tmp_path / "results.md").read_text()

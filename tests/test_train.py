@@ -484,6 +484,22 @@ def test_the_config_guard_survives_a_deleted_or_garbled_config_json(tmp_path, da
     assert results["selected_step"] == 10 and json.load(open(config_json))["total_steps"] == 10  # rewritten
 
 
+def test_a_study_refuses_an_ensemble_evaluated_with_other_members(tmp_path):
+    """Changing an ensemble's arms on an old workdir must not report the old ensemble under the new recipe."""
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))
+    config.study.arms = ({"name": "a", "overrides": {}}, {"name": "b", "overrides": {}})
+    config.study.ensembles = ({"name": "e", "arms": ("a",)},)
+    ens_dir = tmp_path / "e" / "seed_0"
+    ens_dir.mkdir(parents=True)
+    (ens_dir / "results.json").write_text(json.dumps({"members": [str(tmp_path / "a" / "seed_0"),
+                                                                  str(tmp_path / "b" / "seed_0")]}))
+    trained = []
+    with pytest.raises(ConfigError, match=r"study.ensembles\[0\] \(e\) seed 0: .* evaluated with other members "
+                                          r"\(a, b\)"):
+        study.run_study(config, str(tmp_path), lambda cfg, d: trained.append(d))
+    assert trained == []
+
+
 def test_a_study_refuses_a_finished_run_of_another_recipe(tmp_path):
     """Rerunning a study on its workdir with other arguments (steps=) must not average old and new runs."""
     config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))

@@ -526,24 +526,56 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(f"distill.terms[{i}]: {e}") from None
     if not config.study.arms:
         _check_sections_used(config)
+    _check_study(config.study, reserved={"results.json", "results.md", config.xla_cache_dir})
+
+
+def _check_seeds(where: str, seeds) -> None:
+    if (not isinstance(seeds, (tuple, list))
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"{where}: seeds must be a list of ints >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: seeds {tuple(seeds)!r} repeat a seed")
+
+
+def _check_run_name(where: str, name, taken: set, reserved: set) -> None:
+    """Arms and ensembles are directories of the study's workdir: plain names, each used once, none the
+    study's own files (results.json, results.md, the compilation cache)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.+=-]+", name) or name in (".", ".."):
+        raise ConfigError(f"{where}: name {name!r} must be a plain directory name (letters, digits, _ . + = -)")
+    if name in taken:
+        raise ConfigError(f"{where}: name {name!r} is used by an earlier arm or ensemble")
+    if name in reserved:
+        raise ConfigError(f"{where}: name {name!r} is taken by the study's own files ({', '.join(sorted(reserved))})")
+    taken.add(name)
+
+
+def _check_study(study, reserved: set) -> None:
+    """study.seeds, arms and ensembles: well-formed, names usable as directories, nothing silently ignored."""
+    _check_seeds("study", study.seeds)
+    reserved = {r for r in reserved if r}
     names = set()
-    for i, arm in enumerate(config.study.arms):
+    for i, arm in enumerate(study.arms):
         if not isinstance(arm, dict) or "name" not in arm or not set(arm) <= {"name", "overrides", "seeds"}:
             raise ConfigError(f"study.arms[{i}]: expected a dict with name, overrides, seeds; got {arm!r}")
         name = arm["name"]
-        if not isinstance(name, str) or not re.fullmatch(r"[\w.+=-]+", name) or name in (".", ".."):
-            raise ConfigError(f"study.arms[{i}]: name {name!r} must be a plain directory name "
-                              "(letters, digits, _ . + = -)")
-        if name in names:
-            raise ConfigError(f"study.arms[{i}]: name {name!r} is used by an earlier arm")
-        names.add(name)
-        seeds = arm.get("seeds", ())
-        if not isinstance(seeds, (tuple, list)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                            for s in seeds):
-            raise ConfigError(f"study.arms[{i}] ({name}): seeds must be a list of ints >= 0, got {seeds!r}")
-        if not isinstance(arm.get("overrides", {}), dict):
-            raise ConfigError(f"study.arms[{i}] ({name}): overrides must be a dict of dotted keys, "
-                              f"got {arm['overrides']!r}")
+        _check_run_name(f"study.arms[{i}]", name, names, reserved)
+        _check_seeds(f"study.arms[{i}] ({name})", arm.get("seeds", ()))
+        overrides = arm.get("overrides", {})
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"study.arms[{i}] ({name}): overrides must be a dict of dotted keys, got {overrides!r}")
+        for key in overrides:
+            if key == "seed":
+                raise ConfigError(f"study.arms[{i}] ({name}): overrides 'seed', which the study sets for each of its "
+                                  "runs; give the arm 'seeds' instead")
+            if str(key) == "study" or str(key).startswith("study."):
+                raise ConfigError(f"study.arms[{i}] ({name}): overrides {key!r}; an arm's run is not a study")
+    arms = set(names)
+    for i, ens in enumerate(study.ensembles):
+        if (not isinstance(ens, dict) or set(ens) != {"name", "arms"} or not isinstance(ens["arms"], (tuple, list))
+                or not ens["arms"] or not set(ens["arms"]) <= arms):
+            raise ConfigError(f"study.ensembles[{i}]: expected {{'name': ..., 'arms': (arm names)}} with at least "
+                              f"one arm from {sorted(arms)}; got {ens!r}")
+        _check_run_name(f"study.ensembles[{i}]", ens["name"], names, reserved)
 
 
 def _split_name(split: str) -> str:

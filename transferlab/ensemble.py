@@ -48,7 +48,10 @@ def evaluate_ensemble(members, out_dir: str) -> dict:
     results = {"task": "ensemble", "model": "+".join(c.model.name for c, _ in members),
                "dataset": config.dataset.name, "seed": config.seed, "total_steps": config.total_steps,
                "selection": "each member's own rule", "members": [d for _, d in members]}
+    results["test"] = {}  # (stays empty with no test split)
     for name, split in (("validation", config.dataset.eval_split), ("test", config.dataset.test_split)):
+        if not split:
+            continue
         correct = count = 0.0
         for local in data.eval_batches(config.dataset.name, split, first.eval_batch_size,
                                        data_dir=first.data_dir, process_index=jax.process_index(),

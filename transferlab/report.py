@@ -16,7 +16,7 @@ from transferlab import files, provenance
 from transferlab.errors import OneLineArgumentParser, UserError
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
@@ -27,8 +27,30 @@ def _read_json(path: str) -> dict:
     return obj
 
 
+# key path -> the type a run's results.json holds there (what the table reads)
+RESULT_FIELDS = {("model",): str, ("task",): str, ("dataset",): str, ("selection",): str, ("seed",): int,
+                 ("total_steps",): int, ("wall_time_s",): (int, float), ("validation", "accuracy"): (int, float),
+                 ("test",): dict}
+
+
+def _check_results(path: str, results: dict) -> dict:
+    """`results` if it holds what the table reads (a test accuracy is optional: no test split), else a
+    one-line UserError naming the file and the key."""
+    fields = dict(RESULT_FIELDS)
+    if isinstance(results.get("test"), dict) and "accuracy" in results["test"]:
+        fields[("test", "accuracy")] = (int, float)
+    for keys, kind in fields.items():
+        value = results
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{path}: {'.'.join(keys)} is {value!r}; not a results file of this library")
+    return results
+
+
 def load_results(directory: str) -> list[dict]:
-    return [_read_json(path) for path in sorted(glob.glob(os.path.join(directory, "seed_*", "results.json")))]
+    return [_check_results(path, read_json(path))
+            for path in sorted(glob.glob(os.path.join(directory, "seed_*", "results.json")))]
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -38,9 +60,10 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def summarize(arm: str, results: list[dict]) -> dict:
-    test = [r["test"]["accuracy"] for r in results]
+    """One table row; the test columns are None when a run has no test split (`dataset.test_split=''`)."""
+    test = [r["test"].get("accuracy") for r in results]
     val = [r["validation"]["accuracy"] for r in results]
-    test_mean, test_std = mean_std(test)
+    test_mean, test_std = mean_std(test) if None not in test else (None, None)
     val_mean, val_std = mean_std(val)
     return {
         "arm": arm, "model": results[0]["model"], "task": results[0]["task"],
@@ -54,6 +77,8 @@ def summarize(arm: str, results: list[dict]) -> dict:
 
 def _mean_pm_std(row: dict, metric: str) -> str:
     """'96.50 ± 0.46'; one seed has no sample std: just the value."""
+    if row[f"{metric}_mean"] is None:
+        return "—"
     mean, std = 100 * row[f"{metric}_mean"], 100 * row[f"{metric}_std"]
     return f"{mean:.2f} ± {std:.2f}" if len(row["seeds"]) > 1 else f"{mean:.2f}"
 
@@ -114,8 +139,9 @@ def main(argv=None) -> int:
             raise UserError(f"{args.workdir}: no */seed_*/results.json under it")
         previous = {}  # the study's own report: keep its arm order, heading, description and command
         if os.path.isfile(os.path.join(args.workdir, "results.json")):
-            previous = _read_json(os.path.join(args.workdir, "results.json"))
-        order = [row.get("arm") for row in previous.get("arms", ()) if isinstance(row, dict)]
+            previous = read_json(os.path.join(args.workdir, "results.json"))
+        rows = previous.get("arms") if isinstance(previous.get("arms"), list) else []
+        order = [row.get("arm") for row in rows if isinstance(row, dict)]
         arms = [a for a in order if a in arms] + [a for a in arms if a not in order]
         write_study_report(args.workdir, arms,
                            **{k: str(previous.get(k) or "") for k in ("title", "description", "command")})

@@ -45,12 +45,33 @@ def resolve_arms(config, workdir: str) -> list[tuple[str, int, object]]:
             except config_lib.ConfigError as e:
                 raise config_lib.ConfigError(f"study.arms[{i}] ({arm['name']}): {e}") from None
             runs.append((arm["name"], int(seed), run))
-    names = {name for name, _, _ in runs}
+    return runs  # (study.ensembles: checked by config.validate)
+
+
+def _ensemble_members(ens, runs, workdir: str) -> dict:
+    """{seed: [(member config, member run dir)]} of ensemble `ens`."""
+    by_seed = {}
+    for arm, seed, run_config in runs:
+        if arm in ens["arms"]:
+            by_seed.setdefault(seed, []).append((run_config, os.path.join(workdir, arm, f"seed_{seed}")))
+    return by_seed
+
+
+def _check_finished_ensembles(config, runs, workdir: str) -> None:
+    """An ensemble evaluated earlier is reused only if it had the members this study gives it."""
     for i, ens in enumerate(config.study.ensembles):
-        if not isinstance(ens, dict) or set(ens) != {"name", "arms"} or not set(ens["arms"]) <= names:
-            raise config_lib.ConfigError(f"study.ensembles[{i}]: expected {{'name': ..., 'arms': (arm names)}} "
-                                         f"with arms from {sorted(names)}; got {ens!r}")
-    return runs
+        for seed, members in _ensemble_members(ens, runs, workdir).items():
+            path = os.path.join(workdir, ens["name"], f"seed_{seed}", "results.json")
+            if not os.path.exists(path):
+                continue
+            saved = report.read_json(path).get("members")
+            arm_of = lambda d: os.path.basename(os.path.dirname(os.path.normpath(str(d))))  # noqa: E731  (DIR/arm/seed_s)
+            saved_arms = [arm_of(d) for d in saved] if isinstance(saved, list) else []
+            if saved_arms != [arm_of(d) for _, d in members]:
+                raise config_lib.ConfigError(
+                    f"study.ensembles[{i}] ({ens['name']}) seed {seed}: {os.path.dirname(path)} was evaluated with "
+                    f"other members ({', '.join(saved_arms) or 'unknown'}); use a new --workdir, or move it away to "
+                    "evaluate it again")
 
 
 def _checkpoint_inputs(run_config):
@@ -107,6 +128,7 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
         if changed:
             raise config_lib.ConfigError(f"{arm} seed {seed}: {run_dir} was finished with a different config "
                                          f"({changed}); use a new --workdir, or move that run away to retrain it")
+    _check_finished_ensembles(config, runs, workdir)
     check_run_inputs(config, runs, workdir)
     if check_fn is not None:
         check_arms(config, runs, workdir, check_fn)
@@ -134,11 +156,7 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
 def _run_ensemble(ens, runs, workdir: str) -> None:
     """Evaluates, per seed, the ensemble of the given arms' selected checkpoints."""
     from transferlab.ensemble import evaluate_ensemble
-    by_seed = {}
-    for arm, seed, run_config in runs:
-        if arm in ens["arms"]:
-            by_seed.setdefault(seed, []).append((run_config, os.path.join(workdir, arm, f"seed_{seed}")))
-    for seed, members in sorted(by_seed.items()):
+    for seed, members in sorted(_ensemble_members(ens, runs, workdir).items()):
         out_dir = os.path.join(workdir, ens["name"], f"seed_{seed}")
         if os.path.exists(os.path.join(out_dir, "results.json")):
             continue
