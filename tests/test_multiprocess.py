@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,27 +9,36 @@ from conftest import REPO
 
 
 def test_two_processes_train_and_resume(tmp_path, data_dir):
-    workdir = str(tmp_path / "mp")
     env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=", "PYTHON": sys.executable}
 
-    def launch(steps):
+    def launch(workdir, steps, **extra_env):
         args = ["bash", "launch/local.sh", "2", "4", "--config", "tests/configs/tiny.py", "--workdir", workdir,
                 f"--config.total_steps={steps}", "--config.checkpoint_every_steps=6",
                 "--config.eval_every_steps=6", "--config.log_every_steps=6", "--config.mesh_shape=data=4,fsdp=2"]
-        return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(args, cwd=REPO, env={**env, **extra_env}, capture_output=True, text=True, timeout=300)
 
-    proc = launch(12)
+    straight = str(tmp_path / "straight")
+    proc = launch(straight, 12)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.load(open(os.path.join(workdir, "results.json")))
+    results = json.load(open(os.path.join(straight, "results.json")))
     assert results["test"]["count"] == 360  # every test example counted once across both processes
-    config = json.load(open(os.path.join(workdir, "config.json")))
+    config = json.load(open(os.path.join(straight, "config.json")))
     assert config["_versions"]["processes"] == 2 and config["_versions"]["devices"].startswith("8 x")
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))  # as if both processes died after step 6's save
-    os.remove(os.path.join(workdir, "results.json"))
-    proc = launch(12)
+
+    # One host's preemption notice (process 1 sends itself SIGTERM after step 2): JAX spreads it, both
+    # processes stop at the same step (else the collective save would hang), save, and exit 0.
+    workdir = str(tmp_path / "mp")
+    proc = launch(workdir, 12, TRANSFERLAB_FAULT_TERM_AT="2:1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("stopped (SIGTERM) at step") == 2, proc.stdout[-2000:]
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    stopped = [r["step"] for r in records if r.get("event", "").startswith("stopped (SIGTERM)")]
+    assert len(stopped) == 1 and os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped[0])))
+    proc = launch(workdir, 12)  # the same command resumes, and ends bitwise as the run that never stopped
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert any(r.get("event") == "resumed" and r["step"] == 6 for r in records)
+    assert any(r.get("event") == "resumed" and r["step"] == stopped[0] for r in records)
     resumed = json.load(open(os.path.join(workdir, "results.json")))
     assert resumed["selected_step"] == 12
     assert resumed["test"] == results["test"] and resumed["validation"] == results["validation"]

@@ -41,7 +41,33 @@ def parse_args(argv):
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.KEY=VALUE)")
+    for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes", "--process_id"):
+        if sum(a == flag or a.startswith(flag + "=") for a in argv) > 1:
+            parser.error(f"{flag} is given more than once")
+    _check_process_flags(parser, known)
     return known, rest
+
+
+def _check_process_flags(parser, args) -> None:
+    """Multi-process flags: all three of --coordinator_address HOST:PORT, --num_processes N >= 1 and
+    --process_id in [0, N) together (or --distributed alone); checked before anything starts."""
+    explicit = [f for f, given in (("--coordinator_address", args.coordinator_address),
+                                   ("--num_processes", args.num_processes != 0),
+                                   ("--process_id", args.process_id != -1)) if given]
+    if args.distributed and explicit:
+        parser.error(f"--distributed detects the cluster itself; drop {explicit[0]}")
+    if not explicit:
+        return
+    if len(explicit) < 3:
+        missing = [f for f in ("--coordinator_address", "--num_processes", "--process_id") if f not in explicit]
+        parser.error(f"{explicit[0]} needs {' and '.join(missing)} too")
+    host, _, port = args.coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        parser.error(f"--coordinator_address {args.coordinator_address!r}: expected HOST:PORT")
+    if args.num_processes < 1:
+        parser.error(f"--num_processes {args.num_processes}: expected at least 1")
+    if not 0 <= args.process_id < args.num_processes:
+        parser.error(f"--process_id {args.process_id}: expected 0 to {args.num_processes - 1}")
 
 
 def _configure_environment() -> None:
@@ -70,7 +96,12 @@ def run(argv=None) -> int:
             if args.coordinator_address:
                 kwargs = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                               process_id=args.process_id)
-            jax.distributed.initialize(**kwargs)
+            try:
+                jax.distributed.initialize(**kwargs)
+            except (ValueError, RuntimeError) as e:  # no cluster detected, an unreachable coordinator, ...
+                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise UserError(f"jax.distributed.initialize: {first[:300]}") from None
+            preemption.defer_to_jax()  # every process stops at the same step
         from transferlab import study, train
         if config.study.arms:
             command = shlex.join(["python", "-m", "transferlab.main", *argv])

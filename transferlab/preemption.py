@@ -6,11 +6,18 @@ saves at the end of its current step and returns, a study starts no further run.
 Ctrl-C stops at once (`KeyboardInterrupt`; the last complete checkpoint is kept). In-process
 callers (tests, notebooks) that never call `install()` get a SIGTERM handler for the duration of
 each `Trainer.run` (`handling_signals`), and Ctrl-C keeps Python's meaning there.
+
+Several processes (`jax.distributed`) must stop at the same step, or the checkpoint save (a
+collective) hangs: after `jax.distributed.initialize` JAX's preemption notifier owns SIGTERM and
+spreads it to every process, and `defer_to_jax()` makes the train loop stop at JAX's preemption
+sync point (`multihost_utils.reached_preemption_sync_point`, the same step everywhere); Ctrl-C is
+turned into a SIGTERM to the process itself, so it takes the same path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 
@@ -20,6 +27,7 @@ class StopFlag:
 
     def __init__(self):
         self.signum = None
+        self.deferred = False  # several processes: stop at JAX's preemption sync point (`should_stop`)
 
     @property
     def raised(self) -> bool:
@@ -30,13 +38,28 @@ class StopFlag:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def handle(self, signum, frame):  # noqa: ARG002  (signal handler signature)
+        if self.deferred:  # (only SIGINT still reaches Python: JAX's notifier holds SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if self.signum is None:
-            self.signum = signum
-            again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
-            print(f"transferlab: {self.name}: finishing the current step, saving a checkpoint, then stopping"
-                  f"{again}", file=sys.stderr, flush=True)
+            self._stop(signum)
+
+    def _stop(self, signum) -> None:
+        self.signum = signum
+        again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT and not self.deferred else ""
+        print(f"transferlab: {self.name}: finishing the current step, saving a checkpoint, then stopping"
+              f"{again}", file=sys.stderr, flush=True)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after `step`: a stop signal has arrived (one process), or every process
+        has reached JAX's preemption sync point (several processes; called at every step on each)."""
+        if self.deferred and not self.raised:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(step):
+                self._stop(signal.SIGTERM)
+        return self.raised
 
 
 _FLAG: StopFlag | None = None
@@ -51,6 +74,13 @@ def install() -> StopFlag:
         signal.signal(signal.SIGINT, flag.handle)
         _FLAG = flag
     return _FLAG
+
+
+def defer_to_jax() -> None:
+    """After `jax.distributed.initialize` with several processes: stops happen at JAX's preemption sync point."""
+    import jax
+    if _FLAG is not None and jax.process_count() > 1:
+        _FLAG.deferred = True
 
 
 def requested() -> StopFlag | None:

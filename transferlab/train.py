@@ -33,6 +33,8 @@ from transferlab.tasks import create_task
 
 # Testing hook: SIGKILL this process right after the given step (as a crash or a pod eviction would).
 _FAULT_KILL_AT_STEP = int(os.environ.get("TRANSFERLAB_FAULT_KILL_AT_STEP", "0"))
+# Testing hook: process P sends itself SIGTERM right after step S ('S:P'), as one host's preemption notice.
+_FAULT_TERM_AT_STEP, _FAULT_TERM_PROCESS = (int(x) for x in (os.environ.get("TRANSFERLAB_FAULT_TERM_AT") or "0:0").split(":"))
 
 
 class Trainer:
@@ -322,19 +324,22 @@ class Trainer:
                 evals = self.evaluate(state, frozen, config.dataset.eval_split)
                 writer.write(step, {f"eval/{k}": v for k, v in evals.items()})
                 selection_metric = evals[config.selection_metric]  # present: checked by compile()
+            stopping = stop.should_stop(step)
             save_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-            save_now = save_now or last or stop.raised or (selection_metric is not None and config.selection == "best")
+            save_now = save_now or last or stopping or (selection_metric is not None and config.selection == "best")
             if save_now:
                 self._check_finite(step, metrics, ckpt)
                 ckpt.save(step, state, {"iterator": train_iter.get_state(), "elapsed_s": self._elapsed(),
                                         "config": self._plain_config, "frozen_sources": self._frozen_sources()},
                           selection_metric)
                 writer.flush()
-            if stop.raised:
+            if stopping:
                 writer.write(step, {"event": f"stopped ({stop.name}): checkpoint saved"})
                 break
             if step == _FAULT_KILL_AT_STEP:  # fault injection for the kill-and-resume test
                 os.kill(os.getpid(), signal.SIGKILL)
+            if step == _FAULT_TERM_AT_STEP and jax.process_index() == _FAULT_TERM_PROCESS:  # (multi-process test)
+                os.kill(os.getpid(), signal.SIGTERM)
         return state
 
     def _check_finite(self, step, metrics, ckpt):
