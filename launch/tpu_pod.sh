@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TPU VM pod slice: the same command on every worker; jax.distributed.initialize() auto-detects the pod.
-#   launch/tpu_pod.sh TPU_NAME ZONE --config experiments/kd/cifar100/kd_resnet32x4_resnet8x4.py --workdir gs://bucket/runs/kd
+#   launch/tpu_pod.sh TPU_NAME ZONE --config experiments/kd/cifar100/resnet32x4_resnet8x4.py --workdir gs://bucket/runs/kd
 # The repository must be at ~/transferlab on every worker (e.g. `--command "git clone ..."` first), and the
 # tfds data prepared under a shared data_dir (gs://... works with tfds.data_source) set by --config.dataset.data_dir.
 set -euo pipefail
