@@ -81,3 +81,19 @@ def test_export_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
         bad = cli("--workdir", str(tmp_path / "nope"), "--out", str(out))
         assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "--out" in bad.stderr, bad.stderr
     assert (occupied / "keep.txt").read_text() == "mine"
+    garbled = tmp_path / "garbled"  # config.json damaged and no checkpoint holding a copy
+    garbled.mkdir()
+    (garbled / "config.json").write_text('{"garbage')
+    bad = cli("--workdir", str(garbled), "--out", str(tmp_path / "g_out"))
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "cannot be read" in bad.stderr, bad.stderr
+    assert not (tmp_path / "g_out").exists()  # nothing created for a failed export
+
+
+def test_export_reads_the_checkpoints_config_when_config_json_is_damaged(tmp_path, data_dir):
+    run = str(tmp_path / "run")
+    train_and_evaluate(config_lib.from_dict({"dataset": {"name": "digits"}, "model": {"name": "mlp"},
+                                             "total_steps": 4, "batch_size": 32}), run)
+    with open(os.path.join(run, "config.json"), "w") as f:
+        f.write("[1, 2]")
+    info = export.export(run, str(tmp_path / "out"))
+    assert info["name"] == "mlp" and info["step"] == 4

@@ -40,9 +40,15 @@ def export(run_dir: str, out_dir: str) -> dict:
     from transferlab.tasks import common
     from transferlab.train import Trainer
 
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")) and not os.path.isfile(
+            os.path.join(run_dir, "config.json")):
         raise UserError(f"--workdir {run_dir!r}: no config.json (not a transferlab run directory)")
+    resolved = checkpoint.saved_config(run_dir)  # config.json, else (garbled) the checkpoint's own copy
+    if resolved is None:
+        raise UserError(f"--workdir {run_dir!r}: its config.json cannot be read, and no checkpoint holds a copy")
+    resolved = dict(resolved)
+    versions = resolved.pop("_versions", {})
+    config = config_lib.from_dict(resolved)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir!r} exists and is not a directory; choose a new directory")
     if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -53,10 +59,6 @@ def export(run_dir: str, out_dir: str) -> dict:
         raise UserError(f"--out {out_dir!r}: cannot create it ({e.strerror or e})") from None
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"--out {out_dir!r}: not writable")
-    with open(config_path, encoding="utf-8") as f:
-        resolved = json.load(f)
-    versions = resolved.pop("_versions", {})
-    config = config_lib.from_dict(resolved)
     trainer = Trainer(config, run_dir)
     model = trainer.task.model if hasattr(trainer.task, "model") else trainer.task.models[0]
     params, state = jax.eval_shape(lambda x: common.init_model(model, jax.random.key(0), x), trainer.abstract_images)
