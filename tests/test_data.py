@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import threading
@@ -190,6 +191,20 @@ def test_prepare_cli_errors(tmp_path, capsys):
     assert prepare.main(["--datasets", "nope", "--data_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown offline dataset 'nope'" in err
+    (tmp_path / "file").write_text("x")
+    for data_dir, message in ((tmp_path / "file", "--data_dir '.*/file' is a file, not a directory"),
+                              (tmp_path / "file" / "sub", "data dir '.*/file/sub': cannot create .*Not a directory")):
+        assert prepare.main(["--datasets", "digits", "--data_dir", str(data_dir)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_prepare_moves_a_file_in_place_of_the_dataset_aside(tmp_path, capsys):
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "1.0.0").write_text("")  # a file where the prepared dataset goes
+    assert prepare.main(["--datasets", "digits", "--data_dir", str(tmp_path)]) == 0
+    assert "was damaged (not a directory)" in capsys.readouterr().err
+    assert data.dataset_info("digits", tmp_path).split_sizes == EXPECTED_SIZES["digits"]
 
 
 def test_fashion_mnist_missing_files(tmp_path, monkeypatch):

@@ -55,12 +55,13 @@ FASHION_MNIST_FILES = {
 }
 
 
-def resolve_data_dir(data_dir=None) -> pathlib.Path:
-    """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets, as an absolute path."""
+def resolve_data_dir(data_dir=None, setting: str = "dataset.data_dir") -> pathlib.Path:
+    """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets, as an absolute path. `setting` names
+    where `data_dir` came from in errors (a config key, or a command-line flag)."""
     given = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     path = pathlib.Path(given).expanduser().absolute()
     if path.exists() and not path.is_dir():
-        where = "dataset.data_dir" if data_dir else ("$TFDS_DATA_DIR" if os.environ.get("TFDS_DATA_DIR") else "data dir")
+        where = setting if data_dir else ("$TFDS_DATA_DIR" if os.environ.get("TFDS_DATA_DIR") else "data dir")
         raise ConfigError(f"{where} {str(path)!r} is a file, not a directory")
     return path
 
@@ -340,8 +341,15 @@ def prepare(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
         return make_builder(name, data_dir)
     if name == "fashion_mnist_deb":
         check_fashion_mnist_files()
+    try:
+        (root / ".locks").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"data dir {str(root)!r}: cannot create {e.filename or root} ({e.strerror or e})") from None
     with _file_lock(root / ".locks" / f"{name}.lock"):
-        if version_dir.is_dir() and (problem := _offline_damage(name, data_dir)) is not None:
+        problem = "not a directory" if version_dir.exists() and not version_dir.is_dir() else None
+        if version_dir.is_dir():
+            problem = _offline_damage(name, data_dir)
+        if problem is not None:
             # derived from package data in seconds: keep the damaged copy aside (nothing is deleted), rebuild
             stamp = time.strftime("%Y%m%d-%H%M%S")
             aside = next(path for i in range(1, 10**6)

@@ -17,6 +17,7 @@ def prepare_all(names, data_dir=None) -> dict:
     for name in names:
         if name not in builders.OFFLINE_BUILDERS:
             raise unknown_name("offline dataset", name, builders.OFFLINE_BUILDERS)
+    builders.resolve_data_dir(data_dir, setting="--data_dir")  # (its errors name the flag)
     return {name: str(builders.prepare(name, data_dir).data_dir) for name in names}
 
 
