@@ -174,6 +174,11 @@ def test_config_file_problems(tmp_path):
         config_lib.load(write_config(tmp_path, "import sys\ndef get_config():\n    sys.exit('no')\n"))
     with pytest.raises(ConfigError, match="config argument 'step': expected one of steps, seeds"):
         config_lib.load(os.path.join(REPO, "experiments", "kd", "quickstart.py") + ":step=5")
+    for arg in ("seeds=0", "seeds=-1", "seeds=x", "steps=1.5"):  # (seeds=0 ran one seed, the default `seed`)
+        with pytest.raises(ConfigError, match=f"config argument {arg}: expected an integer >= 1"):
+            config_lib.load(os.path.join(REPO, "experiments", "kd", "quickstart.py") + ":" + arg)
+    with pytest.raises(ConfigError, match="config argument generations=0: expected an integer >= 1"):
+        config_lib.load(os.path.join(REPO, "experiments", "kd", "born_again.py") + ":generations=0")
 
 
 def test_mesh_shape_parsing():

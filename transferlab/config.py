@@ -211,6 +211,18 @@ def parse_arg(arg: str | None, allowed=None) -> dict:
     return out
 
 
+def int_arg(args: dict, key: str, default: int, minimum: int = 1) -> int:
+    """Config-file argument `key` (from `parse_arg`) as an int >= `minimum`, else a ConfigError naming it."""
+    raw = args.get(key, default)
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(f"config argument {key}={raw}: expected an integer >= {minimum}")
+    return value
+
+
 def _is_free_form(path: str) -> bool:
     return any(path == f or path.startswith(f + ".") for f in FREE_FORM)
 

@@ -12,13 +12,13 @@ objectives with `loss=cwtm|dkpp`); the table adds the ensemble of generations
 
 import ml_collections
 
-from transferlab.config import parse_arg
+from transferlab.config import int_arg, parse_arg
 
 
 def get_config(arg=None):
     args = parse_arg(arg, allowed=("steps", "generations", "loss", "seeds"))
-    steps = int(args.get("steps", 600))
-    generations = int(args.get("generations", 3))
+    steps = int_arg(args, "steps", 600)
+    generations = int_arg(args, "generations", 3)
     loss = args.get("loss", "kd")
     c = ml_collections.ConfigDict()
     c.total_steps = steps
@@ -38,6 +38,6 @@ def get_config(arg=None):
         arms.append({"name": f"gen{k}", "overrides": {
             "task": "kd", "teacher.checkpoint": f"{{workdir}}/gen{k - 1}/seed_{{seed}}",
             "distill.ce_weight": 1.0 if loss == "kd" else 0.0, "distill.terms": terms}})
-    c.study = {"seeds": tuple(range(int(args.get("seeds", 3)))), "arms": tuple(arms),
+    c.study = {"seeds": tuple(range(int_arg(args, "seeds", 3))), "arms": tuple(arms),
                "ensembles": ({"name": "ensemble", "arms": tuple(f"gen{k}" for k in range(1, generations + 1))},)}
     return c

@@ -12,7 +12,7 @@ uses the same augmentation with soft-label cross-entropy. Selection: last step.
 
 import ml_collections
 
-from transferlab.config import parse_arg
+from transferlab.config import int_arg, parse_arg
 from transferlab.errors import ConfigError
 
 MIXING = {"mixup": (1.0, 0.0), "cutmix": (0.0, 1.0), "both": (1.0, 1.0), "none": (0.0, 0.0)}
@@ -20,7 +20,7 @@ MIXING = {"mixup": (1.0, 0.0), "cutmix": (0.0, 1.0), "both": (1.0, 1.0), "none":
 
 def get_config(arg=None):
     args = parse_arg(arg, allowed=("steps", "aug", "seeds"))
-    steps = int(args.get("steps", 1500))
+    steps = int_arg(args, "steps", 1500)
     if args.get("aug", "both") not in MIXING:
         raise ConfigError(f"config argument aug={args['aug']!r}: expected one of {', '.join(MIXING)}")
     mixup, cutmix = MIXING[args.get("aug", "both")]
@@ -40,7 +40,7 @@ def get_config(arg=None):
                "augment.cutmix_alpha": 0.0}
     kd = {"task": "kd", "teacher.name": "lenet5", "teacher.checkpoint": "{workdir}/teacher/seed_0",
           "distill.ce_weight": 0.0, "distill.terms": ({"name": "kd", "weight": 1.0, "temperature": 1.0},)}
-    c.study = {"seeds": tuple(range(int(args.get("seeds", 3)))), "arms": (
+    c.study = {"seeds": tuple(range(int_arg(args, "seeds", 3))), "arms": (
         {"name": "teacher", "overrides": teacher, "seeds": (0,)},
         {"name": "student", "overrides": {"task": "classify"}},
         {"name": "student+fm", "overrides": kd},

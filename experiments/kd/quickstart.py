@@ -21,13 +21,13 @@ scratch (val. 94.53; KD CE 0.1/KD 0.9 T=4 93.53, CE 0.5/KD 0.5 at T=4/2/1
 
 import ml_collections
 
-from transferlab.config import parse_arg
+from transferlab.config import int_arg, parse_arg
 
 
 def get_config(arg=None):
     args = parse_arg(arg, allowed=("steps", "seeds"))
-    steps = int(args.get("steps", 600))
-    seeds = tuple(range(int(args.get("seeds", 3))))
+    steps = int_arg(args, "steps", 600)
+    seeds = tuple(range(int_arg(args, "seeds", 3)))
 
     c = ml_collections.ConfigDict()
     c.seed = 0

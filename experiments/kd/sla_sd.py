@@ -18,7 +18,7 @@ Arguments: `dataset=` (mnist5k), `model=` (resnet8), `steps=` (250), `seeds=` (3
 
 import ml_collections
 
-from transferlab.config import parse_arg
+from transferlab.config import int_arg, parse_arg
 from transferlab.errors import ConfigError
 
 ARGS = ("dataset", "model", "steps", "seeds", "transform", "temperature")
@@ -28,7 +28,7 @@ def get_config(arg=None):
     args = parse_arg(arg)
     if set(args) - set(ARGS):
         raise ConfigError(f"config argument {sorted(set(args) - set(ARGS))[0]!r}: expected {', '.join(ARGS)}")
-    steps = int(args.get("steps", 250))
+    steps = int_arg(args, "steps", 250)
     c = ml_collections.ConfigDict()
     c.total_steps = steps
     c.batch_size = 64
@@ -44,7 +44,7 @@ def get_config(arg=None):
                    "decay_norms_and_biases": True}
     c.schedule = {"name": "step", "boundaries": (150 / 240, 180 / 240, 210 / 240), "decay_factor": 0.1}
     c.sla = {"transform": args.get("transform", "rotation"), "temperature": float(args.get("temperature", 1.0))}
-    c.study = {"seeds": tuple(range(int(args.get("seeds", 3)))),
+    c.study = {"seeds": tuple(range(int_arg(args, "seeds", 3))),
                "arms": ({"name": "student", "overrides": {"task": "classify"}},
                         {"name": "student+sla_sd", "overrides": {"task": "sla_sd"}})}
     return c

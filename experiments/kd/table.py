@@ -45,7 +45,7 @@ feature method whose taps a model lacks is reported before anything trains:
 
 import ml_collections
 
-from transferlab.config import parse_arg
+from transferlab.config import int_arg, parse_arg
 from transferlab.errors import ConfigError
 from transferlab.methods import METHODS, distill_section, pair_overrides
 
@@ -67,8 +67,8 @@ def get_config(arg=None):
     args = parse_arg(arg)
     if set(args) - set(ARGS):
         raise ConfigError(f"config argument {sorted(set(args) - set(ARGS))[0]!r}: expected {', '.join(ARGS)}")
-    steps = int(args.get("steps", 250))
-    seeds = tuple(range(int(args.get("seeds", 3))))
+    steps = int_arg(args, "steps", 250)
+    seeds = tuple(range(int_arg(args, "seeds", 3)))
     names = args["methods"].split("+") if args.get("methods") else [*METHODS, *SELF_DISTILLATION]
     teacher, student = str(args.get("teacher", TEACHER)), str(args.get("student", STUDENT))
 
