@@ -241,6 +241,25 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
     assert "'dataset.name': 'digits:9.9.9'" in errors[10]
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--config.total_steps=3", "--config.total_steps=4"], "--config.total_steps is given more than once"),
+    (["--workdir", "elsewhere"], "--workdir is given more than once"),
+    (["--coordinator_address", "127.0.0.1:2345"], "--coordinator_address needs --num_processes and --process_id"),
+    (["--num_processes", "2", "--process_id", "1"], "--num_processes needs --coordinator_address too"),
+    (["--coordinator_address", "nohost", "--num_processes", "1", "--process_id", "0"],
+     "--coordinator_address 'nohost': expected HOST:PORT"),
+    (["--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"], "--process_id 2: expected 0 to 1"),
+    (["--coordinator_address", "h:1", "--num_processes", "0", "--process_id", "0"], "--num_processes 0: expected at"),
+    (["--distributed", "--process_id", "0"], "--distributed detects the cluster itself; drop --process_id"),
+])
+def test_cli_flag_mistakes_are_one_line_before_anything_starts(extra, message, capsys):
+    from transferlab.main import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", "tests/configs/tiny.py", "--workdir", "w", *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
 def test_workdir_that_cannot_be_created_is_a_clear_error(tmp_path):
     from transferlab.errors import UserError
     from transferlab.main import check_workdir
