@@ -48,16 +48,15 @@ def parse_args(argv):
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:
         parser.error(f"{repeated[0]} is given more than once")
-    _check_process_flags(parser, known)
+    _check_process_flags(parser, known, argv)
     return known, rest
 
 
-def _check_process_flags(parser, args) -> None:
+def _check_process_flags(parser, args, argv) -> None:
     """Multi-process flags: all three of --coordinator_address HOST:PORT, --num_processes N >= 1 and
     --process_id in [0, N) together (or --distributed alone); checked before anything starts."""
-    explicit = [f for f, given in (("--coordinator_address", args.coordinator_address),
-                                   ("--num_processes", args.num_processes != 0),
-                                   ("--process_id", args.process_id != -1)) if given]
+    explicit = [f for f in ("--coordinator_address", "--num_processes", "--process_id")
+                if any(a == f or a.startswith(f + "=") for a in argv)]
     if args.distributed and explicit:
         parser.error(f"--distributed detects the cluster itself; drop {explicit[0]}")
     if not explicit:
