@@ -57,6 +57,11 @@ def _ensemble_members(ens, runs, workdir: str) -> dict:
     return by_seed
 
 
+def _arm_of(run_dir) -> str:
+    """'DIR/arm/seed_0' -> 'arm'."""
+    return os.path.basename(os.path.dirname(os.path.normpath(str(run_dir))))
+
+
 def _check_finished_ensembles(config, runs, workdir: str) -> None:
     """An ensemble evaluated earlier is reused only if it had the members this study gives it."""
     for i, ens in enumerate(config.study.ensembles):
@@ -65,9 +70,8 @@ def _check_finished_ensembles(config, runs, workdir: str) -> None:
             if not os.path.exists(path):
                 continue
             saved = report.read_json(path).get("members")
-            arm_of = lambda d: os.path.basename(os.path.dirname(os.path.normpath(str(d))))  # noqa: E731  (DIR/arm/seed_s)
-            saved_arms = [arm_of(d) for d in saved] if isinstance(saved, list) else []
-            if saved_arms != [arm_of(d) for _, d in members]:
+            saved_arms = [_arm_of(d) for d in saved] if isinstance(saved, list) else []
+            if saved_arms != [_arm_of(d) for _, d in members]:
                 raise config_lib.ConfigError(
                     f"study.ensembles[{i}] ({ens['name']}) seed {seed}: {os.path.dirname(path)} was evaluated with "
                     f"other members ({', '.join(saved_arms) or 'unknown'}); use a new --workdir, or move it away to "
