@@ -242,7 +242,6 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--config.total_steps=3", "--config.total_steps=4"], "--config.total_steps is given more than once"),
     (["--workdir", "elsewhere"], "--workdir is given more than once"),
     (["--coordinator_address", "127.0.0.1:2345"], "--coordinator_address needs --num_processes and --process_id"),
     (["--num_processes", "2", "--process_id", "1"], "--num_processes needs --coordinator_address too"),

@@ -44,10 +44,6 @@ def parse_args(argv):
     for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes", "--process_id"):
         if sum(a == flag or a.startswith(flag + "=") for a in argv) > 1:
             parser.error(f"{flag} is given more than once")
-    keys = [a.split("=", 1)[0] for a in rest]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
-        parser.error(f"{repeated[0]} is given more than once")
     _check_process_flags(parser, known, argv)
     return known, rest
 
