@@ -285,6 +285,19 @@ def _quiet_tfds():
         tfds.display_progress_bar(previous)
 
 
+@contextlib.contextmanager
+def absl_errors_only():
+    """tfds logs absl warnings (e.g. 'Variant folder ... has no dataset_info.json') while it looks
+    for a dataset; the user gets our one-line error (or note) instead."""
+    from absl import logging as absl_logging
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def make_builder(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
     """Our builder for offline dataset `name`, rooted at the resolved data_dir."""
     return OFFLINE_BUILDERS[name](data_dir=str(resolve_data_dir(data_dir)))
@@ -317,11 +330,12 @@ def damage(builder: tfds.core.DatasetBuilder) -> str | None:
 
 def _offline_damage(name: str, data_dir) -> str | None:
     """`damage` of offline dataset `name`'s prepared directory (which may not even open)."""
-    try:
-        builder = make_builder(name, data_dir)
-    except Exception as e:  # noqa: BLE001  (a garbled dataset_info.json fails in the constructor)
-        return _first_line(e)
-    return damage(builder)
+    with absl_errors_only():
+        try:
+            builder = make_builder(name, data_dir)
+        except Exception as e:  # noqa: BLE001  (a garbled dataset_info.json fails in the constructor)
+            return _first_line(e)
+        return damage(builder)
 
 
 def prepare(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
@@ -357,8 +371,9 @@ def prepare(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
             version_dir.rename(aside)
             print(f"[data] {version_dir} was damaged ({problem}); moved it to {aside.name} and prepared "
                   f"{name} again", file=sys.stderr, flush=True)
-        builder = make_builder(name, data_dir)
-        if not builder.is_prepared():
-            with tempfile.TemporaryDirectory() as downloads, _quiet_tfds():
-                builder.download_and_prepare(download_dir=downloads)  # nothing is downloaded
+        with absl_errors_only():  # (tfds warns about the variant folder it is about to write)
+            builder = make_builder(name, data_dir)
+            if not builder.is_prepared():
+                with tempfile.TemporaryDirectory() as downloads, _quiet_tfds():
+                    builder.download_and_prepare(download_dir=downloads)  # nothing is downloaded
     return make_builder(name, data_dir)  # fresh, so info/metadata come from disk

@@ -7,7 +7,6 @@ prepared, in ArrayRecord format, under data_dir (`cifar10`, `cifar100`,
 Examples must have an `image` (uint8 HxWxC) and a `label` (ClassLabel).
 """
 
-import contextlib
 import dataclasses
 import functools
 import re
@@ -55,24 +54,11 @@ def _base_name(name: str) -> str:
     return re.split(r"[/:]", name, maxsplit=1)[0]
 
 
-@contextlib.contextmanager
-def _absl_errors_only():
-    """tfds logs absl warnings (e.g. 'Variant folder ... has no dataset_info.json') while it looks
-    for a dataset; the user gets our one-line error instead."""
-    from absl import logging as absl_logging
-    level = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(level)
-
-
 def _standard_builder(name: str, root) -> tfds.core.DatasetBuilder:
     """A builder reading an already-prepared tfds dataset under `root` (never downloads)."""
     base = _base_name(name)
     if base in registered.list_imported_builders():
-        with _absl_errors_only():
+        with builders.absl_errors_only():
             try:
                 builder = tfds.builder(name, data_dir=str(root))
             except Exception as e:  # pylint: disable=broad-except  (a version or config tfds does not have)
@@ -90,7 +76,7 @@ def _standard_builder(name: str, root) -> tfds.core.DatasetBuilder:
             f"unknown dataset {name!r}; expected one of: {', '.join(offline_names())}, "
             f"or a tfds dataset name prepared under {root}"
         )
-    with _absl_errors_only():
+    with builders.absl_errors_only():
         prepared = builder.is_prepared()
     if not prepared:
         raise UserError(
