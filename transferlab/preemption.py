@@ -28,6 +28,7 @@ class StopFlag:
     def __init__(self):
         self.signum = None
         self.deferred = False  # several processes: stop at JAX's preemption sync point (`should_stop`)
+        self._sync_calls = 0  # train steps this process has taken, over all its runs (a study's too)
 
     @property
     def raised(self) -> bool:
@@ -52,12 +53,16 @@ class StopFlag:
         print(f"transferlab: {self.name}: finishing the current step, saving a checkpoint, then stopping"
               f"{again}", file=sys.stderr, flush=True)
 
-    def should_stop(self, step: int) -> bool:
-        """Whether to save and stop after `step`: a stop signal has arrived (one process), or every process
-        has reached JAX's preemption sync point (several processes; called at every step on each)."""
+    def should_stop(self) -> bool:
+        """Whether to save and stop after the current train step: a stop signal has arrived (one process),
+        or every process has reached JAX's preemption sync point (several processes; called at every step
+        on each). The sync point is counted in steps this process took over all its runs, which every
+        process counts alike and which only grows: a study's next run starts again at step 1, and a notice
+        that arrives between two runs then stops the next one after its first step."""
         if self.deferred and not self.raised:
             from jax.experimental import multihost_utils
-            if multihost_utils.reached_preemption_sync_point(step):
+            self._sync_calls += 1
+            if multihost_utils.reached_preemption_sync_point(self._sync_calls):
                 self._stop(signal.SIGTERM)
         return self.raised
 

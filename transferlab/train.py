@@ -324,7 +324,7 @@ class Trainer:
                 evals = self.evaluate(state, frozen, config.dataset.eval_split)
                 writer.write(step, {f"eval/{k}": v for k, v in evals.items()})
                 selection_metric = evals[config.selection_metric]  # present: checked by compile()
-            stopping = stop.should_stop(step)
+            stopping = stop.should_stop()
             save_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
             save_now = save_now or last or stopping or (selection_metric is not None and config.selection == "best")
             if save_now:
