@@ -42,3 +42,36 @@ def test_two_processes_train_and_resume(tmp_path, data_dir):
     resumed = json.load(open(os.path.join(workdir, "results.json")))
     assert resumed["selected_step"] == 12
     assert resumed["test"] == results["test"] and resumed["validation"] == results["validation"]
+
+
+STUDY = '''
+import ml_collections
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.dataset = {"name": "digits"}
+    c.model = {"name": "mlp", "kwargs": {"hidden_sizes": (32,)}}
+    c.total_steps, c.batch_size, c.eval_batch_size, c.log_every_steps = 4, 32, 64, 2
+    c.study = {"arms": ({"name": "a", "overrides": {}}, {"name": "b", "overrides": {"optimizer.learning_rate": 0.01}})}
+    return c
+'''
+
+
+def test_a_preemption_notice_stops_a_multi_process_study_and_the_rerun_finishes_it(tmp_path, data_dir):
+    """The notice (process 1, after step 2 of the first run) reaches its sync point in that run or, if the run
+    ends first, after the first step of the next run: either way every process stops at the same step."""
+    (tmp_path / "study.py").write_text(STUDY)
+    workdir = str(tmp_path / "study")
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=", "PYTHON": sys.executable}
+
+    def launch(**extra_env):
+        args = ["bash", "launch/local.sh", "2", "2", "--config", str(tmp_path / "study.py"), "--workdir", workdir]
+        return subprocess.run(args, cwd=REPO, env={**env, **extra_env}, capture_output=True, text=True, timeout=300)
+
+    proc = launch(TRANSFERLAB_FAULT_TERM_AT="2:1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("stopped (SIGTERM) at step") == 2, proc.stdout[-2000:]
+    assert not os.path.exists(os.path.join(workdir, "b", "seed_0", "results.json"))
+    proc = launch()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = open(os.path.join(workdir, "results.md")).read()
+    assert "| a | mlp |" in table and "| b | mlp |" in table
