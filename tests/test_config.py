@@ -98,7 +98,7 @@ def test_overrides_are_typed(tmp_path):
     ("c.study = {'arms': ({'name': 'a'},), 'ensembles': ({'name': '../x', 'arms': ('a',)},)}", "plain directory"),
     ("c.study = {'arms': ({'name': 'a'},), 'ensembles': ({'name': 5, 'arms': ('a',)},)}", "name 5 must be a plain"),
     ("c.study = {'arms': ({'name': 'a'},), 'ensembles': ({'name': 'a', 'arms': ('a',)},)}", "used by an earlier arm"),
-    ("c.study = {'arms': ({'name': 'a'},), 'ensembles': ({'name': 'e', 'arms': ('a',)}, {'name': 'e', 'arms': ('a',)})}",
+    ("e = {'name': 'e', 'arms': ('a',)}; c.study = {'arms': ({'name': 'a'},), 'ensembles': (e, dict(e))}",
      "study.ensembles[1]: name 'e' is used by an earlier arm or ensemble"),
     ("c.study = {'arms': ({'name': 'a'},), 'ensembles': ({'name': 'e', 'arms': ()},)}", "at least one arm from"),
     ("c.study = {'arms': ({'name': 'a'},), 'ensembles': ({'name': 'e', 'arms': ('b',)},)}", "at least one arm from"),

@@ -34,7 +34,8 @@ from transferlab.tasks import create_task
 # Testing hook: SIGKILL this process right after the given step (as a crash or a pod eviction would).
 _FAULT_KILL_AT_STEP = int(os.environ.get("TRANSFERLAB_FAULT_KILL_AT_STEP", "0"))
 # Testing hook: process P sends itself SIGTERM right after step S ('S:P'), as one host's preemption notice.
-_FAULT_TERM_AT_STEP, _FAULT_TERM_PROCESS = (int(x) for x in (os.environ.get("TRANSFERLAB_FAULT_TERM_AT") or "0:0").split(":"))
+_FAULT_TERM_AT_STEP, _FAULT_TERM_PROCESS = (
+    int(x) for x in (os.environ.get("TRANSFERLAB_FAULT_TERM_AT") or "0:0").split(":"))
 
 
 class Trainer:
