@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from transferlab import config as config_lib
-from transferlab.errors import UserError, note
+from transferlab.errors import UserError, first_line, note
 
 
 def _metric_fn(metrics) -> float:
@@ -60,18 +60,6 @@ def _ignore_closed_loop_callbacks() -> None:
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
-def _first_line(error: Exception) -> str:
-    """The first line of the innermost cause's message (TensorStore's, json's own), at most 300 characters."""
-    root = error
-    while True:
-        inner = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
-        if inner is None:
-            break
-        root = inner
-    first = next((line for line in str(root).splitlines() if line.strip()), "")
-    return f"{type(root).__name__}: {first}"[:300] if first else type(root).__name__
-
-
 class Checkpointer:
     """Wraps one `ocp.CheckpointManager` under `workdir/checkpoints`."""
 
@@ -90,8 +78,8 @@ class Checkpointer:
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except Exception as e:  # noqa: BLE001  (e.g. a step's metrics/metrics file garbled: JSONDecodeError)
-            raise UserError(f"checkpoints in {self.directory} cannot be read ({_first_line(e)}); a step's "
-                            "metadata is damaged: move that step's directory away") from None
+            raise UserError(f"checkpoints in {self.directory} cannot be read ({first_line(e, innermost=True)}); "
+                            "a step's metadata is damaged: move that step's directory away") from None
         _ignore_closed_loop_callbacks()  # before anything is read (metadata reads fail the same way)
 
     def latest_step(self) -> int | None:
@@ -148,7 +136,7 @@ class Checkpointer:
         hint = (f"; to resume from step {max(earlier)} instead, move {self.directory}/{step} away" if earlier
                 else "")
         return UserError(f"checkpoint {self.directory}/{step} cannot be restored (corrupted, or the model or "
-                         f"optimizer changed): {_first_line(error)}{hint}")
+                         f"optimizer changed): {first_line(error, innermost=True)}{hint}")
 
     def restore_subtree(self, step: int, abstract_subtree: dict, optional=()):
         """Restores the parts of the saved train state named two levels deep in `abstract_subtree`
@@ -211,16 +199,22 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
         ckpt.close()
 
 
-def saved_config(run_dir: str) -> dict | None:
-    """The config a run in `run_dir` was started with: its config.json, else (deleted or garbled) the copy
-    in its latest checkpoint; None if neither can be read."""
+def config_json(run_dir: str) -> dict | None:
+    """`run_dir/config.json` if it reads as a JSON object, else None."""
     try:
         with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
             saved = json.load(f)
-        if isinstance(saved, dict):
-            return saved
     except (OSError, ValueError):
-        pass
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def saved_config(run_dir: str) -> dict | None:
+    """The config a run in `run_dir` was started with: its config.json, else (deleted or garbled) the copy
+    in its latest checkpoint; None if neither can be read."""
+    saved = config_json(run_dir)
+    if saved is not None:
+        return saved
     if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
         return None
     try:

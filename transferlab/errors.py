@@ -22,6 +22,19 @@ def unknown_name(kind: str, name, allowed) -> ConfigError:
     return ConfigError(f"unknown {kind} {name!r}; expected one of: {', '.join(sorted(allowed))}")
 
 
+def first_line(error: BaseException, innermost: bool = False, limit: int = 300) -> str:
+    """'Type: first non-empty line of the message' of `error` (with `innermost`, of the exception it was
+    raised from, e.g. TensorStore's or json's own), at most `limit` characters: for one-line errors."""
+    root = error
+    while innermost:
+        inner = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if inner is None:
+            break
+        root = inner
+    first = next((line for line in str(root).splitlines() if line.strip()), "")
+    return f"{type(root).__name__}: {first}"[:limit] if first else type(root).__name__
+
+
 def note(message: str) -> None:
     """One '[note] ...' line on stderr, from process 0 only: something a run does that its user may not
     expect (a teacher that has not finished, a clipped hyper-parameter), said once, not an error."""

@@ -40,12 +40,10 @@ def export(run_dir: str, out_dir: str) -> dict:
     from transferlab.tasks import common
     from transferlab.train import Trainer
 
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints")) and not os.path.isfile(
-            os.path.join(run_dir, "config.json")):
-        raise UserError(f"--workdir {run_dir!r}: no config.json (not a transferlab run directory)")
     resolved = checkpoint.saved_config(run_dir)  # config.json, else (garbled) the checkpoint's own copy
     if resolved is None:
-        raise UserError(f"--workdir {run_dir!r}: its config.json cannot be read, and no checkpoint holds a copy")
+        raise UserError(f"--workdir {run_dir!r}: its config.json cannot be read (missing or damaged), and no "
+                        "checkpoint holds a copy: not a transferlab run directory?")
     resolved = dict(resolved)
     versions = resolved.pop("_versions", {})
     config = config_lib.from_dict(resolved)

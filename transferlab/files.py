@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -11,7 +12,6 @@ from transferlab.errors import UserError
 def unwritable(error: OSError, path: str) -> UserError:
     """The one-line error for a workdir file that cannot be written (a directory in its place, no space,
     no permission): names the file and the reason."""
-    import errno
     target = error.filename2 or error.filename or path  # (os.replace: the file renamed over)
     reason = "exists and is not a directory" if error.errno == errno.EEXIST else (error.strerror or str(error))
     return UserError(f"cannot write {target}: {reason}")

@@ -98,8 +98,7 @@ def run(argv=None) -> int:
             try:
                 jax.distributed.initialize(**kwargs)
             except (ValueError, RuntimeError) as e:  # no cluster detected, an unreachable coordinator, ...
-                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-                raise UserError(f"jax.distributed.initialize: {first[:300]}") from None
+                raise UserError(f"jax.distributed.initialize: {errors.first_line(e)}") from None
             preemption.defer_to_jax()  # every process stops at the same step
         from transferlab import study, train
         if config.study.arms:

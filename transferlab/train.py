@@ -209,11 +209,11 @@ class Trainer:
                 start = 0
             else:  # resume; an incompatible checkpoint raises here, before anything in workdir changes
                 # config.json, and the copy in the checkpoint itself (it survives a deleted config.json)
-                changed = (checkpoint.config_difference(workdir, config)
-                           or config_lib.first_difference(ckpt.saved_config(latest) or {}, config))
+                changed = [difference for saved in (checkpoint.config_json(workdir), ckpt.saved_config(latest))
+                           if saved is not None and (difference := config_lib.first_difference(saved, config))]
                 if changed:
-                    raise UserError(f"--workdir {workdir!r} holds a run started with a different config ({changed}); "
-                                    "rerun it with its own config, or use a new --workdir")
+                    raise UserError(f"--workdir {workdir!r} holds a run started with a different config "
+                                    f"({changed[0]}); rerun it with its own config, or use a new --workdir")
                 abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
                 state, data_state = ckpt.restore(latest, abstract)
                 self._check_frozen_sources(workdir, data_state)
@@ -371,7 +371,7 @@ class Trainer:
             "selection": "last step" if config.selection == "last"
             else f"best validation {config.selection_metric} ({config.dataset.eval_split} split)",
             "selected_step": int(selected_step),
-            **({"teachers": self._frozen_sources()} if self._frozen_sources() else {}),
+            **({"teachers": teachers} if (teachers := self._frozen_sources()) else {}),
             "validation": validation, "test": test, "wall_time_s": round(wall_time, 2),
             "environment": provenance.environment(),
         }

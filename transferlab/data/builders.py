@@ -41,7 +41,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from transferlab.errors import ConfigError, UserError
+from transferlab.errors import ConfigError, UserError, first_line
 
 SPLIT_SEED = 20240917  # fixed seed of the split hash; changing it changes every split
 
@@ -303,11 +303,6 @@ def make_builder(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
     return OFFLINE_BUILDERS[name](data_dir=str(resolve_data_dir(data_dir)))
 
 
-def _first_line(error: Exception) -> str:
-    first = next((line for line in str(error).splitlines() if line.strip()), "")
-    return f"{type(error).__name__}: {first}"[:200] if first else type(error).__name__
-
-
 def damage(builder: tfds.core.DatasetBuilder) -> str | None:
     """What is wrong with a prepared dataset directory, or None if nothing is seen: dataset_info.json and
     metadata.json parse, and every split opens with the recorded number of examples, its first and last
@@ -324,7 +319,7 @@ def damage(builder: tfds.core.DatasetBuilder) -> str | None:
             if len(source):
                 source[0], source[len(source) - 1]  # noqa: B018
     except Exception as e:  # noqa: BLE001  (tfds, protobuf, json and ArrayRecord each raise their own)
-        return _first_line(e)
+        return first_line(e, limit=200)
     return None
 
 
@@ -334,7 +329,7 @@ def _offline_damage(name: str, data_dir) -> str | None:
         try:
             builder = make_builder(name, data_dir)
         except Exception as e:  # noqa: BLE001  (a garbled dataset_info.json fails in the constructor)
-            return _first_line(e)
+            return first_line(e, limit=200)
         return damage(builder)
 
 
