@@ -9,7 +9,9 @@
 #   overhead8x4 the same for resnet32x4 -> resnet8x4 (~3 min);
 #   tests       the numerics tests on the GPU backend: loss parity against the torchdistill /
 #               paper goldens (rtol 1e-5), connector parity, the loss and model unit tests
-#               (~2 min; needs the pytest wheels in .whl/).
+#               (~2 min; needs the pytest wheels in .whl/);
+#   suite       the whole test suite with the GPU as JAX's default backend (~4 min; the sharding tests
+#               that need 8 devices skip on one GPU; multi-process launches run on simulated CPU devices).
 # Usage: bash bench/gpu_check.sh [STAGE ...]   (default: bench64 bench256 quickstart).
 # Packages missing on that machine travel as wheels in .whl/ (see bench/README.md); outputs go
 # to $OUT (or /tmp/gpu_out).
@@ -50,6 +52,10 @@ for stage in $STAGES; do
         tests/test_chunked_conv.py tests/test_models.py \
         --deselect tests/test_chunked_conv.py::test_batch_sharded_chunks_need_no_communication_but_the_gradient_sum \
         2>&1 | tail -40 | tee "$OUT/gpu_tests.txt" ;;  # (deselected: needs 8 devices)
-    *) echo "gpu_check: unknown stage '$stage' (bench64, bench256, quickstart, overhead, overhead8x4, tests)"; exit 2 ;;
+    suite)
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 420 python3 -m pytest -p no:cacheprovider -n 8 -rfEs tests \
+        2>&1 | tail -60 | tee "$OUT/gpu_suite.txt" ;;
+    *) echo "gpu_check: unknown stage '$stage' (bench64, bench256, quickstart, overhead, overhead8x4, tests, suite)"
+       exit 2 ;;
   esac
 done

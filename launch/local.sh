@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Multi-process on one machine: N processes, each with its own (simulated) CPU devices.
+# Multi-process on one machine: N processes, each with its own (simulated) CPU devices (JAX_PLATFORMS=cpu,
+# also on a host with a GPU: this launcher tests pod-style runs on CPUs; launch/slurm.sbatch runs GPU jobs).
 #   launch/local.sh NUM_PROCESSES DEVICES_PER_PROCESS --config FILE --workdir DIR [--config.KEY=VALUE ...]
 # Every process runs transferlab.main with the same arguments; process 0 writes the
 # workdir's metrics and results, all processes write their shards of each checkpoint.
@@ -24,7 +25,7 @@ forward() { kill "-$1" "${pids[@]}" 2>/dev/null; }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
 for ((i = 0; i < num_processes; i++)); do
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}" \
     "$python" -m transferlab.main "$@" --coordinator_address "127.0.0.1:${port}" \
     --num_processes "$num_processes" --process_id "$i" &
   pids+=($!)

@@ -17,6 +17,14 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def needs_devices(count: int):
+    """Skips a sharding test where JAX's default backend has fewer than `count` devices (one GPU, say: the
+    CPU run simulates 8 above, and bench/gpu_check.sh's `suite` stage runs the whole suite on one GPU)."""
+    have = jax.device_count()
+    return pytest.mark.skipif(have < count, reason=f"needs {count} devices; the {jax.default_backend()} backend "
+                              f"has {have}")
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     """The offline datasets, prepared once per machine (concurrent workers are safe)."""

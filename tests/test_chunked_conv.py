@@ -7,6 +7,8 @@ import pytest
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from conftest import needs_devices
+
 from transferlab.models import chunked_conv
 
 DIMS = ("NHWC", "HWIO", "NHWC")
@@ -76,6 +78,7 @@ def test_grouped_convolutions_are_plain_lax():
     assert "custom_vjp" not in str(jaxpr)
 
 
+@needs_devices(8)
 def test_batch_sharded_chunks_need_no_communication_but_the_gradient_sum(small_chunks):
     """Chunk i takes images i, i + k, ...: each device keeps its share of every chunk."""
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))

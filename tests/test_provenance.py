@@ -3,13 +3,16 @@
 import re
 import subprocess
 
+import jax
+
 from transferlab import host_allocator, provenance
 
 
 def test_environment_names_commit_software_hardware_and_allocator():
     env = provenance.environment()
     assert re.fullmatch(r"[0-9a-f]{7,}(\+dirty)?|unknown", env["git_commit"])
-    assert env["backend"] == "cpu" and env["devices"].startswith("8 x ")  # conftest's 8 simulated devices
+    # conftest's 8 simulated CPU devices, or the accelerator JAX picked (bench/gpu_check.sh's `suite` stage)
+    assert env["backend"] == jax.default_backend() and env["devices"].startswith(f"{jax.device_count()} x ")
     # pytest is not started through the CLI: mimalloc only if whoever ran it preloaded it
     assert env["host_allocator"] == ("mimalloc" if host_allocator.preloaded() else "system")
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", env["finished_utc"])

@@ -65,7 +65,10 @@ def test_mutual_learning_gradient_is_each_students_own_dml_loss(tmp_path, data_d
     task = trainer.task
     state = jax.device_get(trainer.init_state())
     batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator()).items()}
-    grads = jax.jit(jax.grad(lambda p: task.loss_fn(p, state["model_state"], {}, batch, None, 0)[0]))(state["params"])
+    # Both sides in float32 products: on GPUs XLA's default is TF32, which rounds the two ways differently.
+    with jax.default_matmul_precision("float32"):
+        grads = jax.jit(jax.grad(lambda p: task.loss_fn(p, state["model_state"], {}, batch, None, 0)[0]))(
+            state["params"])
 
     def own(p0):
         x = batch["image"]
@@ -76,7 +79,8 @@ def test_mutual_learning_gradient_is_each_students_own_dml_loss(tmp_path, data_d
         kl = jnp.mean(jnp.sum(jax.nn.softmax(s1 / t) * (jax.nn.log_softmax(s1 / t) - jax.nn.log_softmax(s0 / t)), -1))
         return ce + 2.0 * t * t * kl
 
-    expected = jax.jit(jax.grad(own))(state["params"]["model"])
+    with jax.default_matmul_precision("float32"):
+        expected = jax.jit(jax.grad(own))(state["params"]["model"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), grads["model"], expected)
 
 
