@@ -562,3 +562,18 @@ def test_a_study_checks_every_runs_checkpoint_inputs_before_training(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(culprit)):
             study.run_study(config, str(tmp_path), lambda cfg, d: trained.append(d))
         assert trained == []
+
+
+def test_study_placeholders_are_replaced_in_nested_values_too(tmp_path):
+    """`{workdir}`/`{seed}` inside a list of dicts (an extra teacher's checkpoint) as in a plain string."""
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))
+    config.study.seeds = (0, 1)
+    kd = {"task": "kd", "teacher.name": "mlp", "teacher.checkpoint": "{workdir}/t1/seed_{seed}",
+          "extra_teachers": ({"name": "mlp", "checkpoint": "{workdir}/t2/seed_{seed}"},),
+          "distill.terms": ({"name": "kd"},)}
+    config.study.arms = ({"name": "t1", "overrides": {}}, {"name": "t2", "overrides": {}},
+                         {"name": "kd", "overrides": kd})
+    runs = study.resolve_arms(config, str(tmp_path))
+    study.check_run_inputs(config, runs, str(tmp_path))  # every input is written by an earlier arm
+    extra = {seed: dict(cfg.extra_teachers[0])["checkpoint"] for arm, seed, cfg in runs if arm == "kd"}
+    assert extra == {s: os.path.join(str(tmp_path), "t2", f"seed_{s}") for s in (0, 1)}

@@ -2,9 +2,9 @@
 
 A config with `study.arms` runs each arm for each seed in `DIR/<arm>/seed_<s>`,
 a complete run with its own config.json, checkpoints and results.json. Arm
-overrides are dotted keys (`'model.name': 'mlp'`); the string `{workdir}` in a
-value becomes the study's workdir, so a KD arm can point `teacher.checkpoint` at
-`{workdir}/teacher/seed_0`. Every arm's config is resolved and validated before
+overrides are dotted keys (`'model.name': 'mlp'`); the strings `{workdir}` and `{seed}` in a
+value (nested ones too, e.g. in `extra_teachers`) become the study's workdir and the run's seed, so a
+KD arm can point `teacher.checkpoint` at `{workdir}/teacher/seed_0` or `{workdir}/teacher/seed_{seed}`. Every arm's config is resolved and validated before
 any training, and (with `check_fn`, as the CLI does) each unfinished arm's models,
 taps and connectors are built abstractly too, so a wrong tap name in the last arm
 fails in seconds, not after the teacher has trained; so does a checkpoint input (teacher, init) that
@@ -19,12 +19,22 @@ from __future__ import annotations
 import copy
 import os
 
+import ml_collections
+
 from transferlab import checkpoint, config as config_lib, preemption, report
 
 
 def _substitute(value, workdir: str, seed: int):
+    """`{workdir}` and `{seed}` in a string, and in every string nested in lists, tuples and dicts
+    (`extra_teachers`' checkpoints, `dml.peers`, ...)."""
     if isinstance(value, str):
         return value.replace("{workdir}", workdir).replace("{seed}", str(seed))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_substitute(v, workdir, seed) for v in value)
+    if isinstance(value, ml_collections.ConfigDict):
+        return ml_collections.ConfigDict({k: _substitute(v, workdir, seed) for k, v in value.items()})
+    if isinstance(value, dict):
+        return {k: _substitute(v, workdir, seed) for k, v in value.items()}
     return value
 
 
