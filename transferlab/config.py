@@ -150,7 +150,9 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.study = ml_collections.ConfigDict({
         "seeds": (),  # non-empty: run every arm for each seed and write a results table
-        "arms": (),  # ({'name': ..., 'overrides': {'dotted.key': value}, 'seeds': (0,)}, ...)
+        # ({'name': ..., 'overrides': {'dotted.key': value}, 'seeds': (0,)}, ...); '{workdir}' and '{seed}'
+        # in a value (nested too) become the study's workdir and the run's seed
+        "arms": (),
         "ensembles": (),  # ({'name': ..., 'arms': (arm names)}, ...): per-seed ensembles evaluated at the end
         "title": "",  # results.md's heading (markdown), written above the table
         "description": "",  # results.md's paragraphs between the heading and the table: setup, selection rule, ...
