@@ -12,7 +12,7 @@ import pytest
 
 from transferlab import config as config_lib, parallel
 from transferlab.errors import ConfigError, UserError
-from transferlab.train import Trainer, train_and_evaluate
+from transferlab.train import Trainer, check_config, train_and_evaluate
 
 
 def base(**kw):
@@ -218,6 +218,27 @@ def test_shape_mismatch_without_connector_is_an_error(tmp_path, teacher_dir):
 def test_bad_term_values_are_one_clear_config_error(tmp_path, term, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(kd_config("random", terms=(term,)), str(tmp_path / "kd"))
+
+
+@pytest.mark.parametrize("term, message", [
+    # a vector tap through 'linear' stays a vector: not comparable with a feature map
+    ({"name": "fitnet", "student_tap": "hidden1", "teacher_tap": "stage1", "connector": "linear"},
+     r"terms\[0\]\.connector: 'linear' maps student tap hidden1 .* to \(2, 16\), not to the teacher tap's rank"),
+    # TRG's token graph on pooled vectors: was an einsum traceback
+    ({"name": "trg", "student_tap": "features", "teacher_tap": "features"},
+     r"terms\[0\]: loss 'trg': the student tap \(32, 64\) is neither tokens \[B, N, D\] nor a feature map"),
+    # a loss's own shape check, found while tracing the step, names the term
+    ({"name": "fitnet", "student_tap": "features", "teacher_tap": "features", "connector": "linear"}, None),
+])
+def test_taps_of_different_kinds_are_one_clear_config_error(tmp_path, term, message):
+    """Student MLP (vectors) against a ResNet-8 teacher (feature maps, then pooled features)."""
+    config = kd_config("random", terms=(term,))
+    config.teacher.name, config.teacher.kwargs = "resnet8", {}
+    if message is None:  # linear from 32 to the ResNet's 64 pooled features: a valid FitNet on vectors
+        train_and_evaluate(config, str(tmp_path / "ok"))
+        return
+    with pytest.raises(ConfigError, match=message):  # as a study checks its arms before training any
+        check_config(config)
 
 
 @pytest.mark.parametrize("distill, extra, message", [

@@ -382,8 +382,14 @@ class Trainer:
 
 def check_config(config, devices=None) -> None:
     """Builds a run's Trainer without data, state or checkpoints: models, taps, connectors, optimizer
-    and shardings are checked abstractly (raises ConfigError/UserError as the run would)."""
-    Trainer(config, workdir="", devices=devices)
+    and shardings are checked abstractly, and one train step is traced on abstract values (a loss's
+    own shape checks), all without compute (raises ConfigError/UserError as the run would)."""
+    trainer = Trainer(config, workdir="", devices=devices)
+    n = config.batch_size
+    batch = {"image": jax.ShapeDtypeStruct((n, *trainer.info.image_shape), jnp.float32),
+             "label": jax.ShapeDtypeStruct((n,), jnp.int32), "index": jax.ShapeDtypeStruct((n,), jnp.int32)}
+    jax.eval_shape(trainer.train_step, trainer.abstract_state, trainer.task.abstract_frozen(trainer.abstract_images),
+                   batch)
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:

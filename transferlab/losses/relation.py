@@ -168,11 +168,18 @@ def trg(student, teacher, batch, *, tau=0.1, w_graph=1.0, w_context=1.0):
     ShuffleNet's 4x4 stage against a ResNet's 8x8) are compared on the coarser
     grid: the finer map is average-pooled by the integer factor first.
     """
+    for side, x in (("student", student), ("teacher", teacher)):
+        if x.ndim not in (3, 4):
+            raise errors.ConfigError(f"loss 'trg': the {side} tap {tuple(x.shape)} is neither tokens [B, N, D] nor "
+                                     "a feature map [B, H, W, C]; a token graph needs several tokens per example")
     s, t = _tokens(student), _tokens(teacher)
     if s.shape[1] != t.shape[1]:
         student, teacher = _common_token_grid(f32(student), f32(teacher))
         s, t = _tokens(student), _tokens(teacher)
     n = s.shape[1]
+    if n < 2:
+        raise errors.ConfigError(f"loss 'trg': {n} token per example {tuple(s.shape)}; a token graph needs at "
+                                 "least 2 (choose an earlier tap)")
     diag = jnp.eye(n, dtype=jnp.bool_)[None, :, :]
     s_n, t_n = l2_normalize(s), l2_normalize(t)
 

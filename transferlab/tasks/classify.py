@@ -20,6 +20,9 @@ class ClassifyTask:
     def load_frozen(self, mesh, abstract_images):
         return {}
 
+    def abstract_frozen(self, abstract_images):
+        return {}
+
     def loss_fn(self, params, model_state, frozen, batch, rng, step):
         del frozen, rng, step
         logits, new_state, _ = common.forward(self.model, params["model"], model_state["model"],

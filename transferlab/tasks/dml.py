@@ -41,6 +41,9 @@ class DMLTask:
     def load_frozen(self, mesh, abstract_images):
         return {}
 
+    def abstract_frozen(self, abstract_images):
+        return {}
+
     def loss_fn(self, params, model_state, frozen, batch, rng, step):
         del frozen, rng, step
         outs = [common.forward(m, params[n], model_state[n], batch["image"], train=True)

@@ -52,6 +52,7 @@ trainable teacher-side embedding head in `params['connectors']['term<i>_teacher'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -207,6 +208,16 @@ class Term:
             return self.weight
         return self.weight * jnp.minimum(1.0, step.astype(jnp.float32) / self.warmup_steps)
 
+    @contextlib.contextmanager
+    def naming_errors(self):
+        """A ConfigError raised inside (a loss's own shape check, found while tracing) names this term."""
+        try:
+            yield
+        except ConfigError as e:
+            if str(e).startswith(self.where):
+                raise
+            raise ConfigError(f"{self.where}: {e}") from None
+
 
 class KDTask:
     """Student trained with CE + distillation terms against frozen teachers."""
@@ -330,6 +341,15 @@ class KDTask:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{term.where}.connector: {name!r} cannot map {shapes} "
                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if not term.spec.multi_tap:  # e.g. 'linear' from a vector [B, D] keeps its rank: not a feature map
+            module = self.connectors[term.key]
+            variables = {"params": all_params["connectors"][term.key], **all_state["connectors"][term.key]}
+            out = jax.eval_shape(lambda x: module.apply(variables, x, train=False),
+                                 jax.ShapeDtypeStruct(tuple(s_list[0]), jnp.float32)).shape
+            if len(out) != len(t_list[0]):
+                raise ConfigError(f"{term.where}.connector: {name!r} maps {shapes} to {tuple(out)}, not to the "
+                                  "teacher tap's rank; compare taps of the same kind (vectors [B, D], tokens "
+                                  "[B, N, D] or feature maps [B, H, W, C])")
 
     def _add_connector(self, key, name, target, s_list, multi, rng, all_params, all_state):
         module = connector_lib.create_connector(name, target)
@@ -420,6 +440,25 @@ class KDTask:
         tables = [teacher_cache.load_or_build(model, variables, section, step, self.config, mesh, batch)
                   for model, section, (variables, step) in zip(self.teachers, self.teacher_sections, loaded)]
         return {**frozen, "cache": [jax.device_put(t, replicated(mesh)) for t in tables]}
+
+    def abstract_frozen(self, abstract_images):
+        """The shapes of what `load_frozen` returns, without reading a checkpoint or the data
+        (`train.check_config` traces a whole train step with them)."""
+        if self.self_ema:
+            return {"teachers": []}
+        teachers = []
+        for model in self.teachers:
+            params, state = jax.eval_shape(lambda x, m=model: common.init_model(m, jax.random.key(0), x),
+                                           abstract_images)
+            teachers.append({"params": params, "model_state": state})
+        frozen = {"teachers": teachers}
+        means = self.abstract_class_means(abstract_images)
+        if means:
+            frozen["class_means"] = means
+        if self.config.distill.teacher_cache:
+            table = jax.ShapeDtypeStruct((self.num_train_examples, self.num_classes), jnp.float32)
+            frozen["cache"] = [table for _ in self.teachers]
+        return frozen
 
     def _class_means_terms(self):
         return [t for t in self.terms if t.class_means == "train"]
@@ -548,27 +587,28 @@ class KDTask:
             teacher_in = [source[t] for t in term.taps("teacher")]
             if term.teacher is None and term.taps("teacher") == ["logits"]:
                 teacher_in = [t_logits]
-            if term.crd is not None:
-                value = self._crd_term(term, params, model_state, new_state, student[0], teacher_in[0], batch,
-                                       jax.random.fold_in(rng, n))
-            elif term.name == "trilateral":
-                value, outer = self._trilateral_term(term, params, model_state, batch, student[0], teacher_in[0])
-                total = total + outer  # only the ratio network has a gradient here
-                metrics[f"loss/{term.key}_ratio_lookahead_ce"] = outer
-            else:
-                if term.key in self.connectors:
-                    student, new_state["connectors"][term.key] = self._connect(
-                        term.key, params, model_state, student, term.spec.multi_tap)
-                if not term.spec.multi_tap:
-                    student, teacher_in = student[0], teacher_in[0]
-                if term.standardize_logits:  # logit standardization as a plug-in, arXiv:2403.01427
-                    student, teacher_in = logit_losses.standardize(student), logit_losses.standardize(teacher_in)
-                # a fresh key per term and step for losses that sample (dkpp's permutation)
-                term_batch = batch if rng is None else {**batch, "rng": jax.random.fold_in(rng, 7919 + n)}
-                hparams = term.hparams
-                if term.class_means == "train":
-                    hparams = {**hparams, "class_means": frozen["class_means"][term.key]}
-                value = term.spec.fn(student, teacher_in, term_batch, **hparams)
+            with term.naming_errors():  # a loss's own shape errors name the term
+                if term.crd is not None:
+                    value = self._crd_term(term, params, model_state, new_state, student[0], teacher_in[0], batch,
+                                           jax.random.fold_in(rng, n))
+                elif term.name == "trilateral":
+                    value, outer = self._trilateral_term(term, params, model_state, batch, student[0], teacher_in[0])
+                    total = total + outer  # only the ratio network has a gradient here
+                    metrics[f"loss/{term.key}_ratio_lookahead_ce"] = outer
+                else:
+                    if term.key in self.connectors:
+                        student, new_state["connectors"][term.key] = self._connect(
+                            term.key, params, model_state, student, term.spec.multi_tap)
+                    if not term.spec.multi_tap:
+                        student, teacher_in = student[0], teacher_in[0]
+                    if term.standardize_logits:  # logit standardization as a plug-in, arXiv:2403.01427
+                        student, teacher_in = logit_losses.standardize(student), logit_losses.standardize(teacher_in)
+                    # a fresh key per term and step for losses that sample (dkpp's permutation)
+                    term_batch = batch if rng is None else {**batch, "rng": jax.random.fold_in(rng, 7919 + n)}
+                    hparams = term.hparams
+                    if term.class_means == "train":
+                        hparams = {**hparams, "class_means": frozen["class_means"][term.key]}
+                    value = term.spec.fn(student, teacher_in, term_batch, **hparams)
             total = total + term.weight_at(step) * value
             metrics[f"loss/{term.key}_{term.name}"] = value
         if consistency is not None:

@@ -112,6 +112,9 @@ class SLASelfDistillTask:
     def load_frozen(self, mesh, abstract_images):
         return {}
 
+    def abstract_frozen(self, abstract_images):
+        return {}
+
     def loss_fn(self, params, model_state, frozen, batch, rng, step):
         del frozen, rng, step
         cfg, m = self.config.sla, self.num_copies
