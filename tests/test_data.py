@@ -102,6 +102,24 @@ def test_splits_disjoint_stratified_and_indexed(name, data_dir):
         assert np.bincount(test_labels).tolist() == [100] * 10
 
 
+def test_split_expressions_slices_and_sums(data_dir):
+    """tfds' split syntax: a held-out slice of train as the validation split (CIFAR-100 has none)."""
+    assert data.split_size("digits", "train", data_dir) == 1257
+    assert data.split_size("digits", "train[:90%]", data_dir) + data.split_size("digits", "train[90%:]",
+                                                                                 data_dir) == 1257
+    assert data.split_size("digits", "train[:10]+test", data_dir) == 370
+    assert data.shared_examples("digits", "train[:90%]", "train[90%:]", data_dir) == 0
+    assert data.shared_examples("digits", "train[:100]", "train[90:]+test", data_dir) == 10
+    assert data.shared_examples("digits", "train", "validation", data_dir) == 0
+    source = data.get_source("digits", "train[-5:]", data_dir)
+    whole = data.get_source("digits", "train", data_dir)
+    assert len(source) == 5 and np.array_equal(source[0]["image"], whole[1252]["image"])
+    for split, message in (("train[:abc]", "Error parsing split 'train[:abc]'"), ("train[10:5]", "selects no examples"),
+                           ("trian[:5]", "unknown split 'trian'"), ("train[:200%]", "train[:200%]")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            data.split_size("digits", split, data_dir)
+
+
 def test_prepare_is_deterministic(data_dir, tmp_path):
     for name in EXPECTED_SIZES:
         builders.prepare(name, tmp_path)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transferlab import checkpoint, config as config_lib, parallel, study, train
+from transferlab import checkpoint, config as config_lib, data, parallel, study, train
 from transferlab.errors import ConfigError, UserError
 from transferlab.metrics import read_jsonl
 from transferlab.train import Trainer, train_and_evaluate
@@ -577,3 +577,20 @@ def test_study_placeholders_are_replaced_in_nested_values_too(tmp_path):
     study.check_run_inputs(config, runs, str(tmp_path))  # every input is written by an earlier arm
     extra = {seed: dict(cfg.extra_teachers[0])["checkpoint"] for arm, seed, cfg in runs if arm == "kd"}
     assert extra == {s: os.path.join(str(tmp_path), "t2", f"seed_{s}") for s in (0, 1)}
+
+
+def test_split_slices_select_the_examples_and_overlaps_are_noted(tmp_path, data_dir, capfd):
+    """A validation slice held out of train (`train[:80%]` / `train[80%:]`) is disjoint: no note; an
+    eval slice that overlaps the train slice is noted when the run starts; CRD's bank is the slice's size."""
+    held_out = Trainer(tiny(dataset={"train_split": "train[:80%]", "eval_split": "train[80%:]"}), str(tmp_path / "a"))
+    assert held_out.split_notes == []
+    terms = ({"name": "crd", "embed_dim": 8, "num_negatives": 16},)
+    overlapping = tiny(dataset={"train_split": "train[:80%]", "eval_split": "train[70%:]"}, task="kd",
+                       teacher={"name": "mlp", "checkpoint": "random"}, distill={"terms": terms}, total_steps=2,
+                       eval_every_steps=0)
+    trainer = Trainer(overlapping, str(tmp_path / "b"))
+    assert trainer.task.num_train_examples == data.split_size("digits", "train[:80%]", data_dir)
+    trainer.run()
+    shared = data.shared_examples("digits", "train[:80%]", "train[70%:]", data_dir)
+    assert shared > 100 and (f"[note] dataset.eval_split 'train[70%:]' shares {shared} examples with "
+                             "dataset.train_split 'train[:80%]'") in capfd.readouterr().err

@@ -69,6 +69,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict({
         "name": "mnist5k",  # offline builders (digits, mnist5k, fashion_mnist_deb) or any prepared tfds name
         "data_dir": "",  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+        # Each split is a name, a slice or a sum in tfds' syntax ('train[:90%]', 'train[45000:]', 'train+test'):
+        # e.g. a validation split held out of train for a dataset without one (CIFAR-100)
         "train_split": "train",
         "eval_split": "validation",  # used for periodic eval and model selection
         "test_split": "test",  # evaluated once at the end, never used for selection

@@ -54,13 +54,25 @@ class Trainer:
         self.data_dir = config.dataset.data_dir or None
         # `info` (num_classes, image_shape, split_sizes) may be given to build steps without data (benchmarks).
         self.info = info or data.dataset_info(config.dataset.name, self.data_dir)
-        for key in ("train_split", "eval_split", "test_split"):
+        num_train = self.info.split_sizes.get(config.dataset.train_split, 0)
+        for key in ("train_split", "eval_split", "test_split"):  # names, slices ('train[:90%]') or sums
             split = config.dataset[key]
-            if split and info is None and split not in self.info.split_sizes:
-                raise ConfigError(f"config key 'dataset.{key}': split {split!r} not in "
-                                  f"{config.dataset.name} (has {', '.join(self.info.split_sizes)})")
-        self.task = create_task(config, self.info.num_classes,
-                                self.info.split_sizes.get(config.dataset.train_split, 0))
+            if split and info is None:
+                try:
+                    size = data.split_size(config.dataset.name, split, self.data_dir)
+                except ConfigError as e:
+                    raise ConfigError(f"config key 'dataset.{key}': {e}") from None
+                num_train = size if key == "train_split" else num_train
+        self.split_notes = []  # said when the run starts: scores partly on training examples
+        for key in ("eval_split", "test_split"):
+            if info is None and config.dataset[key]:
+                shared = data.shared_examples(config.dataset.name, config.dataset.train_split, config.dataset[key],
+                                              self.data_dir)
+                if shared:
+                    self.split_notes.append(f"dataset.{key} {config.dataset[key]!r} shares {shared} examples with "
+                                            f"dataset.train_split {config.dataset.train_split!r}: its scores are "
+                                            "partly on training examples")
+        self.task = create_task(config, self.info.num_classes, num_train)
         self.abstract_images = jax.ShapeDtypeStruct((2, *self.info.image_shape), jnp.float32)
 
         abstract_params, abstract_model_state = jax.eval_shape(self._init_params, jax.random.key(0))
@@ -193,6 +205,8 @@ class Trainer:
         finished = self._finished_results()
         if finished is not None:
             return finished
+        for message in self.split_notes:
+            note(message)
         self._clock = [time.time(), 0.0]  # this process's start, and the time earlier processes spent on the run
         self._plain_config = json.loads(json.dumps(config_lib.to_plain(config), default=str))  # saved in checkpoints
         frozen = self.task.load_frozen(self.mesh, self.abstract_images)

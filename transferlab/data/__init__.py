@@ -23,4 +23,6 @@ from transferlab.data.sources import (
     get_builder,
     get_source,
     offline_names,
+    shared_examples,
+    split_size,
 )

@@ -126,6 +126,39 @@ def check_split(name: str, split: str, builder=None, data_dir=None) -> None:
             )
 
 
+def split_size(name: str, split: str, data_dir=None) -> int:
+    """Examples in a split expression of `name`: a split ('train'), a slice of one ('train[:90%]',
+    'train[45000:]', tfds' syntax) or a sum ('train+validation'). ConfigError for an unknown split, a
+    slice tfds cannot parse, or one that selects no example."""
+    builder = get_builder(name, data_dir)
+    check_split(name, split, builder)
+    try:
+        size = int(builder.info.splits[split].num_examples)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(f"split {split!r} of dataset {name!r}: {reason.split('. See format')[0]} (slices as "
+                          "'train[:90%]' or 'train[45000:]'; https://www.tensorflow.org/datasets/splits)") from None
+    if size < 1:
+        raise ConfigError(f"split {split!r} of dataset {name!r} selects no examples")
+    return size
+
+
+def split_ranges(name: str, split: str, data_dir=None) -> list:
+    """[(split, start, stop)] of the examples a split expression reads ('train[80%:]+test' ->
+    [('train', 1006, 1257), ('test', 0, 360)] for digits)."""
+    builder = get_builder(name, data_dir)
+    infos = dict(builder.info.splits.items())
+    ranges = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+    return [(r.splitname, r.from_ or 0, infos[r.splitname].num_examples if r.to is None else r.to) for r in ranges]
+
+
+def shared_examples(name: str, split_a: str, split_b: str, data_dir=None) -> int:
+    """How many examples two split expressions of `name` both read (0: disjoint)."""
+    a, b = (split_ranges(name, s, data_dir) for s in (split_a, split_b))
+    return sum(max(0, min(stop_a, stop_b) - max(start_a, start_b))
+               for name_a, start_a, stop_a in a for name_b, start_b, stop_b in b if name_a == name_b)
+
+
 def get_source(name: str, split: str, data_dir=None):
     """Random-access source (`len`, `src[i]` -> dict of numpy) over one split of `name`."""
     builder = get_builder(name, data_dir)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +51,12 @@ def weights_fingerprint(variables) -> str:
 
 def cache_path(config, section, step, split, weights: str) -> str:
     key = json.dumps({"name": section.name, "kwargs": dict(section.kwargs), "dtype": section.dtype,
-                      "checkpoint": os.path.abspath(section.checkpoint), "step": step, "weights": weights},
-                     sort_keys=True)
+                      "checkpoint": os.path.abspath(section.checkpoint), "step": step, "weights": weights,
+                      "split": split}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     root = data.resolve_data_dir(config.dataset.data_dir or None) / "transferlab_teacher_cache"
-    return str(root / f"{config.dataset.name.replace('/', '_')}-{split}-{digest}.npy")
+    readable = re.sub(r"[^\w.-]", "_", f"{config.dataset.name}-{split}")  # a slice 'train[:90%]' too
+    return str(root / f"{readable}-{digest}.npy")
 
 
 def teacher_logits_table(model, variables, config, mesh, batch_size) -> np.ndarray:
