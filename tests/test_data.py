@@ -175,18 +175,57 @@ def test_a_damaged_offline_dataset_is_moved_aside_and_prepared_again(data_dir, t
 def test_a_damaged_prepared_tfds_dataset_is_a_one_line_error(data_dir, tmp_path):
     """A dataset prepared elsewhere (here: digits copied under another name) that is damaged is refused
     when the run starts, naming the directory to prepare again."""
-    builders.prepare("digits", data_dir)
-    target = tmp_path / "mydigits" / "1.0.0"
-    target.mkdir(parents=True)
-    for path in (pathlib.Path(data_dir) / "digits" / "1.0.0").iterdir():
-        (target / path.name.replace("digits-", "mydigits-")).write_bytes(path.read_bytes())
-    info = target / "dataset_info.json"
-    info.write_text(info.read_text().replace('"name": "digits"', '"name": "mydigits"'))
+    target = _copy_of_digits(data_dir, tmp_path, "mydigits")
     assert data.dataset_info("mydigits", tmp_path).split_sizes == EXPECTED_SIZES["digits"]
     os.truncate(next(target.glob("mydigits-test.array_record*")), 100)
     data.sources._builder.cache_clear()  # pylint: disable=protected-access
     with pytest.raises(UserError, match=r"dataset 'mydigits' under .* is damaged: .*; prepare it again") as e:
         data.get_source("mydigits", "train", tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def _copy_of_digits(data_dir, root, name):
+    """digits' prepared files under another name: a dataset the user prepared with tfds elsewhere."""
+    builders.prepare("digits", data_dir)
+    target = root / name / "1.0.0"
+    target.mkdir(parents=True)
+    for path in (pathlib.Path(data_dir) / "digits" / "1.0.0").iterdir():
+        (target / path.name.replace("digits-", f"{name}-")).write_bytes(path.read_bytes())
+    info = target / "dataset_info.json"
+    info.write_text(info.read_text().replace('"name": "digits"', f'"name": "{name}"'))
+    return target
+
+
+def test_a_users_own_prepared_dataset_is_accepted_by_the_config(data_dir, tmp_path):
+    """Not a tfds-registered name: found under dataset.data_dir (was refused as an unknown dataset)."""
+    from transferlab import config as config_lib
+    from transferlab.train import check_config
+    _copy_of_digits(data_dir, tmp_path, "mydigits")
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"),
+                             ["--config.dataset.name=mydigits", f"--config.dataset.data_dir={tmp_path}"])
+    check_config(config)
+    with pytest.raises(ConfigError, match=f"unknown dataset 'mydigitz'; .* or a dataset prepared under {tmp_path}"):
+        config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"),
+                        ["--config.dataset.name=mydigitz", f"--config.dataset.data_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('"8",\n                            "8",', '"-1",\n                            "8",'),
+     r"'image' has shape \(None, 8, 1\); transferlab needs one fixed shape"),
+    (('"classLabel": {\n                    "numClasses": "10"\n                },\n                '
+      '"pythonClassName": "tensorflow_datasets.core.features.class_label_feature.ClassLabel"',
+      '"pythonClassName": "tensorflow_datasets.core.features.scalar.Scalar", "tensor": {"dtype": "int64", '
+      '"encoding": "none", "shape": {}}'),
+     r"'label' is a Scalar feature; transferlab needs a ClassLabel"),
+])
+def test_a_users_dataset_without_fixed_images_or_class_labels_is_one_line(data_dir, tmp_path, edit, message):
+    target = _copy_of_digits(data_dir, tmp_path, "mine")
+    features = target / "features.json"
+    text = features.read_text()
+    assert edit[0] in text
+    features.write_text(text.replace(edit[0], edit[1]))
+    with pytest.raises(UserError, match=message) as e:
+        data.dataset_info("mine", tmp_path)
     assert "\n" not in str(e.value)
 
 

@@ -500,9 +500,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"sharding_rules[{i}]: expected (regex, 'replicate'|'fsdp'), got {rule!r}")
         _regex(f"sharding_rules[{i}]", rule[0])
     known = set(data.offline_names()) | set(_tfds_names())
-    if config.dataset.name.split("/")[0].split(":")[0] not in known:
-        raise ConfigError(f"config key 'dataset.name': unknown dataset {config.dataset.name!r}; expected an "
-                          f"offline dataset ({', '.join(data.offline_names())}) or a tfds dataset name")
+    base = config.dataset.name.split("/")[0].split(":")[0]
+    if base not in known:  # or a dataset of the user's own, prepared with tfds elsewhere and copied here
+        root = data.resolve_data_dir(config.dataset.data_dir or None)
+        if not (base and (root / base).is_dir()):
+            raise ConfigError(f"config key 'dataset.name': unknown dataset {config.dataset.name!r}; expected an "
+                              f"offline dataset ({', '.join(data.offline_names())}), a tfds dataset name, or a "
+                              f"dataset prepared under {root}")
     if config.model.name not in models.names():
         raise unknown_name("model (model.name)", config.model.name, models.names())
     _check_model_kwargs("model", config.model)

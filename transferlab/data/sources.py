@@ -175,12 +175,23 @@ def _features(name: str, builder) -> tuple:
             f"dataset {name!r} has no {missing[0]!r} feature; expected 'image' and 'label', "
             f"got: {', '.join(features.keys())}"
         )
-    return features["image"], features["label"]
+    image, label = features["image"], features["label"]
+    shape = tuple(getattr(image, "shape", ()) or ())
+    if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise UserError(f"dataset {name!r}: 'image' has shape {shape}; transferlab needs one fixed shape "
+                        "(height, width, channels) for every image (resize them when preparing the dataset)")
+    if not isinstance(getattr(label, "num_classes", None), int):
+        raise UserError(f"dataset {name!r}: 'label' is a {type(label).__name__} feature; transferlab needs a "
+                        "ClassLabel (tfds.features.ClassLabel(num_classes=...)) to know the number of classes")
+    return image, label
 
 
 def _train_stats(name: str, builder, channels: int):
-    """Per-channel mean/std of up to STATS_SAMPLE evenly spaced train images, in [0, 1]."""
-    source = builder.as_data_source(split="train")
+    """Per-channel mean/std of up to STATS_SAMPLE evenly spaced train images (of the largest split if there
+    is no 'train'), in [0, 1]."""
+    splits = builder.info.splits
+    split = "train" if "train" in splits else max(splits.keys(), key=lambda k: splits[k].num_examples)
+    source = builder.as_data_source(split=split)
     picks = np.unique(np.linspace(0, len(source) - 1, min(len(source), STATS_SAMPLE)).astype(int))
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
