@@ -2,12 +2,13 @@
 
 import glob
 import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
-from transferlab import config as config_lib
+from transferlab import config as config_lib, preemption
 from transferlab.train import train_and_evaluate
 
 
@@ -238,3 +239,53 @@ def test_hard_augmentor_is_pushed_to_hurt_the_student_and_keep_the_teacher(tmp_p
     assert float(after) > float(loss(state["params"]))  # the reversed gradient made the student's loss larger
     results = train_and_evaluate(cfg, str(tmp_path / "run"))
     assert np.isfinite(results["test"]["loss"])
+
+
+class _StopAfter(preemption.StopFlag):
+    """A preemption flag that stops the loop after `steps` steps, as a SIGTERM arriving then would."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def should_stop(self):
+        self.steps -= 1
+        if self.steps == 0:
+            self.signum = signal.SIGTERM
+        return self.raised
+
+
+RESUMED_SCHEMES = {  # every piece of state outside the student's params must come back too
+    "kd_crd_bn": dict(model={"name": "resnet8", "kwargs": {}}, task="kd",
+                      teacher={"name": "resnet8", "checkpoint": "random"}, augment={"crop_padding": 1, "flip": True},
+                      distill={"terms": ({"name": "kd"}, {"name": "crd", "embed_dim": 8, "num_negatives": 16}),
+                               "ce_weight": 0.5}),
+    "self_ema_mixup": dict(task="kd", teacher={"checkpoint": "self_ema"}, augment={"mixup_alpha": 0.4},
+                           distill={"terms": ({"name": "kd", "weight": 0.5},), "ema_decay": 0.9}),
+    "hard_augment": dict(task="kd", teacher={"name": "mlp", "kwargs": {"hidden_sizes": (16,)}, "checkpoint": "random"},
+                         distill={"terms": ({"name": "kd"},), "hard_augment": {"enabled": True}}),
+    "dml": dict(task="dml", dml={"num_students": 2}),
+    "sla_sd": dict(task="sla_sd"),
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(RESUMED_SCHEMES))
+def test_a_stopped_run_resumes_bitwise_as_one_that_never_stopped(tmp_path, data_dir, monkeypatch, scheme):
+    from transferlab import checkpoint
+    from transferlab.train import Trainer
+    cfg = config_lib.from_dict(base(total_steps=8, checkpoint_every_steps=4, **RESUMED_SCHEMES[scheme]))
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_and_evaluate(cfg, straight)
+    monkeypatch.setattr(preemption, "_FLAG", _StopAfter(3))
+    assert train_and_evaluate(cfg, resumed)["preempted_at_step"] == 3
+    monkeypatch.setattr(preemption, "_FLAG", None)
+    train_and_evaluate(cfg, resumed)
+
+    def final(workdir):
+        trainer = Trainer(cfg, workdir)
+        ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+        state, _ = ckpt.restore(8, checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings))
+        ckpt.close()
+        return jax.device_get(state)
+
+    jax.tree.map(np.testing.assert_array_equal, final(straight), final(resumed))
