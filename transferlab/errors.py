@@ -22,9 +22,10 @@ def unknown_name(kind: str, name, allowed) -> ConfigError:
     return ConfigError(f"unknown {kind} {name!r}; expected one of: {', '.join(sorted(allowed))}")
 
 
-def first_line(error: BaseException, innermost: bool = False, limit: int = 300) -> str:
+def first_line(error: BaseException, innermost: bool = False, limit: int = 300, typed: bool = True) -> str:
     """'Type: first non-empty line of the message' of `error` (with `innermost`, of the exception it was
-    raised from, e.g. TensorStore's or json's own), at most `limit` characters: for one-line errors."""
+    raised from, e.g. TensorStore's or json's own; without `typed`, the line alone), at most `limit`
+    characters: for one-line errors."""
     root = error
     while innermost:
         inner = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
@@ -32,7 +33,9 @@ def first_line(error: BaseException, innermost: bool = False, limit: int = 300) 
             break
         root = inner
     first = next((line for line in str(root).splitlines() if line.strip()), "")
-    return f"{type(root).__name__}: {first}"[:limit] if first else type(root).__name__
+    if not first:
+        return type(root).__name__
+    return (f"{type(root).__name__}: {first}" if typed else first)[:limit]
 
 
 def note(message: str) -> None:

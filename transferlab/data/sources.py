@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import registered
 
+from transferlab import errors
 from transferlab.data import builders
 from transferlab.errors import ConfigError, UserError
 
@@ -62,7 +63,7 @@ def _standard_builder(name: str, root) -> tfds.core.DatasetBuilder:
             try:
                 builder = tfds.builder(name, data_dir=str(root))
             except Exception as e:  # pylint: disable=broad-except  (a version or config tfds does not have)
-                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                first = errors.first_line(e, typed=False)
                 if (root / base).is_dir() and "JSON" in first:  # its prepared files, not the name, are bad
                     raise UserError(f"dataset {name!r}: cannot read {root / base} ({first[:200]})") from None
                 raise ConfigError(f"config key 'dataset.name': {name!r}: {first[:200]}") from e
@@ -135,8 +136,8 @@ def split_size(name: str, split: str, data_dir=None) -> int:
     try:
         size = int(builder.info.splits[split].num_examples)
     except (ValueError, KeyError, TypeError, AssertionError) as e:
-        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ConfigError(f"split {split!r} of dataset {name!r}: {reason.split('. See format')[0]} (slices as "
+        reason = errors.first_line(e, typed=False).split(". See format")[0]
+        raise ConfigError(f"split {split!r} of dataset {name!r}: {reason} (slices as "
                           "'train[:90%]' or 'train[45000:]'; https://www.tensorflow.org/datasets/splits)") from None
     if size < 1:
         raise ConfigError(f"split {split!r} of dataset {name!r} selects no examples")
