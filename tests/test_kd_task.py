@@ -506,3 +506,15 @@ def test_train_accuracy_under_mixup_weights_both_labels():
     soft = jnp.asarray([[0.7, 0.3, 0.0], [0.7, 0.3, 0.0], [0.7, 0.3, 0.0]])
     assert float(train_accuracy(logits, labels)) == pytest.approx(1 / 3)
     assert float(train_accuracy(logits, labels, soft)) == pytest.approx((0.7 + 0.3 + 0.0) / 3)
+
+
+def test_a_teacher_checkpoint_of_another_architecture_is_one_line_naming_what_it_trained(tmp_path, teacher_dir):
+    config = kd_config(teacher_dir)
+    config.teacher.kwargs = {"hidden_sizes": (64,)}  # the run in teacher_dir trained hidden_sizes (128,)
+    trainer = Trainer(config, str(tmp_path / "kd"))
+    with pytest.raises(UserError) as e:
+        trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    message = str(e.value)
+    assert message.startswith(f"teacher.checkpoint: checkpoint {teacher_dir}/checkpoints/30: its ")
+    assert message.endswith("do not match the configured model (different architecture or number of classes?); "
+                            "that run trained mlp {'hidden_sizes': [128]} on digits") and "\n" not in message

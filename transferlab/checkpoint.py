@@ -60,6 +60,10 @@ def _ignore_closed_loop_callbacks() -> None:
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
+class ModelMismatch(UserError):
+    """A checkpoint's params or BN statistics have other shapes than the configured model's."""
+
+
 class Checkpointer:
     """Wraps one `ocp.CheckpointManager` under `workdir/checkpoints`."""
 
@@ -193,6 +197,8 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
             note(f"{where}: {workdir} has not finished (no results.json); using its latest checkpoint, step {step}")
         try:
             return ckpt.restore_subtree(step, abstract_subtree, optional), step
+        except ModelMismatch as e:
+            raise error(f"{where}: {e}{_trained_as(workdir)}") from None
         except UserError as e:
             raise error(f"{where}: {e}") from None
     finally:
@@ -207,6 +213,16 @@ def config_json(run_dir: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return saved if isinstance(saved, dict) else None
+
+
+def _trained_as(run_dir: str) -> str:
+    """'; that run trained mlp {'hidden_sizes': [256]} on mnist5k' from its saved config ('' if unknown)."""
+    saved = saved_config(run_dir)
+    model, dataset = (saved or {}).get("model"), (saved or {}).get("dataset")
+    if not isinstance(model, dict) or not isinstance(dataset, dict):
+        return ""
+    kwargs = f" {model['kwargs']}" if model.get("kwargs") else ""
+    return f"; that run trained {model.get('name')}{kwargs} on {dataset.get('name')}"
 
 
 def saved_config(run_dir: str) -> dict | None:
@@ -254,8 +270,8 @@ def _graft(target: dict, wanted: dict, where: str, depth: int = 2, path: str = "
         saved_shapes = [(p, x.shape) for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]]
         wanted_shapes = [(p, x.shape) for p, x in jax.tree_util.tree_flatten_with_path(value)[0]]
         if saved_shapes != wanted_shapes:
-            raise UserError(f"{where}: its {path + key!r} do not match the configured model "
-                            f"(different architecture or number of classes?)")
+            raise ModelMismatch(f"{where}: its {path + key!r} do not match the configured model "
+                                f"(different architecture or number of classes?)")
         target[key] = value
 
 
