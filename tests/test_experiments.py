@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from transferlab import config as config_lib, host_allocator, losses, methods, parallel, study
+from transferlab import config as config_lib, host_allocator, losses, methods, models, parallel, study
 from transferlab.data import builders
 from transferlab.errors import ConfigError
 from transferlab.tasks import common
@@ -242,3 +242,33 @@ def test_kd_table_runs_through_the_cli(tmp_path, data_dir):
     assert ("Command: `python -m transferlab.main --config "
             "experiments/kd/table.py:dataset=digits,steps=3,seeds=1,methods=sla_sd --workdir ") in table
     assert os.listdir(os.path.join(workdir, "xla_cache"))  # table.py's compilation cache, under --workdir
+
+
+# --------------------------------------------------------------------------- a config's own model and loss
+
+
+def test_a_config_file_can_bring_its_own_model_and_loss(tmp_path, data_dir):
+    """tests/configs/own_model_and_loss.py registers a student model and a loss: it trains through the
+    CLI, exports with `--config`, loads again in one process, and a name already taken is one line."""
+    own = os.path.join(REPO, "tests", "configs", "own_model_and_loss.py")
+    env = {**os.environ, "TFDS_DATA_DIR": data_dir}
+    run, out = str(tmp_path / "run"), str(tmp_path / "export")
+    proc = subprocess.run([sys.executable, "-m", "transferlab.main", "--config", own, "--workdir", run], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"), encoding="utf-8")]
+    assert any("loss/term0_l2_logits" in r for r in records)
+    export = [sys.executable, "-m", "transferlab.export", "--workdir", run, "--out", out]
+    proc = subprocess.run(export, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "pass that file with --config FILE" in proc.stderr
+    proc = subprocess.run(export + ["--config", own], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for _ in range(2):  # executing the file again re-registers the same definitions
+        config = config_lib.load(own)
+    assert config.model.name in models.names() and "l2_logits" in losses.names()
+    taken = tmp_path / "taken.py"
+    taken.write_text("from transferlab import losses\n\n@losses.register('kd', taps=('logits', 'logits'))\n"
+                     "def kd(student, teacher, batch):\n    return 0.0\n\n\ndef get_config():\n    return {}\n")
+    with pytest.raises(config_lib.ConfigError, match=r"cannot execute it: ValueError: loss 'kd' is already "
+                                                     r"registered \(transferlab.losses.logit.kd\)"):
+        config_lib.load(str(taken))

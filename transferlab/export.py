@@ -1,6 +1,6 @@
 """Export a finished run's deployable model: the student's params and BN statistics, nothing else.
 
-    python -m transferlab.export --workdir RUN --out DIR
+    python -m transferlab.export --workdir RUN --out DIR [--config FILE]
 
 Reads RUN/config.json (the resolved config every run writes) and the checkpoint the run's
 selection rule chose (`results.json`'s `selected_step`, else the latest), restores only
@@ -14,6 +14,8 @@ joint head, a self-distillation EMA teacher, optimizer state. Writes
 `load(DIR)` gives back `(module, variables)` for `module.apply(variables, images, train=False)`,
 where `images` are normalized as in training: `preprocess(DIR, uint8_images)` does it
 ((pixels / 255 - mean) / std per channel, the data pipeline's normalization).
+A run whose config file registered a model of its own (`models.register`) needs that file again:
+`--config FILE` executes it first (and `load` needs the same registration in its process).
 Bad input (no such run, no checkpoint, DIR not empty or not a directory) is one line on
 stderr and exit code 2.
 """
@@ -34,7 +36,7 @@ def export(run_dir: str, out_dir: str) -> dict:
     import jax
     import orbax.checkpoint as ocp
 
-    from transferlab import checkpoint, config as config_lib
+    from transferlab import checkpoint, config as config_lib, models
     from transferlab.errors import UserError
     from transferlab.parallel import replicated
     from transferlab.tasks import common
@@ -46,6 +48,10 @@ def export(run_dir: str, out_dir: str) -> dict:
                         "checkpoint holds a copy: not a transferlab run directory?")
     resolved = dict(resolved)
     versions = resolved.pop("_versions", {})
+    name = (resolved.get("model") or {}).get("name")
+    if name not in models.names():
+        raise UserError(f"--workdir {run_dir!r}: its model {name!r} is not a registered model; if the run's "
+                        "config file registers it (models.register), pass that file with --config FILE")
     config = config_lib.from_dict(resolved)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir!r} exists and is not a directory; choose a new directory")
@@ -133,12 +139,17 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a finished (or checkpointed) run directory")
     parser.add_argument("--out", required=True, help="new directory for the exported model")
+    parser.add_argument("--config", default="", help="the run's config file, executed first for the models "
+                        "it registers (only needed for a model of one's own)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from transferlab.errors import UserError
     from transferlab.main import _configure_environment, _quiet_library_warnings
     _configure_environment()
     _quiet_library_warnings()
     try:
+        if args.config:
+            from transferlab import config as config_lib
+            config_lib.load_file(args.config)  # (its registrations; the run's own config comes from RUN)
         info = export(args.workdir, args.out)
     except UserError as e:
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)

@@ -61,14 +61,22 @@ def float32_matmuls(fn):
 
 def register(name: str, *, taps, connector: str | None = None, multi_tap: bool = False,
              choices: Mapping[str, tuple] | None = None, reads_label: bool = False):
-    """Decorator registering `fn` under `name`; its keyword-only args are its hparams.
+    """Decorator registering `fn(student, teacher, batch, *, hparam=default, ...) -> scalar` as loss `name`;
+    its keyword-only args are its hparams (a term's values are checked against their defaults' types).
 
-    Returns `fn` wrapped by `float32_matmuls`: the registered and the module-level function are the same.
+    `taps`: the default (student_tap, teacher_tap); `connector`: the default connector from the student's
+    tap to the teacher's shape ('linear', 'conv1x1_bn', ... or None); `multi_tap`: the taps are lists;
+    `choices`: {hparam: allowed values}; `reads_label`: reads `batch['label']` (refused under mixup).
+    A config file may register its own loss this way (`from transferlab.losses import register`); a name
+    already taken by another function is a ValueError. Returns `fn` wrapped by `float32_matmuls`: the
+    registered and the module-level function are the same.
     """
 
     def deco(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"loss {name!r} registered twice")
+        if name in _REGISTRY and not _same_source(_REGISTRY[name].fn, fn):
+            old = _REGISTRY[name].fn
+            raise ValueError(f"loss {name!r} is already registered ({old.__module__}.{old.__qualname__}); "
+                             "choose another name")
         params = inspect.signature(fn).parameters.values()
         defaults = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         fn = float32_matmuls(fn)
@@ -78,6 +86,12 @@ def register(name: str, *, taps, connector: str | None = None, multi_tap: bool =
         return fn
 
     return deco
+
+
+def _same_source(registered, fn) -> bool:
+    """The same function defined again: a config file that registers its own loss, executed a second time
+    in one process (a notebook, a test) replaces its entry instead of failing."""
+    return (registered.__module__, registered.__qualname__) == (fn.__module__, fn.__qualname__)
 
 
 def names() -> list[str]:

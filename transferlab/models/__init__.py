@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from transferlab import errors
 from transferlab.models import lenet, mlp, mobilenetv2, resnet_cifar, shufflenet, vgg, wrn
 
-__all__ = ["names", "create", "tap_names"]
+__all__ = ["names", "create", "register", "tap_names"]
 
 
 def _is_int(v):
@@ -103,6 +103,21 @@ _register("shufflenetv2", lambda nc, dt, net_size: shufflenet.ShuffleNetV2(nc, n
           {"net_size": (1, _check_net_size)})
 
 
+def register(name, build, kwargs=None):
+    """Adds a model of one's own (e.g. from a config file): `build(num_classes, dtype, **kwargs)` returns a
+    linen module called as `module(x_BxHxWxC, train=...)` that returns logits [B, num_classes] and sows its
+    taps (`self.sow('intermediates', name, x)`, at least 'features' and 'logits' for the feature losses).
+    `kwargs` maps each keyword `build` takes to its default; a config's `model.kwargs` may set only those.
+    Registering a name again with the same `build` (the config file executed twice) replaces it; a name
+    taken by another model is a ValueError."""
+    if name in _REGISTRY:
+        old = _REGISTRY[name][0]
+        if (old.__module__, old.__qualname__) != (build.__module__, build.__qualname__):
+            raise ValueError(f"model {name!r} is already registered; choose another name")
+    _register(name, build, {key: (default, lambda v: None) for key, default in dict(kwargs or {}).items()})
+    _tap_names.cache_clear()
+
+
 def names():
     """All registered model names, sorted."""
     return sorted(_REGISTRY)
@@ -142,7 +157,10 @@ def create(name, num_classes=100, dtype=jnp.float32, **kwargs):
             raise errors.ConfigError(
                 f"model {name!r}: kwarg {key!r} must be {expected}, got {value!r}")
     full = {key: kwargs.get(key, default) for key, (default, _) in spec.items()}
-    return build(int(num_classes), dt, **full)
+    try:
+        return build(int(num_classes), dt, **full)
+    except (TypeError, ValueError) as e:  # a registered model of one's own that rejects its kwargs
+        raise errors.ConfigError(f"model {name!r}: cannot build it with {full} ({errors.first_line(e)})") from None
 
 
 @functools.lru_cache(maxsize=None)
