@@ -85,3 +85,15 @@ def test_a_study_without_a_test_split_reports_validation_only(tmp_path):
     summary = report.write_study_report(str(tmp_path), ["arm"])
     assert summary["arms"][0]["test_accuracy_mean"] is None
     assert "| arm | mlp | — | 89.00 | 1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_an_arm_with_unfinished_seeds_says_so_in_its_seeds_column(tmp_path):
+    """A killed study reported by hand: the mean is over the finished seeds, and the row says which are not."""
+    workdir = str(tmp_path)
+    _run(workdir, "student", 0, 0.90)
+    _run(workdir, "student", 2, 0.94)
+    os.makedirs(os.path.join(workdir, "student", "seed_1", "checkpoints"))  # killed before its results
+    assert report.main([workdir]) == 0
+    with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert "| student | mlp | 92.00 ± 2.83 | 91.00 ± 2.83 | 2 of 3 (seed_1 unfinished) |" in text

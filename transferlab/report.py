@@ -59,8 +59,15 @@ def mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarize(arm: str, results: list[dict]) -> dict:
-    """One table row; the test columns are None when a run has no test split (`dataset.test_split=''`)."""
+def unfinished_seeds(directory: str) -> list[str]:
+    """The seed_* run directories of an arm without results.json (killed or still running)."""
+    return sorted(os.path.basename(d) for d in glob.glob(os.path.join(directory, "seed_*"))
+                  if os.path.isdir(d) and not os.path.exists(os.path.join(d, "results.json")))
+
+
+def summarize(arm: str, results: list[dict], unfinished=()) -> dict:
+    """One table row; the test columns are None when a run has no test split (`dataset.test_split=''`).
+    `unfinished`: the arm's seed directories without results, named in the seeds column."""
     test = [r["test"].get("accuracy") for r in results]
     val = [r["validation"]["accuracy"] for r in results]
     test_mean, test_std = mean_std(test) if None not in test else (None, None)
@@ -72,6 +79,7 @@ def summarize(arm: str, results: list[dict]) -> dict:
         "validation_accuracy_mean": val_mean, "validation_accuracy_std": val_std,
         "selection": results[0]["selection"], "steps": results[0]["total_steps"],
         "wall_time_s_total": round(sum(r["wall_time_s"] for r in results), 1),
+        "unfinished": list(unfinished),
     }
 
 
@@ -83,13 +91,21 @@ def _mean_pm_std(row: dict, metric: str) -> str:
     return f"{mean:.2f} ± {std:.2f}" if len(row["seeds"]) > 1 else f"{mean:.2f}"
 
 
+def _seeds(row: dict) -> str:
+    """'3', or '1 of 2 (seed_1 unfinished)' while some of the arm's runs have no results."""
+    unfinished = row.get("unfinished") or []
+    if not unfinished:
+        return str(len(row["seeds"]))
+    return f"{len(row['seeds'])} of {len(row['seeds']) + len(unfinished)} ({', '.join(unfinished)} unfinished)"
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| arm | model | test acc. % (mean ± std) | val. acc. % | seeds | selection | steps | wall time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['model']} | {_mean_pm_std(r, 'test_accuracy')} | {_mean_pm_std(r, 'validation_accuracy')}"
-            f" | {len(r['seeds'])} | {r['selection']} | {r['steps']} | {r['wall_time_s_total']} |")
+            f" | {_seeds(r)} | {r['selection']} | {r['steps']} | {r['wall_time_s_total']} |")
     return "\n".join(lines)
 
 
@@ -111,7 +127,7 @@ def write_study_report(workdir: str, arms, title: str = "", description: str = "
     """
     arms = list(dict.fromkeys(arms))
     results = {arm: res for arm in arms if (res := load_results(os.path.join(workdir, arm)))}
-    rows = [summarize(arm, res) for arm, res in results.items()]
+    rows = [summarize(arm, res, unfinished_seeds(os.path.join(workdir, arm))) for arm, res in results.items()]
     table = markdown_table(rows)
     note = ("std is the sample standard deviation over seeds; test accuracy is measured once per run on the "
             "test split, which is never used for model selection; wall time is summed over seeds and includes "
