@@ -2,16 +2,20 @@
 
 A config with `study.arms` runs each arm for each seed in `DIR/<arm>/seed_<s>`,
 a complete run with its own config.json, checkpoints and results.json. Arm
-overrides are dotted keys (`'model.name': 'mlp'`); the strings `{workdir}` and `{seed}` in a
-value (nested ones too, e.g. in `extra_teachers`) become the study's workdir and the run's seed, so a
-KD arm can point `teacher.checkpoint` at `{workdir}/teacher/seed_0` or `{workdir}/teacher/seed_{seed}`. Every arm's config is resolved and validated before
-any training, and (with `check_fn`, as the CLI does) each unfinished arm's models,
-taps and connectors are built abstractly and one train step is traced (no compute), so a wrong tap name
-or a loss given taps of the wrong kind in the last arm fails in seconds, not after the teacher has trained; so does a checkpoint input (teacher, init) that
-neither exists nor is written by an earlier run. Finished runs (results.json present) are skipped if
-their config.json matches the run the study would train (else a ConfigError before anything trains), so
-rerunning the command resumes a killed study. A stop signal (`preemption`) between runs starts no
-further run. The table goes to DIR/results.{json,md}.
+overrides are dotted keys (`'model.name': 'mlp'`); the strings `{workdir}` and
+`{seed}` in a value (nested ones too, e.g. in `extra_teachers`) become the
+study's workdir and the run's seed, so a KD arm can point `teacher.checkpoint`
+at `{workdir}/teacher/seed_0` or `{workdir}/teacher/seed_{seed}`. Every arm's
+config is resolved and validated before any training, and (with `check_fn`, as
+the CLI does) each unfinished arm's models, taps and connectors are built
+abstractly and one train step is traced (no compute), so a wrong tap name or a
+loss given taps of the wrong kind in the last arm fails in seconds, not after the
+teacher has trained; so does a checkpoint input (teacher, init) that neither
+exists nor is written by an earlier run. Finished runs (results.json present)
+are skipped if their config.json matches the run the study would train (else a
+ConfigError before anything trains), so rerunning the command resumes a killed
+study. A stop signal (`preemption`) between runs starts no further run. The
+table goes to DIR/results.{json,md}.
 """
 
 from __future__ import annotations
