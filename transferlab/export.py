@@ -49,7 +49,7 @@ def export(run_dir: str, out_dir: str) -> dict:
     resolved = dict(resolved)
     versions = resolved.pop("_versions", {})
     name = (resolved.get("model") or {}).get("name")
-    if name not in models.names():
+    if name is not None and name not in models.names():
         raise UserError(f"--workdir {run_dir!r}: its model {name!r} is not a registered model; if the run's "
                         "config file registers it (models.register), pass that file with --config FILE")
     config = config_lib.from_dict(resolved)
