@@ -75,3 +75,26 @@ def test_a_preemption_notice_stops_a_multi_process_study_and_the_rerun_finishes_
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = open(os.path.join(workdir, "results.md")).read()
     assert "| a | mlp |" in table and "| b | mlp |" in table
+
+
+def test_slurm_script_requeues_a_run_stopped_before_its_time_limit(tmp_path):
+    """launch/slurm.sbatch with stand-ins for srun and scontrol: a run without results.json after srun
+    returned 0 (SIGTERM before the time limit) is requeued; a finished one is not."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*"\n')
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": REPO}
+    workdir = tmp_path / "run"
+
+    def submit(*workdir_args):
+        return subprocess.run(["bash", "launch/slurm.sbatch", "--config", "experiments/kd/quickstart.py",
+                               *workdir_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+    stopped = submit("--workdir", str(workdir))
+    assert stopped.returncode == 0 and stopped.stdout.splitlines()[-1] == "scontrol requeue 42", stopped.stdout
+    workdir.mkdir()
+    (workdir / "results.json").write_text("{}")
+    finished = submit(f"--workdir={workdir}")
+    assert finished.returncode == 0 and "scontrol" not in finished.stdout

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 
@@ -137,6 +138,9 @@ def check_workdir(workdir: str) -> None:
     without creating anything."""
     from transferlab.errors import UserError
 
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", workdir):  # os.makedirs would make a local 'gs:/...' directory
+        raise UserError(f"--workdir {workdir!r}: storage URLs are not supported; use a directory every process "
+                        "can write, e.g. the bucket mounted with gcsfuse")
     path = os.path.abspath(workdir)
     if os.path.exists(path):
         if not os.path.isdir(path):

@@ -33,6 +33,7 @@ import gzip
 import hashlib
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -59,9 +60,12 @@ def resolve_data_dir(data_dir=None, setting: str = "dataset.data_dir") -> pathli
     """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets, as an absolute path. `setting` names
     where `data_dir` came from in errors (a config key, or a command-line flag)."""
     given = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    where = setting if data_dir else ("$TFDS_DATA_DIR" if os.environ.get("TFDS_DATA_DIR") else "data dir")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(given)):  # pathlib would make 'gs:/...' a local path
+        raise ConfigError(f"{where} {given!r}: storage URLs are not supported; mount the bucket (gcsfuse) and "
+                          "give its path")
     path = pathlib.Path(given).expanduser().absolute()
     if path.exists() and not path.is_dir():
-        where = setting if data_dir else ("$TFDS_DATA_DIR" if os.environ.get("TFDS_DATA_DIR") else "data dir")
         raise ConfigError(f"{where} {str(path)!r} is a file, not a directory")
     return path
 
