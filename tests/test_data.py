@@ -492,3 +492,13 @@ def test_augment_on_sharded_batch_matches_unsharded():
     result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_storage_urls_are_refused_in_one_line(tmp_path):
+    """gs://... would become a local 'gs:/...' directory through os/pathlib: refused, naming the setting."""
+    from transferlab import main
+    with pytest.raises(ConfigError, match=r"dataset.data_dir 'gs://bucket/tfds': storage URLs are not supported"):
+        builders.resolve_data_dir("gs://bucket/tfds")
+    with pytest.raises(UserError, match=r"--workdir 's3://b/run': storage URLs are not supported"):
+        main.check_workdir("s3://b/run")
+    main.check_workdir(str(tmp_path / "gs:" / "not-a-url"))  # a colon in a local path is fine
