@@ -518,3 +518,16 @@ def test_a_teacher_checkpoint_of_another_architecture_is_one_line_naming_what_it
     assert message.startswith(f"teacher.checkpoint: checkpoint {teacher_dir}/checkpoints/30: its ")
     assert message.endswith("do not match the configured model (different architecture or number of classes?); "
                             "that run trained mlp {'hidden_sizes': [128]} on digits") and "\n" not in message
+
+
+def test_a_run_whose_teachers_read_the_data_traces_its_step_first(tmp_path, teacher_dir, monkeypatch):
+    """ND's train-split class means (or a teacher cache) take a pass over the data before training: a loss
+    of the wrong kind is found before that pass, not after it."""
+    terms = ({"name": "nd", "student_tap": "features", "teacher_tap": "features", "connector": "linear"},
+             {"name": "trg", "student_tap": "features", "teacher_tap": "features"})
+    trainer = Trainer(kd_config(teacher_dir, terms=terms), str(tmp_path / "kd"))
+    assert trainer.task.frozen_reads_data
+    monkeypatch.setattr(trainer.task, "load_frozen", lambda *a: pytest.fail("read the data first"))
+    with pytest.raises(ConfigError, match=r"distill.terms\[1\]: loss 'trg': the student tap"):
+        trainer.run()
+    assert not Trainer(kd_config(teacher_dir), str(tmp_path / "plain")).task.frozen_reads_data

@@ -136,6 +136,14 @@ class Trainer:
                      "rng": state["rng"]}
         return new_state, metrics
 
+    def trace_train_step(self) -> None:
+        """Traces one train step on abstract values, without data, checkpoints or compute: a loss's own shape
+        checks raise here (ConfigError naming the term)."""
+        n = self.config.batch_size
+        batch = {"image": jax.ShapeDtypeStruct((n, *self.info.image_shape), jnp.float32),
+                 "label": jax.ShapeDtypeStruct((n,), jnp.int32), "index": jax.ShapeDtypeStruct((n,), jnp.int32)}
+        jax.eval_shape(self.train_step, self.abstract_state, self.task.abstract_frozen(self.abstract_images), batch)
+
     def eval_step(self, state, frozen, batch):
         return self.task.eval_fn(state["params"], state["model_state"], frozen, batch)
 
@@ -209,6 +217,8 @@ class Trainer:
             note(message)
         self._clock = [time.time(), 0.0]  # this process's start, and the time earlier processes spent on the run
         self._plain_config = json.loads(json.dumps(config_lib.to_plain(config), default=str))  # saved in checkpoints
+        if getattr(self.task, "frozen_reads_data", False):  # a teacher cache or class means: minutes of work
+            self.trace_train_step()  # whose shape errors would otherwise come after it
         frozen = self.task.load_frozen(self.mesh, self.abstract_images)
         self.compile(frozen)
         ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -398,12 +408,7 @@ def check_config(config, devices=None) -> None:
     """Builds a run's Trainer without data, state or checkpoints: models, taps, connectors, optimizer
     and shardings are checked abstractly, and one train step is traced on abstract values (a loss's
     own shape checks), all without compute (raises ConfigError/UserError as the run would)."""
-    trainer = Trainer(config, workdir="", devices=devices)
-    n = config.batch_size
-    batch = {"image": jax.ShapeDtypeStruct((n, *trainer.info.image_shape), jnp.float32),
-             "label": jax.ShapeDtypeStruct((n,), jnp.int32), "index": jax.ShapeDtypeStruct((n,), jnp.int32)}
-    jax.eval_shape(trainer.train_step, trainer.abstract_state, trainer.task.abstract_frozen(trainer.abstract_images),
-                   batch)
+    Trainer(config, workdir="", devices=devices).trace_train_step()
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:

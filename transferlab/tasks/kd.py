@@ -441,6 +441,13 @@ class KDTask:
                   for model, section, (variables, step) in zip(self.teachers, self.teacher_sections, loaded)]
         return {**frozen, "cache": [jax.device_put(t, replicated(mesh)) for t in tables]}
 
+    @property
+    def frozen_reads_data(self) -> bool:
+        """`load_frozen` runs the teachers over the train split (a teacher cache, ND's class means)."""
+        return bool(self.config.distill.teacher_cache) or any(
+            self.teacher_sections[t.teacher or 0].get("checkpoint", "") != RANDOM_TEACHER
+            for t in self._class_means_terms())
+
     def abstract_frozen(self, abstract_images):
         """The shapes of what `load_frozen` returns, without reading a checkpoint or the data
         (`train.check_config` traces a whole train step with them)."""
