@@ -75,6 +75,7 @@ def test_a_preemption_notice_stops_a_multi_process_study_and_the_rerun_finishes_
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = open(os.path.join(workdir, "results.md")).read()
     assert "| a | mlp |" in table and "| b | mlp |" in table
+    assert proc.stdout.count("| a | mlp |") == 1  # process 0 alone writes and prints the report (two raced)
 
 
 def test_slurm_script_requeues_a_run_stopped_before_its_time_limit(tmp_path):

@@ -167,6 +167,9 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
             return {"preempted_at_step": None, "signal": stop.name, "before": f"ensemble {ens['name']}"}
         _run_ensemble(ens, runs, workdir)
         arms.append(ens["name"])
+    import jax
+    if jax.process_index() != 0:  # process 0 writes the study's report (two writers raced on results.json)
+        return {}
     return report.write_study_report(workdir, arms, title=config.study.title,
                                      description=config.study.description, command=command)
 
