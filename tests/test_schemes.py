@@ -257,7 +257,7 @@ class _StopAfter(preemption.StopFlag):
 
 RESUMED_SCHEMES = {  # every piece of state outside the student's params must come back too
     "kd_crd_bn": dict(model={"name": "resnet8", "kwargs": {}}, task="kd",
-                      teacher={"name": "resnet8", "checkpoint": "random"}, augment={"crop_padding": 1, "flip": True},
+                      teacher={"name": "mlp", "checkpoint": "random"}, augment={"crop_padding": 1, "flip": True},
                       distill={"terms": ({"name": "kd"}, {"name": "crd", "embed_dim": 8, "num_negatives": 16}),
                                "ce_weight": 0.5}),
     "self_ema_mixup": dict(task="kd", teacher={"checkpoint": "self_ema"}, augment={"mixup_alpha": 0.4},
@@ -273,16 +273,19 @@ RESUMED_SCHEMES = {  # every piece of state outside the student's params must co
 def test_a_stopped_run_resumes_bitwise_as_one_that_never_stopped(tmp_path, data_dir, monkeypatch, scheme):
     from transferlab import checkpoint
     from transferlab.train import Trainer
-    cfg = config_lib.from_dict(base(total_steps=8, checkpoint_every_steps=4, **RESUMED_SCHEMES[scheme]))
+    # one device: the programs compile ~2x faster; resuming onto the 8-device mesh is test_train's kill test
+    cfg = config_lib.from_dict(base(total_steps=8, checkpoint_every_steps=4, mesh_shape="data=1",
+                                    **RESUMED_SCHEMES[scheme]))
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train_and_evaluate(cfg, straight)
+    one = jax.devices()[:1]
+    train_and_evaluate(cfg, straight, one)
     monkeypatch.setattr(preemption, "_FLAG", _StopAfter(3))
-    assert train_and_evaluate(cfg, resumed)["preempted_at_step"] == 3
+    assert train_and_evaluate(cfg, resumed, one)["preempted_at_step"] == 3
     monkeypatch.setattr(preemption, "_FLAG", None)
-    train_and_evaluate(cfg, resumed)
+    train_and_evaluate(cfg, resumed, one)
 
     def final(workdir):
-        trainer = Trainer(cfg, workdir)
+        trainer = Trainer(cfg, workdir, jax.devices()[:1])
         ckpt = checkpoint.Checkpointer(workdir, read_only=True)
         state, _ = ckpt.restore(8, checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings))
         ckpt.close()
