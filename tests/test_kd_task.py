@@ -531,3 +531,13 @@ def test_a_run_whose_teachers_read_the_data_traces_its_step_first(tmp_path, teac
     with pytest.raises(ConfigError, match=r"distill.terms\[1\]: loss 'trg': the student tap"):
         trainer.run()
     assert not Trainer(kd_config(teacher_dir), str(tmp_path / "plain")).task.frozen_reads_data
+
+
+def test_a_study_directory_given_as_the_teacher_lists_the_runs_under_it(tmp_path):
+    study_dir = tmp_path / "study"
+    for arm in ("teacher", "student"):
+        (study_dir / arm / "seed_0" / "checkpoints").mkdir(parents=True)
+    trainer = Trainer(kd_config(str(study_dir)), str(tmp_path / "kd"))
+    with pytest.raises(UserError, match=r"teacher.checkpoint: no checkpoints in .*study' \(expected .*\); runs "
+                                        r"under it: student/seed_0, teacher/seed_0$"):
+        trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)

@@ -12,6 +12,7 @@ written on 8 devices restores onto 2 (or onto another mesh shape).
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import os
 import sys
@@ -187,7 +188,7 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
     from transferlab.tasks.kd import selected_step
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
-        raise error(f"{where}: no checkpoints in {workdir!r} (expected {ckpt_dir})")
+        raise error(f"{where}: no checkpoints in {workdir!r} (expected {ckpt_dir}){_runs_below(workdir)}")
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         step = selected_step(workdir, ckpt)
@@ -213,6 +214,17 @@ def config_json(run_dir: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return saved if isinstance(saved, dict) else None
+
+
+def _runs_below(directory: str) -> str:
+    """'; runs under it: teacher/seed_0, ...' for a study directory given where one run is expected."""
+    found = sorted(os.path.relpath(os.path.dirname(p), directory)
+                   for pattern in ("*/checkpoints", "*/*/checkpoints")
+                   for p in glob.glob(os.path.join(glob.escape(directory), pattern)) if os.path.isdir(p))
+    if not found:
+        return ""
+    more = f", ... ({len(found)} in all)" if len(found) > 4 else ""
+    return f"; runs under it: {', '.join(found[:4])}{more}"
 
 
 def _trained_as(run_dir: str) -> str:
