@@ -99,3 +99,26 @@ def test_slurm_script_requeues_a_run_stopped_before_its_time_limit(tmp_path):
     (workdir / "results.json").write_text("{}")
     finished = submit(f"--workdir={workdir}")
     assert finished.returncode == 0 and "scontrol" not in finished.stdout
+
+
+def test_tpu_pod_script_runs_the_pinned_jax_and_passes_the_arguments_through(tmp_path):
+    """launch/tpu_pod.sh with a stand-in gcloud: the remote command installs jax[tpu] at requirements.txt's
+    version and hands the CLI its arguments intact (a space in a path too)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "launch/tpu_pod.sh", "my-tpu", "us-central2-b", "--config",
+                           "experiments/kd/quickstart.py", "--workdir", "/mnt/b/run 1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    remote = proc.stdout.splitlines()[-1]  # the --command value, as the workers' shell gets it
+    out = subprocess.run(["bash", "-c", remote.replace("cd ~/transferlab && (test -d .venv || make setup) && ", "")
+                          .replace(".venv/bin/pip install -q", "echo pip")
+                          .replace(".venv/bin/python -m transferlab.main", "printf '[%s]' ")],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    jax_pin = next(line.split("==")[1] for line in open(os.path.join(REPO, "requirements.txt"))
+                   if line.startswith("jax=="))
+    assert out.stdout.splitlines() == [f"pip jax[tpu]=={jax_pin.strip()}", "[--distributed][--config]"
+                                       "[experiments/kd/quickstart.py][--workdir][/mnt/b/run 1]"], out
