@@ -500,7 +500,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"sharding_rules[{i}]: expected (regex, 'replicate'|'fsdp'), got {rule!r}")
         _regex(f"sharding_rules[{i}]", rule[0])
     known = set(data.offline_names()) | set(_tfds_names())
-    base = config.dataset.name.split("/")[0].split(":")[0]
+    base = data.base_name(config.dataset.name)
     if base not in known:  # or a dataset of the user's own, prepared with tfds elsewhere and copied here
         root = data.resolve_data_dir(config.dataset.data_dir or None)
         if not (base and (root / base).is_dir()):

@@ -5,8 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 from transferlab.errors import UserError
+
+
+def is_storage_url(path) -> bool:
+    """'gs://bucket/...', 's3://...': not a local path (os and pathlib would make a local 'gs:/...' of it)."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)) is not None
 
 
 def unwritable(error: OSError, path: str) -> UserError:

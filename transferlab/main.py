@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 
-from transferlab import errors
+from transferlab import errors, files
 
 # XLA:CPU runs the conv nets of this library 10-25% faster with the YNNPACK fusion off (see bench/).
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
@@ -42,24 +41,31 @@ def parse_args(argv):
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.KEY=VALUE)")
-    for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes", "--process_id"):
-        if sum(a == flag or a.startswith(flag + "=") for a in argv) > 1:
+    for flag in ("--config", "--workdir", *PROCESS_FLAGS):
+        if _times_given(flag, argv) > 1:
             parser.error(f"{flag} is given more than once")
     _check_process_flags(parser, known, argv)
     return known, rest
 
 
+PROCESS_FLAGS = ("--coordinator_address", "--num_processes", "--process_id")
+
+
+def _times_given(flag: str, argv) -> int:
+    """How often `flag` appears in `argv`, as `--flag VALUE` or `--flag=VALUE`."""
+    return sum(a == flag or a.startswith(flag + "=") for a in argv)
+
+
 def _check_process_flags(parser, args, argv) -> None:
     """Multi-process flags: all three of --coordinator_address HOST:PORT, --num_processes N >= 1 and
     --process_id in [0, N) together (or --distributed alone); checked before anything starts."""
-    explicit = [f for f in ("--coordinator_address", "--num_processes", "--process_id")
-                if any(a == f or a.startswith(f + "=") for a in argv)]
+    explicit = [f for f in PROCESS_FLAGS if _times_given(f, argv)]
     if args.distributed and explicit:
         parser.error(f"--distributed detects the cluster itself; drop {explicit[0]}")
     if not explicit:
         return
     if len(explicit) < 3:
-        missing = [f for f in ("--coordinator_address", "--num_processes", "--process_id") if f not in explicit]
+        missing = [f for f in PROCESS_FLAGS if f not in explicit]
         parser.error(f"{explicit[0]} needs {' and '.join(missing)} too")
     host, _, port = args.coordinator_address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -138,7 +144,7 @@ def check_workdir(workdir: str) -> None:
     without creating anything."""
     from transferlab.errors import UserError
 
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", workdir):  # os.makedirs would make a local 'gs:/...' directory
+    if files.is_storage_url(workdir):
         raise UserError(f"--workdir {workdir!r}: storage URLs are not supported; use a directory every process "
                         "can write, e.g. the bucket mounted with gcsfuse")
     path = os.path.abspath(workdir)

@@ -55,23 +55,21 @@ class Trainer:
         # `info` (num_classes, image_shape, split_sizes) may be given to build steps without data (benchmarks).
         self.info = info or data.dataset_info(config.dataset.name, self.data_dir)
         num_train = self.info.split_sizes.get(config.dataset.train_split, 0)
+        self.split_notes = []  # said when the run starts: scores partly on training examples
         for key in ("train_split", "eval_split", "test_split"):  # names, slices ('train[:90%]') or sums
             split = config.dataset[key]
-            if split and info is None:
-                try:
-                    size = data.split_size(config.dataset.name, split, self.data_dir)
-                except ConfigError as e:
-                    raise ConfigError(f"config key 'dataset.{key}': {e}") from None
-                num_train = size if key == "train_split" else num_train
-        self.split_notes = []  # said when the run starts: scores partly on training examples
-        for key in ("eval_split", "test_split"):
-            if info is None and config.dataset[key]:
-                shared = data.shared_examples(config.dataset.name, config.dataset.train_split, config.dataset[key],
-                                              self.data_dir)
-                if shared:
-                    self.split_notes.append(f"dataset.{key} {config.dataset[key]!r} shares {shared} examples with "
-                                            f"dataset.train_split {config.dataset.train_split!r}: its scores are "
-                                            "partly on training examples")
+            if not split or info is not None:
+                continue
+            try:
+                size = data.split_size(config.dataset.name, split, self.data_dir)
+            except ConfigError as e:
+                raise ConfigError(f"config key 'dataset.{key}': {e}") from None
+            if key == "train_split":
+                num_train = size
+            elif shared := data.shared_examples(config.dataset.name, config.dataset.train_split, split,
+                                                self.data_dir):
+                self.split_notes.append(f"dataset.{key} {split!r} shares {shared} examples with dataset.train_split "
+                                        f"{config.dataset.train_split!r}: its scores are partly on training examples")
         self.task = create_task(config, self.info.num_classes, num_train)
         self.abstract_images = jax.ShapeDtypeStruct((2, *self.info.image_shape), jnp.float32)
 
@@ -136,13 +134,16 @@ class Trainer:
                      "rng": state["rng"]}
         return new_state, metrics
 
+    def _abstract_batch(self, n: int) -> dict:
+        """The shapes of a batch of `n` examples as the data pipeline yields them (train batches)."""
+        return {"image": jax.ShapeDtypeStruct((n, *self.info.image_shape), jnp.float32),
+                "label": jax.ShapeDtypeStruct((n,), jnp.int32), "index": jax.ShapeDtypeStruct((n,), jnp.int32)}
+
     def trace_train_step(self) -> None:
         """Traces one train step on abstract values, without data, checkpoints or compute: a loss's own shape
         checks raise here (ConfigError naming the term)."""
-        n = self.config.batch_size
-        batch = {"image": jax.ShapeDtypeStruct((n, *self.info.image_shape), jnp.float32),
-                 "label": jax.ShapeDtypeStruct((n,), jnp.int32), "index": jax.ShapeDtypeStruct((n,), jnp.int32)}
-        jax.eval_shape(self.train_step, self.abstract_state, self.task.abstract_frozen(self.abstract_images), batch)
+        jax.eval_shape(self.train_step, self.abstract_state, self.task.abstract_frozen(self.abstract_images),
+                       self._abstract_batch(self.config.batch_size))
 
     def eval_step(self, state, frozen, batch):
         return self.task.eval_fn(state["params"], state["model_state"], frozen, batch)
@@ -161,9 +162,7 @@ class Trainer:
         """`selection_metric` must be one of this task's eval metrics: found by tracing the eval step (no
         compute), not at the first evaluation, which with eval_every_steps=0 is after all the training."""
         n = self.eval_batch_size
-        batch = {"image": jax.ShapeDtypeStruct((n, *self.info.image_shape), jnp.float32),
-                 "label": jax.ShapeDtypeStruct((n,), jnp.int32), "index": jax.ShapeDtypeStruct((n,), jnp.int32),
-                 "mask": jax.ShapeDtypeStruct((n,), jnp.bool_)}
+        batch = {**self._abstract_batch(n), "mask": jax.ShapeDtypeStruct((n,), jnp.bool_)}  # (eval batches)
         names = jax.eval_shape(self.eval_step, self.abstract_state, frozen, batch)
         if self.config.selection_metric not in names:
             available = [k for k in sorted(names) if re.fullmatch(config_lib.SELECTION_METRICS, k)]

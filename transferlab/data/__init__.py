@@ -19,6 +19,7 @@ from transferlab.data.pipeline import (
 )
 from transferlab.data.sources import (
     DatasetInfo,
+    base_name,
     dataset_info,
     get_builder,
     get_source,

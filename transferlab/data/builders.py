@@ -33,7 +33,6 @@ import gzip
 import hashlib
 import os
 import pathlib
-import re
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from transferlab import files
 from transferlab.errors import ConfigError, UserError, first_line
 
 SPLIT_SEED = 20240917  # fixed seed of the split hash; changing it changes every split
@@ -61,7 +61,7 @@ def resolve_data_dir(data_dir=None, setting: str = "dataset.data_dir") -> pathli
     where `data_dir` came from in errors (a config key, or a command-line flag)."""
     given = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     where = setting if data_dir else ("$TFDS_DATA_DIR" if os.environ.get("TFDS_DATA_DIR") else "data dir")
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(given)):  # pathlib would make 'gs:/...' a local path
+    if files.is_storage_url(given):
         raise ConfigError(f"{where} {given!r}: storage URLs are not supported; mount the bucket (gcsfuse) and "
                           "give its path")
     path = pathlib.Path(given).expanduser().absolute()

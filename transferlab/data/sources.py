@@ -50,14 +50,14 @@ def offline_names() -> tuple:
     return tuple(sorted(builders.OFFLINE_BUILDERS))
 
 
-def _base_name(name: str) -> str:
+def base_name(name: str) -> str:
     """'imagenet2012/subset:5.0.0' -> 'imagenet2012'."""
     return re.split(r"[/:]", name, maxsplit=1)[0]
 
 
 def _standard_builder(name: str, root) -> tfds.core.DatasetBuilder:
     """A builder reading an already-prepared tfds dataset under `root` (never downloads)."""
-    base = _base_name(name)
+    base = base_name(name)
     if base in registered.list_imported_builders():
         with builders.absl_errors_only():
             try:
@@ -214,8 +214,8 @@ def _dataset_info(name: str, root) -> DatasetInfo:
     metadata = builder.info.metadata or {}
     if "mean" in metadata:
         mean, std = tuple(metadata["mean"]), tuple(metadata["std"])
-    elif _base_name(name) in KNOWN_STATS:
-        mean, std = KNOWN_STATS[_base_name(name)]
+    elif base_name(name) in KNOWN_STATS:
+        mean, std = KNOWN_STATS[base_name(name)]
     else:
         mean, std = _train_stats(name, builder, shape[-1])
     return DatasetInfo(
