@@ -172,6 +172,21 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
     assert steps == sorted(set(steps))  # no duplicated records after the resume
 
 
+def test_a_compilation_cache_entry_cut_short_by_a_kill_is_dropped(tmp_path):
+    """JAX writes its cache entries in place: a kill mid-write leaves one truncated, which JAX would warn about
+    on every later run and never rewrite. The CLI removes such entries before JAX reads the cache."""
+    from jax._src.compilation_cache import compress_executable
+    from transferlab import main
+    whole = compress_executable(bytes(range(256)) * 400)
+    for name, blob in (("jit_step-a-cache", whole), ("jit_step-b-cache", whole[: len(whole) // 2]),
+                       ("jit_step-c-cache", b""), ("jit_step-a-atime", b"12345678")):
+        (tmp_path / name).write_bytes(blob)
+    damaged = main.drop_damaged_cache_entries(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in damaged) == ["jit_step-b-cache", "jit_step-c-cache"]
+    assert sorted(os.listdir(tmp_path)) == ["jit_step-a-atime", "jit_step-a-cache"]
+    assert main.drop_damaged_cache_entries(str(tmp_path / "absent")) == []
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_save_and_exit_cleanly(tmp_path, data_dir, signum, code):
     """A preemption (SIGTERM, exit 0) or Ctrl-C (exit 130): the step finishes, a checkpoint is saved."""

@@ -13,6 +13,8 @@ On a CPU host the command first re-executes itself with mimalloc preloaded
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import os
 import shlex
 import sys
@@ -168,7 +170,33 @@ def _use_compilation_cache(cache_dir: str, workdir: str) -> None:
     if not cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), cache_dir))
+    path = os.path.join(os.path.abspath(workdir), cache_dir)
+    drop_damaged_cache_entries(path)
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
+def drop_damaged_cache_entries(path: str) -> list:
+    """Removes the entries of JAX's compilation cache at `path` that do not decompress; returns their paths.
+
+    JAX writes an entry in place, not through a rename, so a run killed while writing one leaves it truncated;
+    JAX then warns about it on every later run and never replaces it. Called before `jax.distributed` starts,
+    so no process of a multi-process run is writing yet."""
+    try:
+        from jax._src.compilation_cache import decompress_executable  # JAX's own codec (zstd or zlib)
+    except ImportError:  # a JAX without it: leave the cache alone
+        return []
+    damaged = []
+    for entry in sorted(glob.glob(os.path.join(glob.escape(path), "*-cache"))):
+        try:
+            with open(entry, "rb") as f:
+                decompress_executable(f.read())
+        except OSError:
+            continue
+        except Exception:  # noqa: BLE001  (zlib.error, zstd.ZstdError, ...: a truncated entry)
+            damaged.append(entry)
+            with contextlib.suppress(OSError):
+                os.remove(entry)
+    return damaged
 
 
 def _quiet_library_warnings() -> None:
