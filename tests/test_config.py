@@ -107,8 +107,12 @@ def test_overrides_are_typed(tmp_path):
     # a second new-user audit (2026-11-27): each was accepted and silently ignored, or selected on test
     ("c.schedule = {'name': 'cosine', 'boundaries': (2,)}", "'schedule.boundaries' is set but schedule.name is 'cosine'"),
     ("c.total_steps = 50; c.schedule = {'name': 'step', 'boundaries': (60,)}", "step 60 is not before total_steps 50"),
-    ("c.selection = 'best'; c.dataset.eval_split = 'test'", "'dataset.eval_split': 'test' is the test split"),
-    ("c.selection = 'best'; c.dataset.eval_split = 'test[:50%]'", "'dataset.eval_split': 'test[:50%]' is the test"),
+    ("c.selection = 'best'; c.dataset.eval_split = 'test'", "'dataset.eval_split': 'test' reads the 'test' split"),
+    ("c.selection = 'best'; c.dataset.eval_split = 'test[:50%]'", "'dataset.eval_split': 'test[:50%]' reads the"),
+    # a third audit: the splits swapped, or the test split summed into the eval split
+    ("c.selection = 'best'; c.dataset.eval_split = 'test'; c.dataset.test_split = 'validation'",
+     "'dataset.eval_split': 'test' reads the 'test' split, and selection='best' would select the model on test"),
+    ("c.selection = 'best'; c.dataset.eval_split = 'validation+test[:10]'", "reads the 'test' split"),
     ("c.task = 'dml'; c.dml = {'num_students': 0}", "needs at least 2 students, got 0"),
     ("c.task = 'dml'; c.dml = {'peers': ({'name': 'resnet9'},)}", "dml.peers[0].name"),
     ("c.task = 'dml'; c.dml = {'peers': ({'name': 'mlp', 'kwargs': {'depth': 3}},)}", "dml.peers[0].kwargs"),

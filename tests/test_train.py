@@ -609,3 +609,16 @@ def test_split_slices_select_the_examples_and_overlaps_are_noted(tmp_path, data_
     shared = data.shared_examples("digits", "train[:80%]", "train[70%:]", data_dir)
     assert shared > 100 and (f"[note] dataset.eval_split 'train[70%:]' shares {shared} examples with "
                              "dataset.train_split 'train[:80%]'") in capfd.readouterr().err
+
+
+def test_best_selection_on_examples_of_the_test_split_is_refused(tmp_path, data_dir):
+    """selection='best' must not pick the model on test data, however the splits are written: an eval split
+    that shares examples with test_split is one line; disjoint slices of one split are fine."""
+    with pytest.raises(ConfigError, match="'train\\[90%:\\]' shares 126 examples with dataset.test_split"):
+        Trainer(tiny(selection="best", dataset={"train_split": "train[:80%]", "eval_split": "train[90%:]",
+                                                "test_split": "train[88%:]"}), str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="shares 180 examples"):
+        Trainer(tiny(selection="best", dataset={"eval_split": "validation", "test_split": "validation"}),
+                str(tmp_path / "b"))
+    Trainer(tiny(selection="best", dataset={"train_split": "train[:80%]", "eval_split": "train[80%:90%]",
+                                            "test_split": "train[90%:]"}), str(tmp_path / "c"))

@@ -453,9 +453,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if isinstance(b, int) and b >= config.total_steps:
             raise ConfigError(f"config key 'schedule.boundaries': step {b} is not before total_steps "
                               f"{config.total_steps}, so it would never apply")
-    if config.selection == "best" and _split_name(config.dataset.eval_split) == _split_name(config.dataset.test_split):
-        raise ConfigError(f"config key 'dataset.eval_split': {config.dataset.eval_split!r} is the test split, and "
-                          "selection='best' would select the model on it; use a validation split")
+    # (an eval split sharing examples with test_split is refused by the Trainer, which knows the split sizes)
+    if config.selection == "best" and "test" in _split_names(config.dataset.eval_split):
+        raise ConfigError(f"config key 'dataset.eval_split': {config.dataset.eval_split!r} reads the 'test' split, "
+                          "and selection='best' would select the model on test data; use a validation split (or "
+                          "one held out of train, e.g. 'train[90%:]')")
     if config.task != "kd" and not config.study.arms:  # (a study's arms are validated with their overrides)
         for key, unused in (("distill.terms", config.distill.terms), ("teacher.checkpoint", config.teacher.checkpoint),
                             ("extra_teachers", config.extra_teachers)):
@@ -598,9 +600,9 @@ def _check_study(study, reserved: set) -> None:
         _check_run_name(f"study.ensembles[{i}]", ens["name"], names, reserved)
 
 
-def _split_name(split: str) -> str:
-    """'train[:80%]' -> 'train': the split a tfds split string reads from."""
-    return str(split).split("[")[0].strip()
+def _split_names(split: str) -> list:
+    """'train[:80%]+validation' -> ['train', 'validation']: the splits a tfds split expression reads from."""
+    return [part.split("[")[0].strip() for part in str(split).split("+")]
 
 
 # section -> the tasks that read it; elsewhere a changed key would be silently ignored

@@ -70,6 +70,12 @@ class Trainer:
                                                 self.data_dir):
                 self.split_notes.append(f"dataset.{key} {split!r} shares {shared} examples with dataset.train_split "
                                         f"{config.dataset.train_split!r}: its scores are partly on training examples")
+        if (config.selection == "best" and info is None and config.dataset.eval_split and config.dataset.test_split
+                and (shared := data.shared_examples(config.dataset.name, config.dataset.eval_split,
+                                                    config.dataset.test_split, self.data_dir))):
+            raise ConfigError(f"config key 'dataset.eval_split': {config.dataset.eval_split!r} shares {shared} examples "
+                              f"with dataset.test_split {config.dataset.test_split!r}, and selection='best' would "
+                              "select the model on test data; use a validation split")
         self.task = create_task(config, self.info.num_classes, num_train)
         self.abstract_images = jax.ShapeDtypeStruct((2, *self.info.image_shape), jnp.float32)
 
