@@ -541,6 +541,24 @@ def test_a_study_refuses_an_ensemble_evaluated_with_other_members(tmp_path):
     assert trained == []
 
 
+@pytest.mark.parametrize("arm_b, message", [
+    ({"seeds": (0,)}, r"arms 'a' and 'b' run different seeds \(\[0, 1\] and \[0\]\)"),
+    ({"overrides": {"dataset.name": "mnist5k"}}, r"arms 'a' and 'b' have different dataset.name \('digits' and 'mnist5k'\)"),
+    ({"overrides": {"dataset.eval_split": "train[:10%]"}}, r"arms 'a' and 'b' have different dataset.eval_split"),
+])
+def test_a_study_refuses_an_ensemble_of_arms_that_do_not_match(tmp_path, arm_b, message):
+    """An ensemble averages its arms per seed on one dataset's splits: arms with other seeds (a 1-member
+    'ensemble' for some seed) or another dataset (a shape error after all the training) fail first."""
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))
+    config.study.seeds = (0, 1)
+    config.study.arms = ({"name": "a", "overrides": {}}, {"name": "b", **arm_b})
+    config.study.ensembles = ({"name": "e", "arms": ("a", "b")},)
+    trained = []
+    with pytest.raises(ConfigError, match=r"study.ensembles\[0\] \(e\): " + message):
+        study.run_study(config, str(tmp_path), lambda cfg, d: trained.append(d))
+    assert trained == []
+
+
 def test_a_study_refuses_a_finished_run_of_another_recipe(tmp_path):
     """Rerunning a study on its workdir with other arguments (steps=) must not average old and new runs."""
     config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))

@@ -386,7 +386,7 @@ def _choice(key: str, value, allowed) -> None:
         raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(allowed)}")
 
 
-def _value(config, key: str):
+def value_at(config, key: str):
     """The value at dotted `key` ('optimizer.momentum')."""
     value = config
     for part in key.split("."):
@@ -396,7 +396,7 @@ def _value(config, key: str):
 
 def _positive(config, *keys, allow_zero=False) -> None:
     for key in keys:
-        value = _value(config, key)
+        value = value_at(config, key)
         if value < 0 or (value == 0 and not allow_zero):
             raise ConfigError(f"config key {key!r} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
@@ -435,7 +435,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not config.dataset[key]:
             raise ConfigError(f"config key 'dataset.{key}': must name a split (e.g. 'train', 'validation')")
     for key in ("optimizer.momentum", "optimizer.b1", "optimizer.b2"):
-        value = _value(config, key)
+        value = value_at(config, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"config key {key!r} must be in [0, 1), got {value}")
     _positive(config, "schedule.decay_factor", "optimizer.eps")

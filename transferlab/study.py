@@ -92,6 +92,31 @@ def _check_finished_ensembles(config, runs, workdir: str) -> None:
                     "evaluate it again")
 
 
+ENSEMBLE_SHARED_KEYS = ("dataset.name", "dataset.data_dir", "dataset.eval_split", "dataset.test_split")
+
+
+def check_ensembles(config, runs) -> None:
+    """An ensemble averages its arms' predictions per seed on one dataset's splits: its arms must run the same
+    seeds (a seed with one member would be a single model in the row) and read the same dataset and splits."""
+    seeds = {}
+    for arm, seed, run_config in runs:
+        seeds.setdefault(arm, []).append((seed, run_config))
+    for i, ens in enumerate(config.study.ensembles):
+        first = ens["arms"][0]
+        for arm in ens["arms"][1:]:
+            if [s for s, _ in seeds[arm]] != [s for s, _ in seeds[first]]:
+                raise config_lib.ConfigError(
+                    f"study.ensembles[{i}] ({ens['name']}): arms {first!r} and {arm!r} run different seeds "
+                    f"({[s for s, _ in seeds[first]]} and {[s for s, _ in seeds[arm]]}); an ensemble's arms must "
+                    "run the same seeds")
+            for key in ENSEMBLE_SHARED_KEYS:
+                a, b = (config_lib.value_at(seeds[name][0][1], key) for name in (first, arm))
+                if a != b:
+                    raise config_lib.ConfigError(
+                        f"study.ensembles[{i}] ({ens['name']}): arms {first!r} and {arm!r} have different {key} "
+                        f"({a!r} and {b!r}); an ensemble's arms are evaluated on one dataset's splits")
+
+
 def _checkpoint_inputs(run_config):
     """(config key, workdir) of every other run this run reads weights from."""
     pairs = [("teacher.checkpoint", run_config.teacher.checkpoint), ("init_checkpoint", run_config.init_checkpoint)]
@@ -146,6 +171,7 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
         if changed:
             raise config_lib.ConfigError(f"{arm} seed {seed}: {run_dir} was finished with a different config "
                                          f"({changed}); use a new --workdir, or move that run away to retrain it")
+    check_ensembles(config, runs)
     _check_finished_ensembles(config, runs, workdir)
     check_run_inputs(config, runs, workdir)
     if check_fn is not None:
