@@ -293,6 +293,21 @@ def test_workdir_that_cannot_be_created_is_a_clear_error(tmp_path):
             check_workdir(str(bad))
 
 
+def test_a_single_run_and_a_study_do_not_share_a_workdir(tmp_path):
+    """Either would overwrite the other's results.json (a KD run reads its teacher's selected step there)."""
+    from transferlab.errors import UserError
+    from transferlab.main import check_workdir
+    study_dir, run_dir = tmp_path / "study", tmp_path / "run"
+    (study_dir / "teacher" / "seed_0").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"holds a study \(runs under it: teacher/seed_0\); a single run needs"):
+        check_workdir(str(study_dir))
+    with pytest.raises(UserError, match=r"holds a single run \(checkpoints\); a study needs"):
+        check_workdir(str(run_dir), study=True)
+    check_workdir(str(study_dir), study=True)
+    check_workdir(str(run_dir))
+
+
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     assert cli(["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI]).returncode == 0

@@ -96,7 +96,7 @@ def run(argv=None) -> int:
 
     try:
         config = config_lib.load(args.config, overrides)
-        check_workdir(args.workdir)
+        check_workdir(args.workdir, study=bool(config.study.arms))
         import jax
         _use_compilation_cache(config.xla_cache_dir, args.workdir)
         if args.coordinator_address or args.distributed:
@@ -141,9 +141,11 @@ def run(argv=None) -> int:
     return 0
 
 
-def check_workdir(workdir: str) -> None:
-    """The run directory must be (or be creatable as) a writable directory; checked before any compute,
-    without creating anything."""
+def check_workdir(workdir: str, study: bool = False) -> None:
+    """The run directory must be (or be creatable as) a writable directory, and not hold the other kind of
+    workdir (a study's, for a single run; a single run's, for a study): either would overwrite the other's
+    results.json, which KD runs read to find a teacher's selected step. Checked before any compute, without
+    creating anything."""
     from transferlab.errors import UserError
 
     if files.is_storage_url(workdir):
@@ -155,6 +157,16 @@ def check_workdir(workdir: str) -> None:
             raise UserError(f"--workdir {workdir!r}: exists and is not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"--workdir {workdir!r}: not writable")
+        single = [n for n in ("checkpoints", "config.json") if os.path.exists(os.path.join(path, n))]
+        runs = sorted(os.path.relpath(d, path) for d in glob.glob(os.path.join(glob.escape(path), "*", "seed_*"))
+                      if os.path.isdir(d))
+        if study and single:
+            raise UserError(f"--workdir {workdir!r}: holds a single run ({single[0]}); a study needs a directory "
+                            "of its own")
+        if not study and runs:
+            more = f", ... ({len(runs)} in all)" if len(runs) > 3 else ""
+            raise UserError(f"--workdir {workdir!r}: holds a study (runs under it: {', '.join(runs[:3])}{more}); a "
+                            "single run needs a directory of its own")
         return
     parent = os.path.dirname(path)
     while not os.path.exists(parent):
