@@ -574,6 +574,29 @@ def test_a_study_refuses_an_ensemble_of_arms_that_do_not_match(tmp_path, arm_b, 
     assert trained == []
 
 
+def test_a_study_checks_existing_teacher_and_init_checkpoints_before_anything_trains(tmp_path, data_dir):
+    """A later arm whose teacher (or init) checkpoint is of another architecture fails, naming the arm,
+    before the first arm trains (checked on the checkpoint's metadata; no array is read)."""
+    teacher_dir = str(tmp_path / "mlp32")
+    train_and_evaluate(tiny(total_steps=2, eval_every_steps=0), teacher_dir)
+    config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))
+    kd = {"task": "kd", "teacher.name": "mlp", "teacher.kwargs": {"hidden_sizes": (16,)},
+          "teacher.checkpoint": teacher_dir, "distill.terms": ({"name": "kd"},)}
+    for overrides, message in ((kd, r"study.arms\[1\] \(b\): teacher.checkpoint: .* do not match the "
+                                    r"configured model .* that run trained mlp"),
+                               ({"init_checkpoint": teacher_dir, "model.kwargs": {"hidden_sizes": (8,)}},
+                                r"study.arms\[1\] \(b\): config key 'init_checkpoint': .* do not match")):
+        config.study.arms = ({"name": "a", "overrides": {}}, {"name": "b", "overrides": overrides})
+        trained = []
+        with pytest.raises(ConfigError, match=message):
+            study.run_study(config, str(tmp_path / "study"), lambda cfg, d: trained.append(d), train.check_config)
+        assert trained == []
+    kd["teacher.kwargs"] = {"hidden_sizes": (32,)}  # the teacher's own architecture: checks pass
+    config.study.arms = ({"name": "b", "overrides": kd},)
+    study.check_arms(config, study.resolve_arms(config, str(tmp_path / "study")), str(tmp_path / "study"),
+                     train.check_config)
+
+
 def test_a_study_refuses_a_finished_run_of_another_recipe(tmp_path):
     """Rerunning a study on its workdir with other arguments (steps=) must not average old and new runs."""
     config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"))

@@ -143,11 +143,13 @@ class Checkpointer:
         return UserError(f"checkpoint {self.directory}/{step} cannot be restored (corrupted, or the model or "
                          f"optimizer changed): {first_line(error, innermost=True)}{hint}")
 
-    def restore_subtree(self, step: int, abstract_subtree: dict, optional=()):
+    def restore_subtree(self, step: int, abstract_subtree: dict, optional=(), read: bool = True):
         """Restores the parts of the saved train state named two levels deep in `abstract_subtree`
         (`{'params': {'model': ...}, 'model_state': {'model': ...}}`: a model's params and BN statistics)
         onto its shardings; the rest (optimizer state, connectors) is read replicated and dropped. Second-level
-        names in `optional` (a DML run's peers) that the checkpoint lacks are left out of the result."""
+        names in `optional` (a DML run's peers) that the checkpoint lacks are left out of the result.
+        With `read=False`, only the saved shapes are checked against `abstract_subtree` (metadata alone) and
+        None is returned."""
         metadata = self._state_metadata(step)
         metadata = getattr(metadata, "tree", metadata)
         abstract_subtree = {top: {name: value for name, value in part.items()
@@ -158,6 +160,8 @@ class Checkpointer:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata,
                               is_leaf=is_array)
         _graft(target, abstract_subtree, f"checkpoint {self.directory}/{step}")
+        if not read:
+            return None
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as e:  # noqa: BLE001  (as in restore)
@@ -181,10 +185,13 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, error=UserError, optional=()):
+def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, error=UserError, optional=(),
+                             read: bool = True):
     """(restored `abstract_subtree`, step) from the checkpoint the run in `workdir` selected
     (its results.json), else its latest: a model's params and BN statistics for a teacher,
-    an init checkpoint or an export. `where` (a config key or flag) leads every one-line error."""
+    an init checkpoint or an export. `where` (a config key or flag) leads every one-line error.
+    `read=False` checks the same from the checkpoint's metadata alone, reading no array, and gives
+    (None, step): a study checks its arms' existing teachers this way before anything trains."""
     from transferlab.tasks.kd import selected_step
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
@@ -194,10 +201,10 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
         step = selected_step(workdir, ckpt)
         if step is None:
             raise error(f"{where}: {ckpt_dir} holds no complete checkpoint")
-        if not os.path.exists(os.path.join(workdir, "results.json")):
+        if read and not os.path.exists(os.path.join(workdir, "results.json")):
             note(f"{where}: {workdir} has not finished (no results.json); using its latest checkpoint, step {step}")
         try:
-            return ckpt.restore_subtree(step, abstract_subtree, optional), step
+            return ckpt.restore_subtree(step, abstract_subtree, optional, read), step
         except ModelMismatch as e:
             raise error(f"{where}: {e}{_trained_as(workdir)}") from None
         except UserError as e:

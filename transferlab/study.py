@@ -26,6 +26,7 @@ import os
 import ml_collections
 
 from transferlab import checkpoint, config as config_lib, preemption, report
+from transferlab.errors import UserError
 
 
 def _substitute(value, workdir: str, seed: int):
@@ -153,7 +154,7 @@ def check_arms(config, runs, workdir: str, check_fn) -> None:
         checked.add(arm)
         try:
             check_fn(run_config)
-        except config_lib.ConfigError as e:
+        except UserError as e:  # (a config key, or a checkpoint that does not match the arm's model)
             raise config_lib.ConfigError(f"study.arms[{index[arm]}] ({arm}): {e}") from None
 
 

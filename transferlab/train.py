@@ -309,16 +309,31 @@ class Trainer:
             return None  # unreadable: evaluate again and rewrite it
         return results if isinstance(results, dict) and "test" in results else None
 
-    def load_init_checkpoint(self, state):
-        """Replaces the model's params and BN statistics with those of the run in `init_checkpoint`; a DML
-        run's peers too, where that run has them (a DML run's own), else they keep their fresh init."""
+    def _restore_init_models(self, state, read: bool = True):
+        """The models' params and BN statistics of the run in `init_checkpoint` (`read=False`: only checked
+        against `state`'s shapes, from the checkpoint's metadata). `state` may be abstract."""
         names = list(getattr(self.task, "names", ["model"]))  # DML: ['model', 'peer1', ...]
         part = {"params": {n: state["params"][n] for n in names},
                 "model_state": {n: state["model_state"][n] for n in names}}
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), part)
-        restored, _ = checkpoint.restore_selected_subtree(self.config.init_checkpoint, abstract,
-                                                          "config key 'init_checkpoint'", ConfigError,
-                                                          optional=names[1:])
+        return checkpoint.restore_selected_subtree(self.config.init_checkpoint, abstract,
+                                                   "config key 'init_checkpoint'", ConfigError,
+                                                   optional=names[1:], read=read)[0]
+
+    def check_checkpoint_inputs(self) -> None:
+        """The checkpoints this run reads that exist already (teachers, `init_checkpoint`) match its models,
+        checked on their metadata alone: a study checks every arm so before anything trains."""
+        if hasattr(self.task, "check_checkpoints"):
+            self.task.check_checkpoints(self.mesh, self.abstract_images)
+        if self.config.init_checkpoint and os.path.isdir(os.path.join(self.config.init_checkpoint, "checkpoints")):
+            self._restore_init_models(checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings),
+                                      read=False)
+
+    def load_init_checkpoint(self, state):
+        """Replaces the model's params and BN statistics with those of the run in `init_checkpoint`; a DML
+        run's peers too, where that run has them (a DML run's own), else they keep their fresh init."""
+        names = list(getattr(self.task, "names", ["model"]))  # DML: ['model', 'peer1', ...]
+        restored = self._restore_init_models(state)
         fresh = [n for n in names if n not in restored["params"]]
         if fresh:
             note(f"init_checkpoint: {self.config.init_checkpoint} has no {', '.join(fresh)}; they start from "
@@ -411,9 +426,12 @@ class Trainer:
 
 def check_config(config, devices=None) -> None:
     """Builds a run's Trainer without data, state or checkpoints: models, taps, connectors, optimizer
-    and shardings are checked abstractly, and one train step is traced on abstract values (a loss's
-    own shape checks), all without compute (raises ConfigError/UserError as the run would)."""
-    Trainer(config, workdir="", devices=devices).trace_train_step()
+    and shardings are checked abstractly, one train step is traced on abstract values (a loss's
+    own shape checks), and the teacher and init checkpoints that exist already are checked against the
+    models on their metadata, all without compute (raises ConfigError/UserError as the run would)."""
+    trainer = Trainer(config, workdir="", devices=devices)
+    trainer.trace_train_step()
+    trainer.check_checkpoint_inputs()
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:

@@ -497,21 +497,37 @@ class KDTask:
             out[term.key] = jax.device_put(means, replicated(mesh))
         return out
 
-    def _load_teacher(self, index, mesh, abstract_images):
-        from transferlab.checkpoint import abstract_with_shardings, restore_selected_subtree
+    def _teacher_target(self, index, mesh, abstract_images):
+        """(config key, {'params': {'model': ...}, 'model_state': {'model': ...}} of teacher `index`'s
+        abstract variables, replicated on `mesh`)."""
+        from transferlab.checkpoint import abstract_with_shardings
         from transferlab.parallel import replicated
-        model, section = self.teachers[index], self.teacher_sections[index]
         where = "teacher.checkpoint" if index == 0 else f"extra_teachers[{index - 1}].checkpoint"
-        params, state = jax.eval_shape(lambda x: common.init_model(model, jax.random.key(0), x), abstract_images)
+        params, state = jax.eval_shape(lambda x: common.init_model(self.teachers[index], jax.random.key(0), x),
+                                       abstract_images)
         target = {"params": {"model": params}, "model_state": {"model": state}}
-        shardings = jax.tree.map(lambda _: replicated(mesh), target)
+        return where, abstract_with_shardings(target, jax.tree.map(lambda _: replicated(mesh), target))
+
+    def _load_teacher(self, index, mesh, abstract_images):
+        from transferlab.checkpoint import restore_selected_subtree
+        section = self.teacher_sections[index]
+        where, target = self._teacher_target(index, mesh, abstract_images)
         if section.checkpoint == RANDOM_TEACHER:
-            variables = random_variables({"params": params, "model_state": state}, self.config.seed + 1 + index)
-            return jax.device_put(variables, {"params": shardings["params"]["model"],
-                                              "model_state": shardings["model_state"]["model"]}), -1
-        restored, step = restore_selected_subtree(section.checkpoint, abstract_with_shardings(target, shardings), where)
+            abstract = {"params": target["params"]["model"], "model_state": target["model_state"]["model"]}
+            variables = random_variables(abstract, self.config.seed + 1 + index)
+            return jax.device_put(variables, jax.tree.map(lambda x: x.sharding, abstract)), -1
+        restored, step = restore_selected_subtree(section.checkpoint, target, where)
         _note_other_dataset(where, section.checkpoint, self.config.dataset.name)
         return {"params": restored["params"]["model"], "model_state": restored["model_state"]["model"]}, step
+
+    def check_checkpoints(self, mesh, abstract_images):
+        """The teacher checkpoints that exist already match their teachers' models, checked on their metadata
+        alone (no array is read): a study's later arm with a wrong teacher fails before the first arm trains."""
+        from transferlab.checkpoint import restore_selected_subtree
+        for index, section in enumerate([] if self.self_ema else self.teacher_sections):
+            if section.checkpoint != RANDOM_TEACHER and os.path.isdir(os.path.join(section.checkpoint, "checkpoints")):
+                where, target = self._teacher_target(index, mesh, abstract_images)
+                restore_selected_subtree(section.checkpoint, target, where, read=False)
 
     # ------------------------------------------------------------------ steps
 
