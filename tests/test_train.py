@@ -262,6 +262,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
     assert "checkpoints is not a writable directory" in errors[8]
     assert "'selection_metric': 'teacher_agreement' is not an eval metric of task 'classify'" in errors[9]
     assert "'dataset.name': 'digits:9.9.9'" in errors[10]
+    # no empty run is left behind in a workdir the failed command created; one that existed is kept
+    assert sorted(os.listdir(tmp_path)) == ["file", "g"] and (tmp_path / "g" / "checkpoints").read_text() == "x"
 
 
 @pytest.mark.parametrize("extra, message", [

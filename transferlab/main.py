@@ -17,6 +17,7 @@ import contextlib
 import glob
 import os
 import shlex
+import shutil
 import sys
 
 from transferlab import errors, files
@@ -94,6 +95,7 @@ def run(argv=None) -> int:
     provenance.git_commit()  # the commit of the code this process imported (read once, see provenance)
     from transferlab.errors import NonFiniteLoss, UserError
 
+    created = not os.path.lexists(args.workdir)
     try:
         config = config_lib.load(args.config, overrides)
         check_workdir(args.workdir, study=bool(config.study.arms))
@@ -123,6 +125,8 @@ def run(argv=None) -> int:
                     break
     except UserError as e:
         _silence_unraisable()
+        if created:
+            _remove_if_nothing_written(args.workdir)
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except NonFiniteLoss as e:
@@ -139,6 +143,15 @@ def run(argv=None) -> int:
         print(f"stopped ({signal_name}) {where}; rerun the same command to resume", flush=True)
         return EXIT_INTERRUPTED if signal_name == "SIGINT" else 0
     return 0
+
+
+def _remove_if_nothing_written(workdir: str) -> None:
+    """Removes a workdir this process created if no file lies under it: bad input found once the run has
+    started (a checkpoint of another model, a metric the task does not report) leaves no empty run behind."""
+    for _, _, names in os.walk(workdir):
+        if names:
+            return
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def check_workdir(workdir: str, study: bool = False) -> None:
