@@ -107,6 +107,8 @@ def test_overrides_are_typed(tmp_path):
     # a second new-user audit (2026-11-27): each was accepted and silently ignored, or selected on test
     ("c.schedule = {'name': 'cosine', 'boundaries': (2,)}", "'schedule.boundaries' is set but schedule.name is 'cosine'"),
     ("c.total_steps = 50; c.schedule = {'name': 'step', 'boundaries': (60,)}", "step 60 is not before total_steps 50"),
+    ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'ce_weight': 0.0, 'terms': ({'name': 'kd', "
+     "'weight': 0.0},)}", "ce_weight == 0 and every term's weight is 0: nothing to train"),
     ("c.selection = 'best'; c.dataset.eval_split = 'test'", "'dataset.eval_split': 'test' reads the 'test' split"),
     ("c.selection = 'best'; c.dataset.eval_split = 'test[:50%]'", "'dataset.eval_split': 'test[:50%]' reads the"),
     # a third audit: the splits swapped, or the test split summed into the eval split

@@ -187,7 +187,8 @@ def test_shape_mismatch_without_connector_is_an_error(tmp_path, teacher_dir):
 
 
 @pytest.mark.parametrize("term, message", [
-    ({"name": "kd", "weight": "a"}, r"terms\[0\]\.weight: expected a finite number, got 'a'"),
+    ({"name": "kd", "weight": "a"}, r"terms\[0\]\.weight: expected a finite number >= 0, got 'a'"),
+    ({"name": "kd", "weight": -1.0}, r"terms\[0\]\.weight: expected a finite number >= 0, got -1.0"),
     ({"name": "kd", "warmup_steps": -3}, r"terms\[0\]\.warmup_steps: expected an int >= 0"),
     ({"name": "kd", "temperature": -1.0}, r"terms\[0\]: loss 'kd' hparam 'temperature': got -1.0; expected a number > 0"),
     ({"name": "dist", "tau": 0.0}, r"hparam 'tau': got 0.0; expected a number > 0"),

@@ -530,6 +530,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                               f"{config.distill.teacher_combination!r}; set teacher_combination='weighted'")
         if not config.distill.terms and config.distill.ce_weight == 0:
             raise ConfigError("distill: no loss terms and ce_weight == 0: nothing to train")
+        if config.distill.ce_weight == 0 and all(isinstance(t, dict) and dict(t).get("weight", 1.0) == 0
+                                                 for t in config.distill.terms):
+            raise ConfigError("distill: ce_weight == 0 and every term's weight is 0: nothing to train")
         for i, term in enumerate(config.distill.terms):
             if not isinstance(term, dict):
                 raise ConfigError(f"distill.terms[{i}]: expected a dict like {{'name': 'kd', 'weight': 1.0}}, "

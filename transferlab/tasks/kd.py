@@ -144,8 +144,8 @@ class Term:
         self.spec = losses.get(self.name)
         self.weight = raw.get("weight", 1.0)
         if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) \
-                or not math.isfinite(self.weight):
-            raise ConfigError(f"{self.where}.weight: expected a finite number, got {self.weight!r}")
+                or not math.isfinite(self.weight) or self.weight < 0:
+            raise ConfigError(f"{self.where}.weight: expected a finite number >= 0, got {self.weight!r}")
         self.weight = float(self.weight)
         self.warmup_steps = raw.get("warmup_steps", 0)
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, numbers.Integral) \
