@@ -109,6 +109,12 @@ def test_overrides_are_typed(tmp_path):
     ("c.total_steps = 50; c.schedule = {'name': 'step', 'boundaries': (60,)}", "step 60 is not before total_steps 50"),
     ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'ce_weight': 0.0, 'terms': ({'name': 'kd', "
      "'weight': 0.0},)}", "ce_weight == 0 and every term's weight is 0: nothing to train"),
+    ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'kd'},)}; "
+     "c.extra_teachers = ({'name': 'mlp', 'checkpoint': 'x', 'kwargs': {'hidden_size': 3}},)",
+     "config key 'extra_teachers[0].kwargs': model 'mlp' got unknown kwarg 'hidden_size'"),
+    ("c.task = 'kd'; c.teacher = {'name': 'mlp'}; c.distill = {'terms': ({'name': 'kd'},)}; "
+     "c.extra_teachers = ({'name': 'mlp', 'checkpoint': 'x', 'kwargs': 3},)",
+     "config key 'extra_teachers[0].kwargs': expected a dict of the model's arguments, got 3"),
     ("c.selection = 'best'; c.dataset.eval_split = 'test'", "'dataset.eval_split': 'test' reads the 'test' split"),
     ("c.selection = 'best'; c.dataset.eval_split = 'test[:50%]'", "'dataset.eval_split': 'test[:50%]' reads the"),
     # a third audit: the splits swapped, or the test split summed into the eval split

@@ -525,6 +525,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             if name not in models.names():
                 raise unknown_name(f"model (extra_teachers[{i}].name)", name, models.names())
             _choice(f"extra_teachers[{i}].dtype", dict(extra).get("dtype", "float32"), DTYPES)
+            _check_model_kwargs(f"extra_teachers[{i}]", extra)
         if config.distill.teacher_weights and config.distill.teacher_combination != "weighted":
             raise ConfigError(f"config key 'distill.teacher_weights' is set but teacher_combination is "
                               f"{config.distill.teacher_combination!r}; set teacher_combination='weighted'")
@@ -649,8 +650,12 @@ def _check_finite(tree, path: str = "") -> None:
 def _check_model_kwargs(section: str, model) -> None:
     """Constructing a linen module is cheap and checks its kwargs (no params are made)."""
     from transferlab import models
+    model = dict(model)
+    kwargs = model.get("kwargs", {})
+    if not isinstance(kwargs, (dict, ml_collections.ConfigDict)):
+        raise ConfigError(f"config key '{section}.kwargs': expected a dict of the model's arguments, got {kwargs!r}")
     try:
-        models.create(model.name, num_classes=10, **dict(model.kwargs))
+        models.create(model["name"], num_classes=10, **dict(kwargs))
     except ConfigError as e:
         raise ConfigError(f"config key '{section}.kwargs': {e}") from None
 
