@@ -129,6 +129,8 @@ def test_data_partition_kd_between_two_pretrained_models(tmp_path, data_dir):
     b = jnp.asarray([[0.0, 1.0], [0.0, 5.0]])
     combined = task.combined_logits([{"logits": a}, {"logits": b}], jnp.asarray([0, 1]))
     np.testing.assert_array_equal(combined, jnp.asarray([[5.0, 0.0], [0.0, 5.0]]))
+    # evaluation does not pick by the eval labels (an oracle): its teacher_accuracy is of the teachers' average
+    np.testing.assert_array_equal(task.combined_logits([{"logits": a}, {"logits": b}], None), (a + b) / 2)
 
 
 def test_born_again_generations_and_their_ensemble(tmp_path, data_dir):

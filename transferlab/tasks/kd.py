@@ -545,12 +545,14 @@ class KDTask:
         return outs
 
     def combined_logits(self, teacher_taps, labels):
-        """The teachers' logits combined per `distill.teacher_combination` (one teacher: its logits)."""
+        """The teachers' logits combined per `distill.teacher_combination` (one teacher: its logits).
+        `labels=None` (evaluation): the label-weighted combinations (adaptive, partition) fall back to the
+        average, as weighting by the eval split's own labels would score an oracle, not the teachers."""
         logits = jnp.stack([t["logits"].astype(jnp.float32) for t in teacher_taps])  # [K, B, C]
         if len(teacher_taps) == 1:
             return logits[0]
         combination = self.config.distill.teacher_combination
-        if combination == "average":
+        if combination == "average" or (labels is None and combination in ("adaptive", "partition")):
             return jnp.mean(logits, axis=0)
         if combination == "weighted":
             w = jnp.asarray(self.config.distill.teacher_weights, jnp.float32)
@@ -679,7 +681,7 @@ class KDTask:
         sums = common.classification_sums(logits, batch["label"], batch["mask"])
         teacher_taps = [{"logits": common.forward(m, v["params"], v["model_state"], batch["image"], train=False)[0]}
                         for m, v in zip(self.teachers, self.teacher_variables(model_state, frozen))]
-        t_logits = self.combined_logits(teacher_taps, batch["label"])
+        t_logits = self.combined_logits(teacher_taps, None)
         mask = batch["mask"].astype(jnp.float32)
         sums["teacher_agreement"] = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)) * mask)
         sums["teacher_accuracy"] = common.classification_sums(t_logits, batch["label"], batch["mask"])["accuracy"]
