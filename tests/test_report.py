@@ -97,3 +97,16 @@ def test_an_arm_with_unfinished_seeds_says_so_in_its_seeds_column(tmp_path):
     with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
         text = f.read()
     assert "| student | mlp | 92.00 ± 2.83 | 91.00 ± 2.83 | 2 of 3 (seed_1 unfinished) |" in text
+
+
+def test_a_closed_stdout_ends_the_cli_quietly():
+    """`python -m transferlab.report DIR | head`: the reader goes away; exit 141 (a shell's SIGPIPE code),
+    no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    code = "from transferlab.errors import exit_with\nexit_with(lambda: [print('row ' * 50) for _ in range(20000)] and 0)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err

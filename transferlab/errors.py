@@ -1,6 +1,7 @@
 """User-facing errors (one line naming the culprit, exit code 2, no traceback) and notes."""
 
 import argparse
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -59,3 +60,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.label}: error: {message}\n")
+
+
+def exit_with(main) -> None:
+    """`sys.exit(main())`, quietly when the reader of stdout has gone (`python -m transferlab.report DIR | head`):
+    exit 141, as a shell reports a pipe's writer stopped by SIGPIPE, and no BrokenPipeError traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit)
+        code = 141
+    sys.exit(code)

@@ -159,4 +159,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from transferlab.errors import exit_with
+    exit_with(main)

@@ -247,7 +247,7 @@ def main() -> None:
     except host_allocator.AllocatorChoiceError as e:
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
-    sys.exit(run())
+    errors.exit_with(run)
 
 
 if __name__ == "__main__":

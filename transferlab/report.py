@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from transferlab import files, provenance
-from transferlab.errors import OneLineArgumentParser, UserError
+from transferlab.errors import OneLineArgumentParser, UserError, exit_with
 
 
 def read_json(path: str) -> dict:
@@ -168,4 +168,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -9,7 +9,7 @@ prepared datasets are left as they are. Errors: one line on stderr, exit 2.
 import sys
 
 from transferlab.data import builders
-from transferlab.errors import OneLineArgumentParser, UserError, unknown_name
+from transferlab.errors import OneLineArgumentParser, UserError, exit_with, unknown_name
 
 
 def prepare_all(names, data_dir=None) -> dict:
@@ -41,4 +41,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)
