@@ -680,3 +680,18 @@ def test_best_selection_on_examples_of_the_test_split_is_refused(tmp_path, data_
                 str(tmp_path / "b"))
     Trainer(tiny(selection="best", dataset={"train_split": "train[:80%]", "eval_split": "train[80%:90%]",
                                             "test_split": "train[90%:]"}), str(tmp_path / "c"))
+
+
+def test_main_run_in_process_leaves_no_stop_behind(tmp_path, data_dir, monkeypatch):
+    """`main.run` called twice from one process (a notebook): a stop signal of the first run must not stop the
+    second at its first step, and the signal handlers are the caller's own again afterwards."""
+    from transferlab import main
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    tiny_cfg = os.path.join(REPO, "tests", "configs", "tiny.py")
+    monkeypatch.setattr(train, "_FAULT_TERM_AT_STEP", 8)  # a SIGTERM to this process after step 8
+    assert main.run(["--config", tiny_cfg, "--workdir", str(tmp_path / "a"), *TINY_CLI]) == 0
+    assert not (tmp_path / "a" / "results.json").exists()  # stopped, resumable
+    monkeypatch.setattr(train, "_FAULT_TERM_AT_STEP", 0)
+    assert main.run(["--config", tiny_cfg, "--workdir", str(tmp_path / "b"), *TINY_CLI]) == 0
+    assert json.load(open(tmp_path / "b" / "results.json"))["selected_step"] == 24
+    assert {s: signal.getsignal(s) for s in before} == before

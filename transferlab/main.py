@@ -89,8 +89,16 @@ def run(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)
     _configure_environment()
-    from transferlab import config as config_lib, preemption, provenance
+    from transferlab import preemption
     preemption.install()  # SIGTERM / Ctrl-C from here on: finish the step, save, stop
+    try:
+        return _run(args, overrides, argv)
+    finally:  # (called in-process, e.g. from a notebook: its next run and its Ctrl-C start afresh)
+        preemption.uninstall()
+
+
+def _run(args, overrides, argv) -> int:
+    from transferlab import config as config_lib, preemption, provenance
     _quiet_library_warnings()
     provenance.git_commit()  # the commit of the code this process imported (read once, see provenance)
     from transferlab.errors import NonFiniteLoss, UserError

@@ -19,6 +19,13 @@ def _plain(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def run_label(workdir: str) -> str:
+    """How log lines name a run: its directory's name, with the arm for a study's runs ('teacher/seed_0')."""
+    path = os.path.normpath(os.path.abspath(workdir))
+    name = os.path.basename(path)
+    return f"{os.path.basename(os.path.dirname(path))}/{name}" if name.startswith("seed_") else name
+
+
 class MetricWriter:
     """Writes on process 0 only; other processes get a no-op writer."""
 
@@ -43,7 +50,7 @@ class MetricWriter:
         if progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step",
-                             desc=os.path.basename(os.path.normpath(workdir)))
+                             desc=run_label(workdir))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -62,7 +69,7 @@ class MetricWriter:
             self._bar.set_postfix_str(text[:120], refresh=False)
             self._bar.write(f"step {step}: {text}") if any(k.startswith("eval/") for k in shown) else None
         else:
-            print(f"[{os.path.basename(os.path.dirname(self.path))}] step {step}: {text}", flush=True)
+            print(f"[{run_label(os.path.dirname(self.path))}] step {step}: {text}", flush=True)
 
     def flush(self) -> None:
         """Puts TensorBoard's buffered events on disk (with each checkpoint: a kill loses only what the

@@ -68,6 +68,7 @@ class StopFlag:
 
 
 _FLAG: StopFlag | None = None
+_PREVIOUS: dict = {}  # signal -> the handler `install` replaced
 
 
 def install() -> StopFlag:
@@ -75,10 +76,22 @@ def install() -> StopFlag:
     global _FLAG
     if _FLAG is None:
         flag = StopFlag()
-        signal.signal(signal.SIGTERM, flag.handle)
-        signal.signal(signal.SIGINT, flag.handle)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            _PREVIOUS[signum] = signal.getsignal(signum)
+            signal.signal(signum, flag.handle)
         _FLAG = flag
     return _FLAG
+
+
+def uninstall() -> None:
+    """Puts back the handlers `install` replaced and forgets the flag, so that an in-process caller's next
+    run (`main.run` from a notebook) does not inherit an earlier stop, and Ctrl-C interrupts it again."""
+    global _FLAG
+    for signum, previous in _PREVIOUS.items():
+        with contextlib.suppress(ValueError, TypeError):  # (not the main thread; a handler set outside Python)
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    _PREVIOUS.clear()
+    _FLAG = None
 
 
 def defer_to_jax() -> None:

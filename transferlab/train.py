@@ -421,6 +421,9 @@ class Trainer:
         }
         if jax.process_index() == 0:
             files.write_json(os.path.join(self.workdir, "results.json"), results)
+        if jax.process_count() > 1:  # a study's next run may read it (a teacher's selected step) on any process
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("transferlab: results.json written")
         return results
 
 
