@@ -19,7 +19,7 @@ for flag in --config --workdir; do  # (else every process would print the same e
   [[ $found == 1 ]] || fail "$flag is required; $usage"
 done
 port=${PORT:-$((20000 + RANDOM % 20000))}
-python=${PYTHON:-.venv/bin/python}
+python=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}  # the repo's venv, from any directory
 pids=()
 forward() { kill "-$1" "${pids[@]}" 2>/dev/null; }
 trap 'forward TERM' TERM

@@ -122,3 +122,26 @@ def test_tpu_pod_script_runs_the_pinned_jax_and_passes_the_arguments_through(tmp
                    if line.startswith("jax=="))
     assert out.stdout.splitlines() == [f"pip jax[tpu]=={jax_pin.strip()}", "[--distributed][--config]"
                                        "[experiments/kd/quickstart.py][--workdir][/mnt/b/run 1]"], out
+
+
+def test_processes_given_different_configs_stop_with_one_line(tmp_path, data_dir):
+    """Processes of one run with different arguments would hang in a collective (SIGTERM cannot end that):
+    every process exits 2 with one line right after jax.distributed starts, and no workdir is made."""
+    import random
+    port = 20000 + random.randrange(20000)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    workdir = str(tmp_path / "run")
+    procs = [subprocess.Popen([sys.executable, "-m", "transferlab.main", "--config", "tests/configs/tiny.py",
+                               "--workdir", workdir, f"--config.total_steps={steps}",
+                               "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                               "--process_id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i, steps in enumerate((20, 30))]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        errors = [line for line in err.splitlines() if line.startswith("transferlab: error:")]
+        assert p.returncode == 2 and errors == ["transferlab: error: process 1 was given another config or "
+                                                "--workdir than process 0; every process of a run needs the "
+                                                "same --config, --config.KEY overrides and --workdir"], err[-2000:]
+        assert "Traceback" not in err
+    assert not os.path.exists(workdir)

@@ -119,6 +119,7 @@ def _run(args, overrides, argv) -> int:
             except (ValueError, RuntimeError) as e:  # no cluster detected, an unreachable coordinator, ...
                 raise UserError(f"jax.distributed.initialize: {errors.first_line(e)}") from None
             preemption.defer_to_jax()  # every process stops at the same step
+            check_same_run_everywhere(config, args.workdir)
         from transferlab import study, train
         if config.study.arms:
             command = shlex.join(["python", "-m", "transferlab.main", *argv])
@@ -151,6 +152,38 @@ def _run(args, overrides, argv) -> int:
         print(f"stopped ({signal_name}) {where}; rerun the same command to resume", flush=True)
         return EXIT_INTERRUPTED if signal_name == "SIGINT" else 0
     return 0
+
+
+# Keys that may differ between the processes of one run (each host's own data copy and reader threads)
+PER_HOST_KEYS = ("dataset.data_dir", "dataset.worker_count")
+
+
+def check_same_run_everywhere(config, workdir: str) -> None:
+    """Every process of a multi-process run must be given the same config and --workdir: otherwise they
+    disagree on steps, shapes or paths and hang in a collective (even SIGTERM cannot end them). Compared by a
+    digest gathered from every process right after `jax.distributed.initialize`."""
+    import hashlib
+    import json
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from transferlab import config as config_lib
+    from transferlab.errors import UserError
+    if jax.process_count() == 1:
+        return
+    plain = config_lib.to_plain(config)
+    for key in PER_HOST_KEYS:
+        section, name = key.split(".")
+        plain.get(section, {}).pop(name, None)
+    text = json.dumps([plain, workdir], sort_keys=True, default=str)
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.uint32)
+    everyone = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+    others = [i for i in range(len(everyone)) if not np.array_equal(everyone[i], everyone[0])]
+    if others:
+        raise UserError(f"process {others[0]} was given another config or --workdir than process 0; every process "
+                        "of a run needs the same --config, --config.KEY overrides and --workdir")
 
 
 def _remove_if_nothing_written(workdir: str) -> None:
