@@ -695,3 +695,27 @@ def test_main_run_in_process_leaves_no_stop_behind(tmp_path, data_dir, monkeypat
     assert main.run(["--config", tiny_cfg, "--workdir", str(tmp_path / "b"), *TINY_CLI]) == 0
     assert json.load(open(tmp_path / "b" / "results.json"))["selected_step"] == 24
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_main_run_in_process_uses_each_runs_own_compilation_cache(tmp_path, data_dir, monkeypatch):
+    """JAX sets its persistent cache up once per process: a notebook's second `main.run` must write into its own
+    workdir's xla_cache, and a run without `xla_cache_dir` into none."""
+    from transferlab import main
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    tiny_cfg = os.path.join(REPO, "tests", "configs", "tiny.py")
+    cache = ["--config.xla_cache_dir=xla_cache"]
+    try:
+        counts = []
+        for name, steps, extra in (("a", 8, cache), ("b", 12, cache), ("c", 16, [])):  # other programs each time
+            assert main.run(["--config", tiny_cfg, "--workdir", str(tmp_path / name), *TINY_CLI,
+                             f"--config.total_steps={steps}", *extra]) == 0
+            counts.append({n: len(os.listdir(tmp_path / n / "xla_cache")) for n in "ab"
+                           if (tmp_path / n / "xla_cache").exists()})
+        assert counts[0]["a"] and counts[1]["b"] and counts[1]["a"] == counts[0]["a"] and counts[2] == counts[1]
+        assert not (tmp_path / "c" / "xla_cache").exists()
+    finally:
+        main._use_compilation_cache("", str(tmp_path))  # this test process without a cache again
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+    assert jax.config.jax_compilation_cache_dir is None

@@ -233,12 +233,21 @@ def _use_compilation_cache(cache_dir: str, workdir: str) -> None:
     """`config.xla_cache_dir` -> JAX's persistent compilation cache (unless $JAX_COMPILATION_CACHE_DIR is
     set: the environment wins). Programs that take over a second to compile are stored and reused, e.g. by
     every seed of a study arm after the first: `make kd-table`'s programs compile once per arm."""
-    if not cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
     import jax
-    path = os.path.join(os.path.abspath(workdir), cache_dir)
-    drop_damaged_cache_entries(path)
-    jax.config.update("jax_compilation_cache_dir", path)
+    from jax.experimental.compilation_cache import compilation_cache
+    path = (os.path.join(os.path.abspath(workdir), cache_dir)
+            if cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR") else None)
+    if path:
+        drop_damaged_cache_entries(path)
+    if path != _CACHE_SET_BY_US[0] and (path or _CACHE_SET_BY_US[0]):
+        # JAX sets its cache up once per process: a later in-process run (a notebook's `main.run`) would
+        # keep writing into the first run's cache, or keep using it without `xla_cache_dir`
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", path)
+        _CACHE_SET_BY_US[0] = path
+
+
+_CACHE_SET_BY_US = [None]  # the compilation cache directory `_use_compilation_cache` last set
 
 
 def drop_damaged_cache_entries(path: str) -> list:
