@@ -385,6 +385,7 @@ def _run_worker_once(side, pair, what, args, allocator, variant, fusion_barrier)
     env = _allocator_env(os.environ, allocator)
     if side == "jax":
         env["XLA_FLAGS"] = VARIANTS[variant]
+        env["TRANSFERLAB_XLA_DEFAULTS"] = "0"  # (the variant's flags as given: 'default' is XLA's own)
         env["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--device", args.device,
            "--what", what, "--pair", pair,

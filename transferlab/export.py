@@ -143,8 +143,7 @@ def main(argv=None) -> int:
                         "it registers (only needed for a model of one's own)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from transferlab.errors import UserError
-    from transferlab.main import _configure_environment, _quiet_library_warnings
-    _configure_environment()
+    from transferlab.main import _quiet_library_warnings
     _quiet_library_warnings()
     try:
         if args.config:

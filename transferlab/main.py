@@ -22,9 +22,6 @@ import sys
 
 from transferlab import errors, files
 
-# XLA:CPU runs the conv nets of this library 10-25% faster with the YNNPACK fusion off (see bench/).
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
-
 EXIT_USAGE = errors.EXIT_USAGE
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGTERM, a preemption, exits 0: the scheduler may requeue it)
@@ -79,16 +76,10 @@ def _check_process_flags(parser, args, argv) -> None:
         parser.error(f"--process_id {args.process_id}: expected 0 to {args.num_processes - 1}")
 
 
-def _configure_environment() -> None:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "ynn_fusion_type" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " " + CPU_XLA_FLAGS).strip()
-
 
 def run(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)
-    _configure_environment()
     from transferlab import preemption
     preemption.install()  # SIGTERM / Ctrl-C from here on: finish the step, save, stop
     try:
