@@ -303,6 +303,14 @@ def test_damaged_teacher_results_is_a_clear_error(tmp_path, teacher_dir):
         trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
 
 
+def test_results_name_a_relative_teacher_path_absolutely(tmp_path, teacher_dir, monkeypatch):
+    """`teachers` in results.json must say which run taught, wherever the results are read from."""
+    monkeypatch.chdir(os.path.dirname(teacher_dir))
+    results = train_and_evaluate(kd_config(os.path.basename(teacher_dir), total_steps=2, eval_every_steps=0),
+                                 str(tmp_path / "kd"))
+    assert list(results["teachers"]) == [teacher_dir]
+
+
 def test_an_unfinished_teacher_is_noted_and_pinned_for_the_whole_run(tmp_path, capfd):
     """A teacher run without results.json is used from its latest checkpoint (with a note); if it finishes
     (or trains further) before a killed KD run resumes, the resume is refused rather than swapping teachers."""

@@ -47,7 +47,7 @@ def evaluate_ensemble(members, out_dir: str) -> dict:
     config = first.config
     results = {"task": "ensemble", "model": "+".join(c.model.name for c, _ in members),
                "dataset": config.dataset.name, "seed": config.seed, "total_steps": config.total_steps,
-               "selection": "each member's own rule", "members": [d for _, d in members]}
+               "selection": "each member's own rule", "members": [os.path.abspath(d) for _, d in members]}
     results["test"] = {}  # (stays empty with no test split)
     for name, split in (("validation", config.dataset.eval_split), ("test", config.dataset.test_split)):
         if not split:

@@ -426,7 +426,7 @@ class KDTask:
             return {"teachers": []}
         loaded = [self._load_teacher(i, mesh, abstract_images) for i in range(len(self.teachers))]
         self.frozen_sources = {  # which checkpoint step each teacher came from (a resume must find the same)
-            section.checkpoint: step for section, (_, step) in zip(self.teacher_sections, loaded)
+            os.path.abspath(section.checkpoint): step for section, (_, step) in zip(self.teacher_sections, loaded)
             if section.checkpoint != RANDOM_TEACHER}
         frozen = {"teachers": [variables for variables, _ in loaded]}
         means = self._class_means(mesh, abstract_images, frozen["teachers"])
