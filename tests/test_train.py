@@ -593,6 +593,12 @@ def test_a_study_checks_existing_teacher_and_init_checkpoints_before_anything_tr
         with pytest.raises(ConfigError, match=message):
             study.run_study(config, str(tmp_path / "study"), lambda cfg, d: trained.append(d), train.check_config)
         assert trained == []
+    empty = tmp_path / "study" / "t" / "seed_0" / "checkpoints"  # a teacher arm killed before its first save:
+    empty.mkdir(parents=True)                                     # it trains again first, the check passes
+    config.study.arms = ({"name": "t", "overrides": {}},
+                         {"name": "b", "overrides": {**kd, "teacher.checkpoint": "{workdir}/t/seed_0"}})
+    study.check_arms(config, study.resolve_arms(config, str(tmp_path / "study")), str(tmp_path / "study"),
+                     train.check_config)
     kd["teacher.kwargs"] = {"hidden_sizes": (32,)}  # the teacher's own architecture: checks pass
     config.study.arms = ({"name": "b", "overrides": kd},)
     study.check_arms(config, study.resolve_arms(config, str(tmp_path / "study")), str(tmp_path / "study"),

@@ -199,6 +199,8 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         step = selected_step(workdir, ckpt)
+        if step is None and not read:  # (a study's teacher arm killed before its first save trains again first)
+            return None, None
         if step is None:
             raise error(f"{where}: {ckpt_dir} holds no complete checkpoint")
         if read and not os.path.exists(os.path.join(workdir, "results.json")):
