@@ -83,6 +83,7 @@ def test_overrides_are_typed(tmp_path):
     ("c.task = 'dml'; c.dml = {'peers': ('resnet8',)}", "dml.peers[0]"),
     ("c.task = 'dml'; c.dml = {'peers': ({'name': 'mlp'}, {'name': 'mlp'})}", "dml.num_students"),
     ("c.study = {'arms': ({'name': 'a'}, {'name': 'a'})}", "used by an earlier arm"),
+    ("c.study = {'arms': ({'name': 'checkpoints'},)}", "name 'checkpoints' is taken by the study's own files"),
     ("c.study = {'arms': ({'name': '../escape'},)}", "plain directory name"),
     ("c.study = {'arms': ({'name': 'a', 'seeds': 3},)}", "seeds must be a list"),
     # a third audit (2026-11-27, studies): each was accepted and ignored, wrote outside the workdir, or failed late

@@ -300,7 +300,7 @@ def test_a_single_run_and_a_study_do_not_share_a_workdir(tmp_path):
     from transferlab.errors import UserError
     from transferlab.main import check_workdir
     study_dir, run_dir = tmp_path / "study", tmp_path / "run"
-    (study_dir / "teacher" / "seed_0").mkdir(parents=True)
+    (study_dir / "teacher" / "seed_0" / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match=r"holds a study \(runs under it: teacher/seed_0\); a single run needs"):
         check_workdir(str(study_dir))
@@ -308,6 +308,9 @@ def test_a_single_run_and_a_study_do_not_share_a_workdir(tmp_path):
         check_workdir(str(run_dir), study=True)
     check_workdir(str(study_dir), study=True)
     check_workdir(str(run_dir))
+    notes = tmp_path / "notes"  # a directory that merely looks like a study (no run in it) is no study
+    (notes / "drafts" / "seed_1").mkdir(parents=True)
+    check_workdir(str(notes))
 
 
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path, data_dir):
@@ -574,6 +577,8 @@ def test_a_study_refuses_an_ensemble_of_arms_that_do_not_match(tmp_path, arm_b, 
     with pytest.raises(ConfigError, match=r"study.ensembles\[0\] \(e\): " + message):
         study.run_study(config, str(tmp_path), lambda cfg, d: trained.append(d))
     assert trained == []
+    config.study.arms = ({"name": "a", "seeds": (3, 4)}, {"name": "b", "seeds": (4, 3)})  # same seeds: fine
+    study.check_ensembles(config, study.resolve_arms(config, str(tmp_path)))
 
 
 def test_a_study_checks_existing_teacher_and_init_checkpoints_before_anything_trains(tmp_path, data_dir):

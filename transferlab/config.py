@@ -552,7 +552,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(f"distill.terms[{i}]: {e}") from None
     if not config.study.arms:
         _check_sections_used(config)
-    _check_study(config.study, reserved={"results.json", "results.md", config.xla_cache_dir})
+    # (and the names that mark a single run's workdir, which the CLI refuses to run a study in)
+    _check_study(config.study, reserved={"results.json", "results.md", config.xla_cache_dir, "checkpoints",
+                                         "config.json"})
 
 
 def _check_seeds(where: str, seeds) -> None:
@@ -565,7 +567,7 @@ def _check_seeds(where: str, seeds) -> None:
 
 def _check_run_name(where: str, name, taken: set, reserved: set) -> None:
     """Arms and ensembles are directories of the study's workdir: plain names, each used once, none the
-    study's own files (results.json, results.md, the compilation cache)."""
+    study's own files (results.json, results.md, the compilation cache) nor a single run's marks."""
     if not isinstance(name, str) or not re.fullmatch(r"[\w.+=-]+", name) or name in (".", ".."):
         raise ConfigError(f"{where}: name {name!r} must be a plain directory name (letters, digits, _ . + = -)")
     if name in taken:

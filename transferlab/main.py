@@ -168,7 +168,7 @@ def check_same_run_everywhere(config, workdir: str) -> None:
     for key in PER_HOST_KEYS:
         section, name = key.split(".")
         plain.get(section, {}).pop(name, None)
-    text = json.dumps([plain, workdir], sort_keys=True, default=str)
+    text = json.dumps([plain, os.path.normpath(workdir)], sort_keys=True, default=str)
     digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.uint32)
     everyone = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
     others = [i for i in range(len(everyone)) if not np.array_equal(everyone[i], everyone[0])]
@@ -204,7 +204,7 @@ def check_workdir(workdir: str, study: bool = False) -> None:
             raise UserError(f"--workdir {workdir!r}: not writable")
         single = [n for n in ("checkpoints", "config.json") if os.path.exists(os.path.join(path, n))]
         runs = sorted(os.path.relpath(d, path) for d in glob.glob(os.path.join(glob.escape(path), "*", "seed_*"))
-                      if os.path.isdir(d))
+                      if any(os.path.exists(os.path.join(d, n)) for n in ("checkpoints", "config.json", "results.json")))
         if study and single:
             raise UserError(f"--workdir {workdir!r}: holds a single run ({single[0]}); a study needs a directory "
                             "of its own")

@@ -105,7 +105,7 @@ def check_ensembles(config, runs) -> None:
     for i, ens in enumerate(config.study.ensembles):
         first = ens["arms"][0]
         for arm in ens["arms"][1:]:
-            if [s for s, _ in seeds[arm]] != [s for s, _ in seeds[first]]:
+            if sorted(s for s, _ in seeds[arm]) != sorted(s for s, _ in seeds[first]):
                 raise config_lib.ConfigError(
                     f"study.ensembles[{i}] ({ens['name']}): arms {first!r} and {arm!r} run different seeds "
                     f"({[s for s, _ in seeds[first]]} and {[s for s, _ in seeds[arm]]}); an ensemble's arms must "

@@ -282,6 +282,7 @@ class Trainer:
         saved = data_state.get("frozen_sources") if isinstance(data_state, dict) else None
         if not isinstance(saved, dict):
             return  # (checkpoints written before 2026-11-27 10:00 do not record it)
+        saved = {os.path.abspath(k): v for k, v in saved.items()}  # (recorded as typed before 2026-11-27 15:00)
         for source, step in self._frozen_sources().items():
             if source in saved and saved[source] != step:
                 raise UserError(f"--workdir {workdir!r}: this run started from step {saved[source]} of teacher "
@@ -322,7 +323,11 @@ class Trainer:
 
     def check_checkpoint_inputs(self) -> None:
         """The checkpoints this run reads that exist already (teachers, `init_checkpoint`) match its models,
-        checked on their metadata alone: a study checks every arm so before anything trains."""
+        checked on their metadata alone: a study checks every arm so before anything trains. Not with several
+        processes: Orbax's reads are collectives there, and whether a study's teacher arm has made its
+        directory yet can differ between processes (the restore itself still checks, on all together)."""
+        if jax.process_count() > 1:
+            return
         if hasattr(self.task, "check_checkpoints"):
             self.task.check_checkpoints(self.mesh, self.abstract_images)
         if self.config.init_checkpoint and os.path.isdir(os.path.join(self.config.init_checkpoint, "checkpoints")):
