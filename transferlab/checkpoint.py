@@ -191,7 +191,8 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
     (its results.json), else its latest: a model's params and BN statistics for a teacher,
     an init checkpoint or an export. `where` (a config key or flag) leads every one-line error.
     `read=False` checks the same from the checkpoint's metadata alone, reading no array, and gives
-    (None, step): a study checks its arms' existing teachers this way before anything trains."""
+    (None, step), or (None, None) for a run without a complete checkpoint yet: a study checks its arms'
+    existing teachers this way before anything trains."""
     from transferlab.tasks.kd import selected_step
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
