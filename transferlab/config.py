@@ -454,7 +454,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key 'schedule.boundaries': step {b} is not before total_steps "
                               f"{config.total_steps}, so it would never apply")
     # (an eval split sharing examples with test_split is refused by the Trainer, which knows the split sizes)
-    if config.selection == "best" and "test" in _split_names(config.dataset.eval_split):
+    if config.selection == "best" and "test" in data.split_names(config.dataset.eval_split):
         raise ConfigError(f"config key 'dataset.eval_split': {config.dataset.eval_split!r} reads the 'test' split, "
                           "and selection='best' would select the model on test data; use a validation split (or "
                           "one held out of train, e.g. 'train[90%:]')")
@@ -604,11 +604,6 @@ def _check_study(study, reserved: set) -> None:
             raise ConfigError(f"study.ensembles[{i}]: expected {{'name': ..., 'arms': (arm names)}} with at least "
                               f"one arm from {sorted(arms)}; got {ens!r}")
         _check_run_name(f"study.ensembles[{i}]", ens["name"], names, reserved)
-
-
-def _split_names(split: str) -> list:
-    """'train[:80%]+validation' -> ['train', 'validation']: the splits a tfds split expression reads from."""
-    return [part.split("[")[0].strip() for part in str(split).split("+")]
 
 
 # section -> the tasks that read it; elsewhere a changed key would be silently ignored

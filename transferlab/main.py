@@ -76,7 +76,6 @@ def _check_process_flags(parser, args, argv) -> None:
         parser.error(f"--process_id {args.process_id}: expected 0 to {args.num_processes - 1}")
 
 
-
 def run(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)

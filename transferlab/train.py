@@ -310,10 +310,13 @@ class Trainer:
             return None  # unreadable: evaluate again and rewrite it
         return results if isinstance(results, dict) and "test" in results else None
 
+    def _model_names(self) -> list:
+        return list(getattr(self.task, "names", ["model"]))  # DML: ['model', 'peer1', ...]
+
     def _restore_init_models(self, state, read: bool = True):
         """The models' params and BN statistics of the run in `init_checkpoint` (`read=False`: only checked
         against `state`'s shapes, from the checkpoint's metadata). `state` may be abstract."""
-        names = list(getattr(self.task, "names", ["model"]))  # DML: ['model', 'peer1', ...]
+        names = self._model_names()
         part = {"params": {n: state["params"][n] for n in names},
                 "model_state": {n: state["model_state"][n] for n in names}}
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), part)
@@ -337,9 +340,8 @@ class Trainer:
     def load_init_checkpoint(self, state):
         """Replaces the model's params and BN statistics with those of the run in `init_checkpoint`; a DML
         run's peers too, where that run has them (a DML run's own), else they keep their fresh init."""
-        names = list(getattr(self.task, "names", ["model"]))  # DML: ['model', 'peer1', ...]
         restored = self._restore_init_models(state)
-        fresh = [n for n in names if n not in restored["params"]]
+        fresh = [n for n in self._model_names() if n not in restored["params"]]
         if fresh:
             note(f"init_checkpoint: {self.config.init_checkpoint} has no {', '.join(fresh)}; they start from "
                  "their fresh init")

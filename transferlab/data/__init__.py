@@ -25,5 +25,6 @@ from transferlab.data.sources import (
     get_source,
     offline_names,
     shared_examples,
+    split_names,
     split_size,
 )

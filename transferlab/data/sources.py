@@ -114,12 +114,16 @@ def get_builder(name: str, data_dir=None) -> tfds.core.DatasetBuilder:
     return _builder(name, resolve_data_dir(data_dir))
 
 
+def split_names(split: str) -> list:
+    """'train[:80%]+validation' -> ['train', 'validation']: the splits a tfds split expression reads from."""
+    return [part.split("[", 1)[0].strip() for part in str(split).split("+")]
+
+
 def check_split(name: str, split: str, builder=None, data_dir=None) -> None:
     """Raises ConfigError unless every split named in `split` ('train', 'train[:10%]+test') exists."""
     builder = builder or get_builder(name, data_dir)
     allowed = list(builder.info.splits.keys())
-    for part in str(split).split("+"):
-        base = part.split("[", 1)[0].strip()
+    for base in split_names(split):
         if base not in allowed:
             raise ConfigError(
                 f"unknown split {base!r} for dataset {name!r}; expected one of: "
