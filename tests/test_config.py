@@ -1,5 +1,6 @@
 """Config loading and validation: every error path names the culprit in one line."""
 
+import json
 import os
 import textwrap
 
@@ -227,3 +228,27 @@ def test_scheme_settings_out_of_range_are_config_errors(override, message):
     config_lib.apply_override(config, *config_lib.parse_override(override))
     with pytest.raises(ConfigError, match=message):
         config_lib.validate(config)
+
+
+def test_a_free_form_key_set_on_one_side_only_is_a_config_difference():
+    """A finished run of the default MLP (256, 256) is not reused for `hidden_sizes=(16,)`, nor the reverse;
+    a fixed key missing from an old config.json (added to defaults() since) is still ignored."""
+    def config(**kwargs):
+        c = config_lib.defaults()
+        c.model.kwargs = kwargs
+        return c
+
+    def saved(c):  # as config.json holds it
+        return json.loads(json.dumps(config_lib.to_plain(c)))
+
+    saved_default = saved(config())
+    assert "hidden_sizes: saved unset (the default), now [16]" in config_lib.first_difference(
+        saved_default, config(hidden_sizes=(16,)))
+    saved_small = saved(config(hidden_sizes=(32,)))
+    assert "hidden_sizes: saved [32], now unset (the default)" in config_lib.first_difference(
+        saved_small, config())
+    assert config_lib.first_difference(saved_small, config(hidden_sizes=(32,))) is None
+    old = dict(saved_default)
+    old.pop("eval_batch_size")  # not compared anyway
+    old["optimizer"] = {k: v for k, v in old["optimizer"].items() if k != "clip_grad_norm"}
+    assert config_lib.first_difference(old, config()) is None

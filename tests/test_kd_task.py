@@ -280,6 +280,24 @@ def test_a_teacher_trained_on_another_dataset_is_noted(tmp_path, teacher_dir, ca
         assert (note in capfd.readouterr().err) == noted
 
 
+def test_a_teacher_trained_on_this_runs_test_examples_is_noted(tmp_path, teacher_dir, capfd):
+    """The student's test accuracy is partly on examples its teacher learned from: said when the run starts."""
+    leaky = str(tmp_path / "teacher")
+    shutil.copytree(teacher_dir, leaky)
+    with open(os.path.join(leaky, "config.json")) as f:
+        saved = json.load(f)
+    saved["dataset"]["train_split"] = "train+test[:10]"
+    with open(os.path.join(leaky, "config.json"), "w") as f:
+        json.dump(saved, f)
+    trainer = Trainer(kd_config(leaky), str(tmp_path / "kd"))
+    capfd.readouterr()
+    trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    err = capfd.readouterr().err
+    assert (f"[note] teacher.checkpoint: {leaky} was trained on 'train+test[:10]', which shares 10 examples with "
+            "this run's dataset.test_split 'test'") in err
+    assert "eval_split" not in err  # validation is disjoint from it
+
+
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     trainer = Trainer(kd_config(str(tmp_path / "nowhere")), str(tmp_path / "kd"))
     with pytest.raises(UserError, match="teacher.checkpoint"):

@@ -8,11 +8,11 @@ import pytest
 from transferlab import report
 
 
-def _run(workdir, arm, seed, accuracy):
+def _run(workdir, arm, seed, accuracy, total_steps=10):
     run_dir = os.path.join(workdir, arm, f"seed_{seed}")
     os.makedirs(run_dir)
     results = {"model": "mlp", "task": "classify", "dataset": "mnist5k", "seed": seed, "selection": "last step",
-               "total_steps": 10, "wall_time_s": 1.5, "test": {"accuracy": accuracy},
+               "total_steps": total_steps, "wall_time_s": 1.5, "test": {"accuracy": accuracy},
                "validation": {"accuracy": accuracy - 0.01}}
     with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f)
@@ -110,3 +110,21 @@ def test_a_closed_stdout_ends_the_cli_quietly():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_a_study_table_covers_its_own_seeds_and_never_mixes_recipes(tmp_path, capsys):
+    """Seeds 0-1 of an earlier 5-step study stay in the arm's directory; a study of seed 2 at 200 steps
+    reports seed 2 alone; the report CLI, which reads every seed, refuses to average the two recipes."""
+    workdir = str(tmp_path)
+    _run(workdir, "student", 0, 0.30, total_steps=5)
+    _run(workdir, "student", 1, 0.32, total_steps=5)
+    _run(workdir, "student", 2, 0.96, total_steps=200)
+    os.makedirs(os.path.join(workdir, "student", "seed_7"))  # an abandoned run of another study
+    summary = report.write_study_report(workdir, ["student"], seeds={"student": [2]})
+    (row,) = summary["arms"]
+    assert (row["seeds"], row["steps"], row["unfinished"]) == ([2], 200, [])
+    assert row["test_accuracy_mean"] == pytest.approx(0.96)
+    with pytest.raises(report.UserError, match=r"seed_0 and seed_2 were trained differently \(total_steps 5 vs 200\)"):
+        report.write_study_report(workdir, ["student"])
+    assert report.main([workdir]) == 2
+    assert "trained differently" in capsys.readouterr().err

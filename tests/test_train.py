@@ -275,6 +275,9 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
     (["--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"], "--process_id 2: expected 0 to 1"),
     (["--coordinator_address", "h:1", "--num_processes", "0", "--process_id", "0"], "--num_processes 0: expected at"),
     (["--distributed", "--process_id", "0"], "--distributed detects the cluster itself; drop --process_id"),
+    # abbreviations are not taken (they slipped past the checks above)
+    (["--work", "elsewhere"], "unrecognized arguments: --work elsewhere"),
+    (["--coord", "127.0.0.1:2345"], "unrecognized arguments: --coord"),
 ])
 def test_cli_flag_mistakes_are_one_line_before_anything_starts(extra, message, capsys):
     from transferlab.main import parse_args

@@ -266,6 +266,33 @@ def saved_config(run_dir: str) -> dict | None:
         ckpt.close()
 
 
+def note_source_data(where: str, run_dir: str, config) -> None:
+    """One line when the run in `run_dir` (a teacher, an init checkpoint) was trained on another dataset than
+    `config`'s (legitimate for transfer between datasets with the same classes, but more often a wrong path),
+    or on examples of `config`'s eval or test split: this run's scores there are then partly on examples the
+    knowledge it is given was learned from."""
+    from transferlab import data
+
+    saved = saved_config(run_dir) or {}
+    dataset = saved.get("dataset") if isinstance(saved.get("dataset"), dict) else {}
+    name, train_split = dataset.get("name"), dataset.get("train_split")
+    if not isinstance(name, str):
+        return
+    if name != config.dataset.name:
+        note(f"{where}: {run_dir} was trained on {name!r}, this run is on {config.dataset.name!r}")
+        return
+    for key in ("eval_split", "test_split"):
+        split = config.dataset[key]
+        try:
+            shared = split and isinstance(train_split, str) and data.shared_examples(
+                name, train_split, split, config.dataset.data_dir or None)
+        except Exception:  # noqa: BLE001 (a split this run cannot resolve is reported where it reads it)
+            shared = 0
+        if shared:
+            note(f"{where}: {run_dir} was trained on {train_split!r}, which shares {shared} examples with this "
+                 f"run's dataset.{key} {split!r}: its scores there are partly on examples that run learned from")
+
+
 def config_difference(run_dir: str, config) -> str | None:
     """'key: saved A, now B' if the run in `run_dir` was started with a config other than `config`
     (see `config.first_difference`); None if it was not, or if nothing saved says."""

@@ -686,16 +686,25 @@ def _flat(tree, prefix=""):
 
 def first_difference(saved: dict, config) -> str | None:
     """'key: saved A, now B' for the first key whose value in `saved` (a run's config.json) differs from
-    `config`'s, or None. Keys in NOT_COMPARED, and keys only one side has (added to `defaults()` since),
-    are ignored."""
+    `config`'s, or None. Keys in NOT_COMPARED are ignored, and so are keys of the fixed sections that only
+    one side has (added to `defaults()` since); a key inside a free-form section (`model.kwargs`, ...) that
+    only one side sets is a difference (`hidden_sizes` given now, the model's default before)."""
     now = _flat(json.loads(json.dumps(to_plain(config), default=str)))
     before = _flat({k: v for k, v in saved.items() if not k.startswith("_")})
-    for key in sorted(set(now) & set(before)):
+    unset = object()
+    for key in sorted(set(now) | set(before)):
         if any(key == skip or key.startswith(skip + ".") for skip in NOT_COMPARED):
             continue
-        if now[key] != before[key]:
-            return f"{key}: saved {_short(before[key])}, now {_short(now[key])}"
+        if (key not in now or key not in before) and not _is_free_form(key):
+            continue
+        was, is_ = before.get(key, unset), now.get(key, unset)
+        if was != is_:
+            return f"{key}: saved {_short_or_unset(was, unset)}, now {_short_or_unset(is_, unset)}"
     return None
+
+
+def _short_or_unset(value, unset) -> str:
+    return "unset (the default)" if value is unset else _short(value)
 
 
 def _short(value, limit: int = 80) -> str:

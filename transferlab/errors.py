@@ -52,9 +52,12 @@ class NonFiniteLoss(RuntimeError):
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, '<label>: error: ...', and exit 2 (no usage dump)."""
+    """argparse whose usage errors are one line, '<label>: error: ...', and exit 2 (no usage dump). Options
+    are taken by their full names only (`--work` is not `--workdir`: an abbreviation slipped past the checks
+    for an option given twice)."""
 
     def __init__(self, *args, label: str = "transferlab", **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.label = label
 

@@ -32,15 +32,10 @@ VARIABLES_DIR = "variables"
 
 
 def export(run_dir: str, out_dir: str) -> dict:
-    """Writes the export of `run_dir` into `out_dir`; returns the model.json content."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from transferlab import checkpoint, config as config_lib, models
+    """Writes the export of `run_dir` into `out_dir`; returns the model.json content. A failed export leaves
+    no `out_dir` it created."""
+    from transferlab import checkpoint, config as config_lib, files, models
     from transferlab.errors import UserError
-    from transferlab.parallel import replicated
-    from transferlab.tasks import common
-    from transferlab.train import Trainer
 
     resolved = checkpoint.saved_config(run_dir)  # config.json, else (garbled) the checkpoint's own copy
     if resolved is None:
@@ -57,12 +52,30 @@ def export(run_dir: str, out_dir: str) -> dict:
         raise UserError(f"--out {out_dir!r} exists and is not a directory; choose a new directory")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise UserError(f"--out {out_dir!r} exists and is not empty; choose a new directory")
+    created = not os.path.exists(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out_dir!r}: cannot create it ({e.strerror or e})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"--out {out_dir!r}: not writable")
+    try:
+        if not os.access(out_dir, os.W_OK):
+            raise UserError(f"--out {out_dir!r}: not writable")
+        return _export_into(run_dir, out_dir, config, versions)
+    except BaseException:
+        if created:
+            files.remove_if_nothing_written(out_dir)
+        raise
+
+
+def _export_into(run_dir: str, out_dir: str, config, versions: dict) -> dict:
+    import jax
+    import orbax.checkpoint as ocp
+
+    from transferlab import checkpoint
+    from transferlab.parallel import replicated
+    from transferlab.tasks import common
+    from transferlab.train import Trainer
+
     trainer = Trainer(config, run_dir)
     model = trainer.task.model if hasattr(trainer.task, "model") else trainer.task.models[0]
     params, state = jax.eval_shape(lambda x: common.init_model(model, jax.random.key(0), x), trainer.abstract_images)

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import shutil
 
 from transferlab.errors import UserError
 
@@ -39,3 +40,12 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, obj) -> None:
     """`obj` as indented JSON (values JSON cannot hold are written as their str())."""
     write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def remove_if_nothing_written(directory: str) -> None:
+    """Removes a directory this process created if no file lies under it: bad input found once a command
+    has started (a checkpoint of another model, a metric the task does not report) leaves nothing behind."""
+    for _, _, names in os.walk(directory):
+        if names:
+            return
+    shutil.rmtree(directory, ignore_errors=True)

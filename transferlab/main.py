@@ -17,7 +17,6 @@ import contextlib
 import glob
 import os
 import shlex
-import shutil
 import sys
 
 from transferlab import errors, files
@@ -125,7 +124,7 @@ def _run(args, overrides, argv) -> int:
     except UserError as e:
         _silence_unraisable()
         if created:
-            _remove_if_nothing_written(args.workdir)
+            files.remove_if_nothing_written(args.workdir)
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except NonFiniteLoss as e:
@@ -174,15 +173,6 @@ def check_same_run_everywhere(config, workdir: str) -> None:
     if others:
         raise UserError(f"process {others[0]} was given another config or --workdir than process 0; every process "
                         "of a run needs the same --config, --config.KEY overrides and --workdir")
-
-
-def _remove_if_nothing_written(workdir: str) -> None:
-    """Removes a workdir this process created if no file lies under it: bad input found once the run has
-    started (a checkpoint of another model, a metric the task does not report) leaves no empty run behind."""
-    for _, _, names in os.walk(workdir):
-        if names:
-            return
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def check_workdir(workdir: str, study: bool = False) -> None:

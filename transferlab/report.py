@@ -31,6 +31,8 @@ def read_json(path: str) -> dict:
 RESULT_FIELDS = {("model",): str, ("task",): str, ("dataset",): str, ("selection",): str, ("seed",): int,
                  ("total_steps",): int, ("wall_time_s",): (int, float), ("validation", "accuracy"): (int, float),
                  ("test",): dict}
+# results.json keys the seeds of one table row must share
+RECIPE_FIELDS = ("model", "task", "dataset", "selection", "total_steps")
 
 
 def _check_results(path: str, results: dict) -> dict:
@@ -48,9 +50,26 @@ def _check_results(path: str, results: dict) -> dict:
     return results
 
 
-def load_results(directory: str) -> list[dict]:
-    return [_check_results(path, read_json(path))
-            for path in sorted(glob.glob(os.path.join(directory, "seed_*", "results.json")))]
+def _seed_dirs(directory: str, seeds=None) -> list[str]:
+    """The arm's seed_* directories; with `seeds`, only those seeds' (a study's own runs)."""
+    if seeds is None:
+        return sorted(d for d in glob.glob(os.path.join(directory, "seed_*")) if os.path.isdir(d))
+    return [d for seed in sorted(seeds) if os.path.isdir(d := os.path.join(directory, f"seed_{seed}"))]
+
+
+def load_results(directory: str, seeds=None) -> list[dict]:
+    """The results.json of each of the arm's runs (`seeds`: only those); a UserError when they were trained
+    differently (one row averages the seeds of one recipe)."""
+    results = [_check_results(path, read_json(path)) for d in _seed_dirs(directory, seeds)
+               if os.path.exists(path := os.path.join(d, "results.json"))]
+    for other in results[1:]:
+        for key in RECIPE_FIELDS:
+            if other[key] != results[0][key]:
+                raise UserError(
+                    f"{directory}: seed_{results[0]['seed']} and seed_{other['seed']} were trained differently "
+                    f"({key} {results[0][key]!r} vs {other[key]!r}), so their mean means nothing; move the runs "
+                    "of the other recipe away")
+    return results
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -59,10 +78,10 @@ def mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def unfinished_seeds(directory: str) -> list[str]:
+def unfinished_seeds(directory: str, seeds=None) -> list[str]:
     """The seed_* run directories of an arm without results.json (killed or still running)."""
-    return sorted(os.path.basename(d) for d in glob.glob(os.path.join(directory, "seed_*"))
-                  if os.path.isdir(d) and not os.path.exists(os.path.join(d, "results.json")))
+    return [os.path.basename(d) for d in _seed_dirs(directory, seeds)
+            if not os.path.exists(os.path.join(d, "results.json"))]
 
 
 def summarize(arm: str, results: list[dict], unfinished=()) -> dict:
@@ -119,15 +138,20 @@ def header(title: str = "", description: str = "", command: str = "") -> str:
     return "".join(part + "\n\n" for part in parts)
 
 
-def write_study_report(workdir: str, arms, title: str = "", description: str = "", command: str = "") -> dict:
+def write_study_report(workdir: str, arms, title: str = "", description: str = "", command: str = "",
+                       seeds=None) -> dict:
     """Summarizes each arm under `workdir` into results.json and results.md; prints the table.
 
+    `seeds` ({arm: seeds}), if given, limits each arm's row to those runs (a study's own: a seed directory
+    left from an earlier study with other seeds is not averaged in); otherwise every seed_* is.
     results.md is the header (`header`), the table, a note on the statistics and one line
     summarizing the runs' environments (`provenance.summary_line`).
     """
     arms = list(dict.fromkeys(arms))
-    results = {arm: res for arm in arms if (res := load_results(os.path.join(workdir, arm)))}
-    rows = [summarize(arm, res, unfinished_seeds(os.path.join(workdir, arm))) for arm, res in results.items()]
+    seeds = seeds or {}
+    results = {arm: res for arm in arms if (res := load_results(os.path.join(workdir, arm), seeds.get(arm)))}
+    rows = [summarize(arm, res, unfinished_seeds(os.path.join(workdir, arm), seeds.get(arm)))
+            for arm, res in results.items()]
     table = markdown_table(rows)
     note = ("std is the sample standard deviation over seeds; test accuracy is measured once per run on the "
             "test split, which is never used for model selection; wall time is summed over seeds and includes "

@@ -188,17 +188,19 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
         out = train_fn(run_config, run_dir)
         if "preempted_at_step" in out:
             return out
-    arms = [arm for arm, _, _ in runs]
+    seeds = {}  # the table covers this study's runs only
+    for arm, seed, _ in runs:
+        seeds.setdefault(arm, []).append(seed)
     for ens in config.study.ensembles:
         if stop := preemption.requested():
             return {"preempted_at_step": None, "signal": stop.name, "before": f"ensemble {ens['name']}"}
         _run_ensemble(ens, runs, workdir)
-        arms.append(ens["name"])
+        seeds[ens["name"]] = sorted(_ensemble_members(ens, runs, workdir))
     import jax
     if jax.process_index() != 0:  # process 0 writes the study's report (two writers raced on results.json)
         return {}
-    return report.write_study_report(workdir, arms, title=config.study.title,
-                                     description=config.study.description, command=command)
+    return report.write_study_report(workdir, list(seeds), title=config.study.title,
+                                     description=config.study.description, command=command, seeds=seeds)
 
 
 def _run_ensemble(ens, runs, workdir: str) -> None:

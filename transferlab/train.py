@@ -341,6 +341,7 @@ class Trainer:
         """Replaces the model's params and BN statistics with those of the run in `init_checkpoint`; a DML
         run's peers too, where that run has them (a DML run's own), else they keep their fresh init."""
         restored = self._restore_init_models(state)
+        checkpoint.note_source_data("init_checkpoint", self.config.init_checkpoint, self.config)
         fresh = [n for n in self._model_names() if n not in restored["params"]]
         if fresh:
             note(f"init_checkpoint: {self.config.init_checkpoint} has no {', '.join(fresh)}; they start from "

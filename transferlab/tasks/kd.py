@@ -509,7 +509,7 @@ class KDTask:
         return where, abstract_with_shardings(target, jax.tree.map(lambda _: replicated(mesh), target))
 
     def _load_teacher(self, index, mesh, abstract_images):
-        from transferlab.checkpoint import restore_selected_subtree
+        from transferlab.checkpoint import note_source_data, restore_selected_subtree
         section = self.teacher_sections[index]
         where, target = self._teacher_target(index, mesh, abstract_images)
         if section.checkpoint == RANDOM_TEACHER:
@@ -517,7 +517,7 @@ class KDTask:
             variables = random_variables(abstract, self.config.seed + 1 + index)
             return jax.device_put(variables, jax.tree.map(lambda x: x.sharding, abstract)), -1
         restored, step = restore_selected_subtree(section.checkpoint, target, where)
-        _note_other_dataset(where, section.checkpoint, self.config.dataset.name)
+        note_source_data(where, section.checkpoint, self.config)
         return {"params": restored["params"]["model"], "model_state": restored["model_state"]["model"]}, step
 
     def check_checkpoints(self, mesh, abstract_images):
@@ -739,16 +739,6 @@ def _halves(batch: dict) -> tuple[dict, dict]:
                 if getattr(v, "ndim", 0) >= 1 and v.shape[0] == size else v for k, v in batch.items()}
 
     return half(0), half(1)
-
-
-def _note_other_dataset(where: str, teacher_dir: str, dataset: str) -> None:
-    """One line when a teacher was trained on another dataset than this run's (legitimate for cross-dataset
-    transfer with the same classes, but more often a wrong path)."""
-    from transferlab.checkpoint import saved_config
-    saved = saved_config(teacher_dir) or {}
-    trained_on = saved.get("dataset", {}).get("name") if isinstance(saved.get("dataset"), dict) else None
-    if isinstance(trained_on, str) and trained_on != dataset:
-        note(f"{where}: {teacher_dir} was trained on {trained_on!r}, this run is on {dataset!r}")
 
 
 def selected_step(workdir: str, ckpt) -> int | None:
