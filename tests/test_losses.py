@@ -265,6 +265,8 @@ def test_hparam_errors():
         losses.resolve_hparams("dkd", {"beta": "eight"})
     with pytest.raises(ConfigError, match="l2, l1"):
         losses.resolve_hparams("sp", {"row_norm": "l3"})
+    with pytest.raises(ConfigError, match="add, clamp"):
+        losses.resolve_hparams("dist", {"eps_mode": "max"})
     with pytest.raises(ConfigError, match="expected an int"):
         losses.resolve_hparams("dkpp", {"seed": 1.5})
     with pytest.raises(ConfigError, match="allowed: \\(none\\)"):
@@ -486,3 +488,22 @@ def test_helper_matmuls_are_float32():
                        ((1,) if fn is losses.feature.adaptive_avg_pool else ())).lower(*args).as_text()
         dots = [line for line in text.splitlines() if "dot_general" in line]
         assert dots and all("HIGHEST" in line for line in dots), (fn.__name__, dots[:1])
+
+
+def test_dist_eps_modes_differ_on_a_flat_softmax_only():
+    """The authors' `+ eps` and torchdistill's clamped norms (`eps_mode='clamp'`; its parity golden is
+    tests/parity/data/dist.npz) agree on peaked softmaxes and differ on flat ones: 1,000 classes, tau 4,
+    a batch of 3 (the norms of the centred columns are then ~1e-5, not large next to eps = 1e-8)."""
+    fn = losses.get("dist").fn
+    rng = np.random.default_rng(0)
+
+    def both(b, c, scale, tau):
+        s, t = (jnp.asarray(rng.standard_normal((b, c)) * scale, jnp.float32) for _ in range(2))
+        return [jax.value_and_grad(lambda x: fn(x, t, {}, tau=tau, eps_mode=m))(s) for m in ("add", "clamp")]
+
+    (v_add, g_add), (v_clamp, g_clamp) = both(8, 10, 3.0, 1.0)
+    np.testing.assert_allclose(v_add, v_clamp, rtol=1e-6)
+    np.testing.assert_allclose(g_add, g_clamp, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(g_clamp))))
+    (v_add, g_add), (v_clamp, g_clamp) = both(3, 1000, 1.0, 4.0)
+    assert abs(float(v_add - v_clamp)) > 1e-4 * abs(float(v_clamp))
+    assert float(jnp.max(jnp.abs(g_add - g_clamp))) > 0.1 * float(jnp.max(jnp.abs(g_clamp)))

@@ -52,8 +52,10 @@ and `configs/cifar100/`). T is the temperature.
                                                                          `distill.trilateral_outer`; the paper scores it on a
                                                                          validation split)
 
-`kd_std` is KD+LS only: the paper's DKD+LS standardizes DKD's logits, which the
-`dkd` loss has no option for.
+`kd_std` is KD+LS (the `kd_std` loss); `dkd_std` is DKD+LS, the `dkd` term with
+`standardize_logits=True` (any logit term can z-score its logits that way).
+`dist` follows the authors' code (`+ eps` in the Pearson denominator); torchdistill's
+`DISTLoss` clamps the norms instead: `eps_mode='clamp'` matches it.
 
 `warmup_steps` (an int, steps) is the length of the linear warm-up of the terms
 the sources warm up (dkd, reviewkd, nd's kd); `cifar100_recipe` sets it to 20 of

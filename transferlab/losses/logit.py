@@ -79,16 +79,22 @@ def dkd(student, teacher, batch, *, alpha=1.0, beta=8.0, temperature=4.0):
     return temperature ** 2 * batch_mean(alpha * tckd + beta * nckd, batch)
 
 
-def _pearson_rows(a, b, w, eps):
-    """[R] Pearson correlation of each row of a and b over its columns, with column weights w [K]."""
+def _pearson_rows(a, b, w, eps, eps_mode="add"):
+    """[R] Pearson correlation of each row of a and b over its columns, with column weights w [K].
+    eps_mode 'add': <a, b> / (|a| |b| + eps); 'clamp': <a, b> / (max(|a|, eps) max(|b|, eps)), the clamp
+    left out of the gradient (torch's `cosine_similarity`)."""
     n = jnp.maximum(jnp.sum(w), 1.0)
     a = (a - jnp.sum(a * w[None, :], -1, keepdims=True) / n) * w[None, :]
     b = (b - jnp.sum(b * w[None, :], -1, keepdims=True) / n) * w[None, :]
-    return jnp.sum(a * b, -1) / (norm_or_zero(a) * norm_or_zero(b) + eps)
+    norm_a, norm_b = norm_or_zero(a), norm_or_zero(b)
+    if eps_mode == "add":
+        return jnp.sum(a * b, -1) / (norm_a * norm_b + eps)
+    clamp = lambda x: x + jax.lax.stop_gradient(jnp.maximum(x, eps) - x)  # noqa: E731
+    return jnp.sum(a * b, -1) / (clamp(norm_a) * clamp(norm_b))
 
 
-@register("dist", taps=LOGITS)
-def dist(student, teacher, batch, *, beta=1.0, gamma=1.0, tau=1.0, eps=1e-8):
+@register("dist", taps=LOGITS, choices={"eps_mode": ("add", "clamp")})
+def dist(student, teacher, batch, *, beta=1.0, gamma=1.0, tau=1.0, eps=1e-8, eps_mode="add"):
     """DIST (KD from a stronger teacher), arXiv:2205.10536.
 
     With Y = softmax(Z / tau) [B, C] and rho(u, v) = <u - mean u, v - mean v> /
@@ -97,13 +103,19 @@ def dist(student, teacher, batch, *, beta=1.0, gamma=1.0, tau=1.0, eps=1e-8):
       intra = 1 - mean_c rho(Y^s_:,c, Y^t_:,c)        (per class, across the batch)
       loss = tau^2 * (beta * inter + gamma * intra)
     Masked samples are left out of both (the intra correlations run over valid rows).
+
+    `eps_mode='clamp'` divides by the norms clamped at eps instead, as torchdistill's
+    `DISTLoss` does (through torch's `cosine_similarity`): for norms above eps that is no eps
+    at all. The two differ where a softmax row or column is nearly flat, so that |u| |v| is
+    not large next to eps (many classes, tau > 1, small logits): 1e-5 relative in the
+    gradient at 1,000 classes, more on a batch of a few samples.
     """
     s = jax.nn.softmax(f32(student) / tau, axis=-1)
     t = jax.nn.softmax(f32(teacher) / tau, axis=-1)
     w = sample_weights(batch, s.shape[0])
     ones_c = jnp.ones((s.shape[1],), jnp.float32)
-    inter = 1.0 - batch_mean(_pearson_rows(s, t, ones_c, eps), batch)
-    intra = 1.0 - jnp.mean(_pearson_rows(s.T, t.T, w, eps))
+    inter = 1.0 - batch_mean(_pearson_rows(s, t, ones_c, eps, eps_mode), batch)
+    intra = 1.0 - jnp.mean(_pearson_rows(s.T, t.T, w, eps, eps_mode))
     return tau ** 2 * (beta * inter + gamma * intra)
 
 
