@@ -71,7 +71,7 @@ def _export_into(run_dir: str, out_dir: str, config, versions: dict) -> dict:
     import jax
     import orbax.checkpoint as ocp
 
-    from transferlab import checkpoint
+    from transferlab import checkpoint, config as config_lib
     from transferlab.parallel import replicated
     from transferlab.tasks import common
     from transferlab.train import Trainer
