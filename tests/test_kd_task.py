@@ -186,6 +186,20 @@ def test_shape_mismatch_without_connector_is_an_error(tmp_path, teacher_dir):
         Trainer(kd_config(teacher_dir, terms=terms), str(tmp_path / "kd"))
 
 
+@pytest.mark.parametrize("term, shapes", [
+    ({"name": "at", "student_tap": ["hidden1"], "teacher_tap": ["hidden1"]}, r"\['hidden1'\] \[\(32, 32\)\]"),
+    ({"name": "dist", "teacher_tap": "features"}, r"teacher tap features \[\(32, \d+\)\]"),
+    ({"name": "kd_std", "student_tap": "hidden1"}, r"student tap hidden1 \[\(32, 32\)\]"),
+])
+def test_taps_a_loss_cannot_compare_are_one_config_error_before_anything_is_written(tmp_path, teacher_dir, term,
+                                                                                     shapes):
+    """Found by tracing the step (no connector checks these shapes), before the workdir gets any file."""
+    workdir = tmp_path / "kd"
+    with pytest.raises(ConfigError, match=rf"distill.terms\[0\]: loss '{term['name']}' cannot take .*{shapes}"):
+        train_and_evaluate(kd_config(teacher_dir, terms=(term,)), str(workdir))
+    assert not workdir.exists() or not os.listdir(workdir)
+
+
 @pytest.mark.parametrize("term, message", [
     ({"name": "kd", "weight": "a"}, r"terms\[0\]\.weight: expected a finite number >= 0, got 'a'"),
     ({"name": "kd", "weight": -1.0}, r"terms\[0\]\.weight: expected a finite number >= 0, got -1.0"),

@@ -222,8 +222,10 @@ class Trainer:
             note(message)
         self._clock = [time.time(), 0.0]  # this process's start, and the time earlier processes spent on the run
         self._plain_config = json.loads(json.dumps(config_lib.to_plain(config), default=str))  # saved in checkpoints
-        if getattr(self.task, "frozen_reads_data", False):  # a teacher cache or class means: minutes of work
-            self.trace_train_step()  # whose shape errors would otherwise come after it
+        # A loss's shape errors (taps it cannot compare) are found by tracing the step, before anything is
+        # written to the workdir and before a teacher cache or class means (minutes of work) are computed.
+        if getattr(self.task, "frozen_reads_data", False) or getattr(self.task, "terms", None):
+            self.trace_train_step()
         frozen = self.task.load_frozen(self.mesh, self.abstract_images)
         self.compile(frozen)
         ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)

@@ -64,7 +64,7 @@ import numpy as np
 
 from transferlab import losses
 from transferlab.config import TERM_KEYS, model_section
-from transferlab.errors import ConfigError, note
+from transferlab.errors import ConfigError, first_line, note
 from transferlab.losses import connectors as connector_lib
 from transferlab.losses import logit as logit_losses
 from transferlab.losses import relation
@@ -209,14 +209,26 @@ class Term:
         return self.weight * jnp.minimum(1.0, step.astype(jnp.float32) / self.warmup_steps)
 
     @contextlib.contextmanager
-    def naming_errors(self):
-        """A ConfigError raised inside (a loss's own shape check, found while tracing) names this term."""
+    def naming_errors(self, student=None, teacher=None):
+        """A ConfigError raised inside (a loss's own shape check, found while tracing) names this term; so
+        does a shape error of the loss's own arithmetic on the taps `student` and `teacher` (lists of
+        arrays): AT on [B, D] vectors, DIST on a feature tap, ... without a connector to map them."""
         try:
             yield
         except ConfigError as e:
             if str(e).startswith(self.where):
                 raise
             raise ConfigError(f"{self.where}: {e}") from None
+        except (TypeError, ValueError, IndexError) as e:
+            if student is None:
+                raise
+            def shapes(taps):
+                return [tuple(x.shape) for x in taps]
+            raise ConfigError(
+                f"{self.where}: loss {self.name!r} cannot take student tap {self.student_tap} {shapes(student)} "
+                f"and teacher tap {self.teacher_tap} {shapes(teacher)} ({first_line(e)}); choose taps of the "
+                "shapes it compares (e.g. 'logits' for logit losses, [B, H, W, C] maps for 'at'), or a "
+                "'connector'") from None
 
 
 class KDTask:
@@ -612,7 +624,7 @@ class KDTask:
             teacher_in = [source[t] for t in term.taps("teacher")]
             if term.teacher is None and term.taps("teacher") == ["logits"]:
                 teacher_in = [t_logits]
-            with term.naming_errors():  # a loss's own shape errors name the term
+            with term.naming_errors(student, teacher_in):  # a loss's own shape errors name the term
                 if term.crd is not None:
                     value = self._crd_term(term, params, model_state, new_state, student[0], teacher_in[0], batch,
                                            jax.random.fold_in(rng, n))
