@@ -265,6 +265,10 @@ def test_hparam_errors():
         losses.resolve_hparams("dkd", {"beta": "eight"})
     with pytest.raises(ConfigError, match="l2, l1"):
         losses.resolve_hparams("sp", {"row_norm": "l3"})
+    for loss, key in (("dkd", "alpha"), ("dkd", "beta"), ("dist", "gamma"), ("rkd", "w_angle"), ("trg", "w_graph")):
+        with pytest.raises(ConfigError, match=f"hparam '{key}': got -1.0; expected a number >= 0"):
+            losses.resolve_hparams(loss, {key: -1.0})
+        assert losses.resolve_hparams(loss, {key: 0.0})[key] == 0.0
     with pytest.raises(ConfigError, match="add, clamp"):
         losses.resolve_hparams("dist", {"eps_mode": "max"})
     with pytest.raises(ConfigError, match="expected an int"):

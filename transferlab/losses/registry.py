@@ -108,6 +108,8 @@ def get(name: str) -> LossSpec:
 
 # Real hparams that divide or scale logits/similarities: only > 0 makes sense (also any '*temperature').
 _POSITIVE = frozenset({"tau", "p", "eps"})
+# Real hparams that weight a part of a loss (also any 'w_*'): a negative one would ascend that part.
+_NON_NEGATIVE = frozenset({"alpha", "beta", "gamma"})
 
 
 def _check_value(name: str, key: str, value, default, choices):
@@ -130,6 +132,9 @@ def _check_value(name: str, key: str, value, default, choices):
             raise errors.ConfigError(f"{where}: got {value!r}; expected a finite number")
         if (key in _POSITIVE or key.endswith("temperature")) and value <= 0:
             raise errors.ConfigError(f"{where}: got {value!r}; expected a number > 0")
+        if (key in _NON_NEGATIVE or key.startswith("w_")) and value < 0:
+            raise errors.ConfigError(f"{where}: got {value!r}; expected a number >= 0 (it weights a part of the "
+                                     "loss)")
         return float(value)
     if isinstance(default, tuple):
         positive_ints = default and all(isinstance(d, int) and d > 0 for d in default)
