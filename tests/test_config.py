@@ -150,10 +150,20 @@ def test_bad_config_names_the_culprit(tmp_path, extra, culprit):
     ("--config.dataset.nme=x", "dataset.nme"),
     ("--config.seed=abc", "seed"),
     ("--config.total_steps", "total_steps"),
+    ("--config.dml.peers.name=x", r"'dml.peers' is a tuple, not a section; set it whole \(--config.dml.peers=...\)"),
 ])
 def test_bad_override_names_the_key(tmp_path, override, culprit):
     with pytest.raises(ConfigError, match=culprit):
         load(tmp_path, overrides=[override])
+
+
+def test_list_entries_may_be_config_dicts(tmp_path):
+    """`distill.terms` / `extra_teachers` written with ml_collections.ConfigDict entries read as dicts."""
+    config = load(tmp_path, "c.task = 'kd'\n    c.teacher = {'name': 'mlp', 'checkpoint': 'random'}\n"
+                            "    c.distill = {'terms': (ml_collections.ConfigDict({'name': 'kd', 'weight': 0.5}),)}\n"
+                            "    c.extra_teachers = [ml_collections.ConfigDict({'name': 'mlp', 'checkpoint': 'random'})]")
+    assert config.distill.terms[0] == {"name": "kd", "weight": 0.5}
+    assert type(config.extra_teachers[0]) is dict
 
 
 STUDY = """
@@ -186,6 +196,8 @@ def test_config_file_problems(tmp_path):
         config_lib.load(write_config(tmp_path, "get_config = {'total_steps': 3}\n"))
     with pytest.raises(ConfigError, match="get_config failed: SystemExit"):
         config_lib.load(write_config(tmp_path, "import sys\ndef get_config():\n    sys.exit('no')\n"))
+    with pytest.raises(ConfigError, match="cannot execute it: SystemExit: 0"):  # (exited 0, silently)
+        config_lib.load(write_config(tmp_path, "import sys\nsys.exit(0)\n", name="exits.py"))
     with pytest.raises(ConfigError, match="config argument 'step': expected one of steps, seeds"):
         config_lib.load(os.path.join(REPO, "experiments", "kd", "quickstart.py") + ":step=5")
     for arg in ("seeds=0", "seeds=-1", "seeds=x", "steps=1.5"):  # (seeds=0 ran one seed, the default `seed`)

@@ -272,6 +272,15 @@ def test_label_reading_methods_refuse_mixup(tmp_path, distill, extra, message):
     Trainer(config(0.0), str(tmp_path / "kd2"))  # the same without mixing is fine
 
 
+@pytest.mark.parametrize("combination", ["adaptive", "partition"])
+def test_a_combination_of_teachers_needs_several(tmp_path, combination):
+    config = kd_config("random")
+    config.distill.teacher_combination = combination
+    with pytest.raises(ConfigError, match=rf"'distill.teacher_combination': '{combination}' weighs several "
+                                          "teachers against each other, but this run has one"):
+        Trainer(config, str(tmp_path / "kd"))
+
+
 def test_bad_override_value_names_the_key():
     config = kd_config("random")
     with pytest.raises(ConfigError, match=r"config key 'distill.terms': expected tuple, got .*\(not a valid Python literal\)"):

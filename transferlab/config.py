@@ -181,7 +181,7 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as e:  # the user's file: report where, in one line
+    except (Exception, SystemExit) as e:  # the user's file (sys.exit() in it too): report where, in one line
         raise ConfigError(f"--config {path}: cannot execute it: {type(e).__name__}: {e}") from e
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
@@ -237,18 +237,28 @@ def merge(base: ml_collections.ConfigDict, update, prefix: str = "") -> None:
         path = f"{prefix}{key}"
         if key not in base:
             allowed = ", ".join(sorted(base.keys())) or "(none)"
-            raise ConfigError(f"unknown config key {path!r}; allowed keys here: {allowed}")
+            where = (f"allowed keys here: {allowed}" if base.keys()
+                     else f"{prefix[:-1]!r} takes no keys here")
+            raise ConfigError(f"unknown config key {path!r}; {where}")
         if isinstance(base[key], ml_collections.ConfigDict) and not _is_free_form(path):
             if not isinstance(value, (dict, ml_collections.ConfigDict)):
                 raise ConfigError(f"config key {path!r} is a section; got {value!r}")
             merge(base[key], value, path + ".")
         elif _is_free_form(path):
             try:
-                base[key] = value
+                base[key] = _plain_entries(value)
             except (TypeError, ValueError) as e:  # ml_collections keeps a field's type (a dict for a tuple)
                 raise ConfigError(f"config key {path!r}: expected {type(base[key]).__name__}, got {value!r}") from e
         else:
             base[key] = _coerce(path, base[key], value)
+
+
+def _plain_entries(value):
+    """A free-form list whose entries are ConfigDicts (natural in a config file: `distill.terms =
+    (ml_collections.ConfigDict({...}),)`) as plain dicts, as the rest of the library reads them."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v for v in value)
+    return value
 
 
 def _coerce(path: str, default, value):
@@ -293,8 +303,11 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw) -> None:
     leaf = parts[-1]
     free = _is_free_form(key) and key not in FREE_FORM
     if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not free):
-        allowed = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-        raise ConfigError(f"unknown config key {key!r}; allowed keys here: {allowed}")
+        if not isinstance(node, ml_collections.ConfigDict):  # inside a list or a value: set it whole
+            parent = ".".join(parts[:-1])
+            raise ConfigError(f"unknown config key {key!r}: {parent!r} is a {type(node).__name__}, not a section; "
+                              f"set it whole (--config.{parent}=...)")
+        raise ConfigError(f"unknown config key {key!r}; allowed keys here: {', '.join(sorted(node.keys()))}")
     value = _parse_literal(raw) if isinstance(raw, str) else raw
     if leaf in node and isinstance(node[leaf], str) and isinstance(raw, str):
         value = raw  # strings are taken verbatim

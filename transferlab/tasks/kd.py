@@ -275,6 +275,10 @@ class KDTask:
         if combination not in COMBINATIONS:
             raise ConfigError(f"config key 'distill.teacher_combination': {combination!r} is not one of "
                               f"{', '.join(COMBINATIONS)}")
+        if combination in ("adaptive", "partition") and len(self.teachers) == 1:
+            raise ConfigError(f"config key 'distill.teacher_combination': {combination!r} weighs several teachers "
+                              "against each other, but this run has one; add extra_teachers (for 'partition' "
+                              "the student's own pretrained run) or use 'average'")
         if combination == "weighted" and len(config.distill.teacher_weights) != len(self.teachers):
             raise ConfigError(f"config key 'distill.teacher_weights': needs one weight per teacher "
                               f"({len(self.teachers)}), got {tuple(config.distill.teacher_weights)}")
