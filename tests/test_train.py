@@ -733,3 +733,16 @@ def test_main_run_in_process_uses_each_runs_own_compilation_cache(tmp_path, data
         main._use_compilation_cache("", str(tmp_path))  # this test process without a cache again
         jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
     assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_the_python_api_validates_a_hand_built_config_and_refuses_a_study(tmp_path):
+    """A notebook may build its config from defaults() (never validated) or pass a study's config to
+    train_and_evaluate (which trains one run): both are one-line config errors, nothing trains."""
+    config = config_lib.defaults()
+    config.dataset.name, config.optimizer.learning_rate = "digits", -1.0
+    with pytest.raises(ConfigError, match="'optimizer.learning_rate' must be >= 0, got -1.0"):
+        train_and_evaluate(config, str(tmp_path / "a"))
+    study = config_lib.from_dict({"dataset": {"name": "digits"}, "study": {"arms": ({"name": "a"},)}})
+    with pytest.raises(ConfigError, match="'study.arms': this config is a study of several runs"):
+        train_and_evaluate(study, str(tmp_path / "b"))
+    assert not os.listdir(tmp_path)

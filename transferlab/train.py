@@ -42,6 +42,7 @@ class Trainer:
     """Builds the compiled pieces of one run; `run()` trains, evaluates and writes results."""
 
     def __init__(self, config, workdir: str, devices=None, info=None):
+        config_lib.validate(config)  # (a config built in Python from defaults() has not been)
         self.config = config
         self.workdir = workdir
         self.mesh = parallel.make_mesh(config.mesh_shape, devices)
@@ -449,6 +450,10 @@ def check_config(config, devices=None) -> None:
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains (or resumes) one run in `workdir` and returns its results."""
+    if config.study.arms:
+        raise ConfigError("config key 'study.arms': this config is a study of several runs, and "
+                          "train_and_evaluate trains one; run it with python -m transferlab.main, or "
+                          "transferlab.study.run_study(config, workdir, train_and_evaluate)")
     return Trainer(config, workdir, devices).run()
 
 
