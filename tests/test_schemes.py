@@ -202,9 +202,26 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
         damage(newest)
         rebuilt = Trainer(kd(True), str(tmp_path / "c3")).task.load_frozen(again.mesh, again.abstract_images)
         np.testing.assert_array_equal(np.asarray(rebuilt["cache"][0]), good)
-    from transferlab.errors import ConfigError
+    from transferlab.errors import ConfigError, UserError
     with pytest.raises(ConfigError, match="fixed inputs"):
         Trainer(kd(True, augment={"flip": True}), str(tmp_path / "bad"))
+    # a bfloat16 teacher's cache agrees with its own forward (a float32 tolerance refused every one)
+    bf16 = config_lib.from_dict(base(task="kd", dataset={"name": "digits", "data_dir": cache_dir},
+                                     teacher={**teacher, "checkpoint": teacher_dir, "dtype": "bfloat16"},
+                                     distill={"teacher_cache": True, "terms": ({"name": "kd"},)}))
+    trainer = Trainer(bf16, str(tmp_path / "bf16"))
+    assert np.all(np.isfinite(trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)["cache"][0]))
+    # a data directory the cache cannot be written in: one line, before the teacher's pass over the data
+    unwritable = str(tmp_path / "data_ro")
+    shutil.copytree(os.path.join(data_dir, "digits"), os.path.join(unwritable, "digits"))
+    open(os.path.join(unwritable, "transferlab_teacher_cache"), "w").close()  # (root ignores chmod)
+    blocked = config_lib.from_dict(base(task="kd", dataset={"name": "digits", "data_dir": unwritable},
+                                        teacher={**teacher, "checkpoint": teacher_dir},
+                                        distill={"teacher_cache": True, "terms": ({"name": "kd"},)}))
+    trainer = Trainer(blocked, str(tmp_path / "ro"))
+    with pytest.raises(UserError, match=r"'distill.teacher_cache': cannot write the cache in .*data_ro/"
+                                        r"transferlab_teacher_cache .*set distill.teacher_cache=False"):
+        trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
 
 
 def test_hard_augmentor_is_pushed_to_hurt_the_student_and_keep_the_teacher(tmp_path, data_dir):

@@ -7,8 +7,9 @@ distillation terms. Files live at
 `<data_dir>/transferlab_teacher_cache/<dataset>-<split>-<key>.npy`, where the key
 hashes the teacher's architecture, checkpoint directory, selected step and weights
 (`weights_fingerprint`: a teacher retrained in the same directory gets a new file);
-they are written atomically and reused by later runs. On creation the cached rows
-of the first batch are checked against a live teacher forward.
+they are written atomically and reused by later runs. On creation and on reuse the cached
+rows of the first batch are checked against a live teacher forward (the same jitted
+function, so a bfloat16 teacher agrees too: a stale or misordered file does not).
 """
 
 from __future__ import annotations
@@ -59,11 +60,16 @@ def cache_path(config, section, step, split, weights: str) -> str:
     return str(root / f"{readable}-{digest}.npy")
 
 
+def _teacher_forward(model):
+    """The jitted float32-logits forward the table is made with (and checked against)."""
+    return jax.jit(lambda v, x: common.forward(model, v["params"], v["model_state"], x, train=False)[0]
+                   .astype(jnp.float32))
+
+
 def teacher_logits_table(model, variables, config, mesh, batch_size) -> np.ndarray:
     """[N, C] teacher logits of every example of the train split, in index order."""
     split = config.dataset.train_split
-    forward = jax.jit(lambda v, x: common.forward(model, v["params"], v["model_state"], x, train=False)[0]
-                      .astype(jnp.float32))
+    forward = _teacher_forward(model)
     rows = {}
     for local in data.eval_batches(config.dataset.name, split, batch_size, data_dir=config.dataset.data_dir or None,
                                    process_index=jax.process_index(), process_count=jax.process_count()):
@@ -87,15 +93,31 @@ def load_or_build(model, variables, section, step, config, mesh, batch_size) -> 
         if cached is not None:
             return cached
         # damaged (a truncated or replaced file) or stale: built again below
+    if jax.process_index() == 0:
+        _check_writable(os.path.dirname(path))  # before the teacher's pass over the whole train split
     table = teacher_logits_table(model, variables, config, mesh, batch_size)
     verify(table, model, variables, config, mesh, batch_size)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + f".tmp{os.getpid()}"
         with open(tmp, "wb") as f:
             np.save(f, table)
         os.replace(tmp, path)
     return table
+
+
+def _check_writable(directory: str) -> None:
+    """`directory` exists (made if need be) and takes a new file (tried: a read-only mount or an immutable
+    directory passes os.access as root); else a one-line UserError naming it."""
+    probe = os.path.join(directory, f".probe{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"config key 'distill.teacher_cache': cannot write the cache in {directory} "
+                        f"({e.strerror or e}); make dataset.data_dir writable, or set "
+                        "distill.teacher_cache=False") from None
 
 
 def _usable(path, model, variables, config, mesh, batch_size):
@@ -119,10 +141,11 @@ def verify(table, model, variables, config, mesh, batch_size) -> float:
     batch = parallel.global_batch(mesh, first) if jax.process_count() == 1 else None
     if batch is None:
         return 0.0
-    live = _host(common.forward(model, variables["params"], variables["model_state"], batch["image"],
-                                train=False)[0].astype(jnp.float32))
+    live = _host(_teacher_forward(model)(variables, batch["image"]))
     mask = np.asarray(first["mask"])
     diff = float(np.max(np.abs(table[np.asarray(first["index"])[mask]] - live[mask])))
-    if diff > AGREEMENT_ATOL:
-        raise UserError(f"teacher cache disagrees with the live teacher (max |diff| {diff:.3g})")
+    if diff > AGREEMENT_ATOL * max(1.0, float(np.max(np.abs(live[mask])))):
+        raise UserError(f"config key 'distill.teacher_cache': the cached teacher logits disagree with the live "
+                        f"teacher on the first train batch (max |diff| {diff:.3g}); set "
+                        "distill.teacher_cache=False and report it")
     return diff
