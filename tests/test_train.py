@@ -178,13 +178,19 @@ def test_a_compilation_cache_entry_cut_short_by_a_kill_is_dropped(tmp_path):
     from jax._src.compilation_cache import compress_executable
     from transferlab import main
     whole = compress_executable(bytes(range(256)) * 400)
-    for name, blob in (("jit_step-a-cache", whole), ("jit_step-b-cache", whole[: len(whole) // 2]),
-                       ("jit_step-c-cache", b""), ("jit_step-a-atime", b"12345678")):
+    a, b, c = ("jit_step-" + x * 64 for x in "abc")  # JAX's names: module, sha256 hex digest, '-cache'
+    for name, blob in ((f"{a}-cache", whole), (f"{b}-cache", whole[: len(whole) // 2]),
+                       (f"{c}-cache", b""), (f"{a}-atime", b"12345678"), ("experiment-cache", b"mine")):
         (tmp_path / name).write_bytes(blob)
     damaged = main.drop_damaged_cache_entries(str(tmp_path))
-    assert sorted(os.path.basename(p) for p in damaged) == ["jit_step-b-cache", "jit_step-c-cache"]
-    assert sorted(os.listdir(tmp_path)) == ["jit_step-a-atime", "jit_step-a-cache"]
+    assert sorted(os.path.basename(p) for p in damaged) == [f"{b}-cache", f"{c}-cache"]
+    assert sorted(os.listdir(tmp_path)) == ["experiment-cache", f"{a}-atime", f"{a}-cache"]  # a user's file kept
     assert main.drop_damaged_cache_entries(str(tmp_path / "absent")) == []
+    for cache_dir, message in (("metrics.jsonl", "exists and is not a directory"), (".", "the run's own directory"),
+                               ("checkpoints/", "the run's own directory")):
+        (tmp_path / "metrics.jsonl").write_text("{}\n")
+        with pytest.raises(ConfigError, match=f"config key 'xla_cache_dir': .*{message}"):
+            main._use_compilation_cache(cache_dir, str(tmp_path))
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])

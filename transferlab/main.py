@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import glob
 import os
+import re
 import shlex
 import sys
 
@@ -215,9 +216,16 @@ def _use_compilation_cache(cache_dir: str, workdir: str) -> None:
     every seed of a study arm after the first: `make kd-table`'s programs compile once per arm."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
-    path = (os.path.join(os.path.abspath(workdir), cache_dir)
+    from transferlab.errors import ConfigError
+    path = (os.path.normpath(os.path.join(os.path.abspath(workdir), cache_dir))
             if cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR") else None)
     if path:
+        run_owned = {os.path.join(os.path.abspath(workdir), name) for name in ("", "checkpoints", "tensorboard")}
+        if os.path.normpath(path) in {os.path.normpath(p) for p in run_owned}:
+            raise ConfigError(f"config key 'xla_cache_dir': {cache_dir!r} is the run's own directory; use e.g. "
+                              "'xla_cache'")
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ConfigError(f"config key 'xla_cache_dir': {path} exists and is not a directory")
         drop_damaged_cache_entries(path)
     if path != _CACHE_SET_BY_US[0] and (path or _CACHE_SET_BY_US[0]):
         # JAX sets its cache up once per process: a later in-process run (a notebook's `main.run`) would
@@ -228,6 +236,7 @@ def _use_compilation_cache(cache_dir: str, workdir: str) -> None:
 
 
 _CACHE_SET_BY_US = [None]  # the compilation cache directory `_use_compilation_cache` last set
+_CACHE_ENTRY = re.compile(r".+-[0-9a-f]{64}-cache")  # JAX's entry names: '<module>-<sha256 hex>-cache'
 
 
 def drop_damaged_cache_entries(path: str) -> list:
@@ -242,6 +251,8 @@ def drop_damaged_cache_entries(path: str) -> list:
         return []
     damaged = []
     for entry in sorted(glob.glob(os.path.join(glob.escape(path), "*-cache"))):
+        if not _CACHE_ENTRY.fullmatch(os.path.basename(entry)):  # JAX's own names only: not a user's file
+            continue
         try:
             with open(entry, "rb") as f:
                 decompress_executable(f.read())
