@@ -320,6 +320,14 @@ def test_a_single_run_and_a_study_do_not_share_a_workdir(tmp_path):
     notes = tmp_path / "notes"  # a directory that merely looks like a study (no run in it) is no study
     (notes / "drafts" / "seed_1").mkdir(parents=True)
     check_workdir(str(notes))
+    for study_or_not in (False, True):  # nor inside a run, nor in a study's arm directory
+        with pytest.raises(UserError, match=r"is a study arm's directory \(runs in it: seed_0\)"):
+            check_workdir(str(study_dir / "teacher"), study=study_or_not)
+    (run_dir / "config.json").write_text("{}")
+    for inside in (run_dir / "checkpoints", run_dir / "checkpoints" / "new", run_dir / "sub"):
+        with pytest.raises(UserError, match=f"lies inside the run in {run_dir}; use a directory outside it"):
+            check_workdir(str(inside))
+    check_workdir(str(study_dir / "teacher" / "seed_5"))  # a new seed of an arm is a run of its own
 
 
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path, data_dir):

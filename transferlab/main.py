@@ -187,11 +187,21 @@ def check_workdir(workdir: str, study: bool = False) -> None:
         raise UserError(f"--workdir {workdir!r}: storage URLs are not supported; use a directory every process "
                         "can write, e.g. the bucket mounted with gcsfuse")
     path = os.path.abspath(workdir)
+    ancestor = os.path.dirname(path)
+    while ancestor != os.path.dirname(ancestor):  # up to the root
+        if _holds_a_run(ancestor):
+            raise UserError(f"--workdir {workdir!r}: lies inside the run in {ancestor}; use a directory outside it")
+        ancestor = os.path.dirname(ancestor)
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise UserError(f"--workdir {workdir!r}: exists and is not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"--workdir {workdir!r}: not writable")
+        seeds = sorted(os.path.basename(d) for d in glob.glob(os.path.join(glob.escape(path), "seed_*"))
+                       if any(os.path.exists(os.path.join(d, n)) for n in ("checkpoints", "config.json", "results.json")))
+        if seeds:
+            raise UserError(f"--workdir {workdir!r}: is a study arm's directory (runs in it: {', '.join(seeds[:3])}"
+                            f"{', ...' if len(seeds) > 3 else ''}); give the study's directory, or a new one")
         single = [n for n in ("checkpoints", "config.json") if os.path.exists(os.path.join(path, n))]
         runs = sorted(os.path.relpath(d, path) for d in glob.glob(os.path.join(glob.escape(path), "*", "seed_*"))
                       if any(os.path.exists(os.path.join(d, n)) for n in ("checkpoints", "config.json", "results.json")))
@@ -208,6 +218,13 @@ def check_workdir(workdir: str, study: bool = False) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--workdir {workdir!r}: cannot be created ({parent!r} is not a writable directory)")
+
+
+def _holds_a_run(directory: str) -> bool:
+    """A run's directory: its config.json with its checkpoints/ or results.json beside it."""
+    return os.path.isfile(os.path.join(directory, "config.json")) and (
+        os.path.isdir(os.path.join(directory, "checkpoints"))
+        or os.path.isfile(os.path.join(directory, "results.json")))
 
 
 def _use_compilation_cache(cache_dir: str, workdir: str) -> None:
