@@ -264,3 +264,19 @@ def test_a_free_form_key_set_on_one_side_only_is_a_config_difference():
     old.pop("eval_batch_size")  # not compared anyway
     old["optimizer"] = {k: v for k, v in old["optimizer"].items() if k != "clip_grad_norm"}
     assert config_lib.first_difference(old, config()) is None
+
+
+def test_one_run_directory_spelled_two_ways_is_no_config_difference(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def config(teacher, extra):
+        return config_lib.from_dict({"task": "kd", "dataset": {"name": "digits"},
+                                     "teacher": {"name": "mlp", "checkpoint": teacher},
+                                     "extra_teachers": ({"name": "mlp", "checkpoint": extra},),
+                                     "distill": {"teacher_combination": "average"}})
+    saved = json.loads(json.dumps(config_lib.to_plain(config("runs/teacher/", "./runs/other"))))
+    assert config_lib.first_difference(saved, config(str(tmp_path / "runs" / "teacher"), "runs/other")) is None
+    assert "teacher.checkpoint" in config_lib.first_difference(saved, config("runs/teacher2", "runs/other"))
+    assert "extra_teachers" in config_lib.first_difference(saved, config("runs/teacher", "runs/another"))
+    assert config_lib.first_difference(json.loads(json.dumps(config_lib.to_plain(config("random", "random")))),
+                                       config("random", "random")) is None

@@ -702,8 +702,8 @@ def first_difference(saved: dict, config) -> str | None:
     `config`'s, or None. Keys in NOT_COMPARED are ignored, and so are keys of the fixed sections that only
     one side has (added to `defaults()` since); a key inside a free-form section (`model.kwargs`, ...) that
     only one side sets is a difference (`hidden_sizes` given now, the model's default before)."""
-    now = _flat(json.loads(json.dumps(to_plain(config), default=str)))
-    before = _flat({k: v for k, v in saved.items() if not k.startswith("_")})
+    now = _same_paths(_flat(json.loads(json.dumps(to_plain(config), default=str))))
+    before = _same_paths(_flat({k: v for k, v in saved.items() if not k.startswith("_")}))
     unset = object()
     for key in sorted(set(now) | set(before)):
         if any(key == skip or key.startswith(skip + ".") for skip in NOT_COMPARED):
@@ -714,6 +714,26 @@ def first_difference(saved: dict, config) -> str | None:
         if was != is_:
             return f"{key}: saved {_short_or_unset(was, unset)}, now {_short_or_unset(is_, unset)}"
     return None
+
+
+# Values that name a run directory (a teacher's, an init checkpoint's) unless one of these words.
+_PATH_KEYS = ("teacher.checkpoint", "init_checkpoint")
+_NOT_PATHS = ("", "random", "self_ema")
+
+
+def _same_paths(flat: dict) -> dict:
+    """`flat` with run-directory values made absolute and normal ('runs/t/' and '/home/me/runs/t' from
+    /home/me are one teacher), also each extra teacher's `checkpoint`."""
+    def norm(path):
+        return os.path.abspath(path) if isinstance(path, str) and path not in _NOT_PATHS else path
+    out = dict(flat)
+    for key in _PATH_KEYS:
+        if key in out:
+            out[key] = norm(out[key])
+    if isinstance(out.get("extra_teachers"), list):
+        out["extra_teachers"] = [{**t, "checkpoint": norm(t["checkpoint"])} if isinstance(t, dict)
+                                 and "checkpoint" in t else t for t in out["extra_teachers"]]
+    return out
 
 
 def _short_or_unset(value, unset) -> str:
