@@ -4,18 +4,17 @@ arXiv:2305.14890), in the spatial-transformer form.
 An augmentor network maps per-sample noise z to an affine warp
 `A = I + scale * tanh(MLP(z))` of the image. Teacher and student both see the
 warped batch. The augmentor is trained in the same step as the student, to
-*maximize* the student's distillation loss on the warped images (the places where
-teacher and student disagree) while keeping the teacher's own prediction
-unchanged by the warp:
+generate images on which teacher and student *disagree* while the teacher's own
+prediction stays what it is on the original image:
 
-  student:   min  L_student(x_A)
-  augmentor: max  L_student(x_A)  -  consistency_weight * KL(t(x) || t(x_A))
+  student:   min  L_student(x_A)                      (x_A a constant here)
+  augmentor: min  consistency_weight * KL(t(x) || t(x_A))  -  KL(t(x_A) || s(x_A))
 
-One backward pass does both: the warp parameters go through a gradient-reversal
-op (`gradient_reversal`, a `jax.custom_vjp`) on the path into the student loss,
-and straight into the teacher-consistency term, which only the augmentor sees.
-Simplified from the paper: one shared affine augmentor (no VAE augmentor), trained
-jointly rather than in alternating phases.
+The augmentor's objective reaches the warp through both models' responses to it
+(their weights held constant), and is added to the step's total loss, whose only
+path to the augmentor's params it is (`KDTask._hard_augment`). Simplified from the
+paper: one shared affine augmentor (no VAE augmentor), trained jointly rather than
+in alternating phases, every training image augmented.
 """
 
 from __future__ import annotations
@@ -23,23 +22,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-
-@jax.custom_vjp
-def gradient_reversal(x):
-    """Identity forward; negated gradient backward (Ganin & Lempitsky, arXiv:1409.7495)."""
-    return x
-
-
-def _gr_fwd(x):
-    return x, None
-
-
-def _gr_bwd(_, g):
-    return (jax.tree.map(jnp.negative, g),)
-
-
-gradient_reversal.defvjp(_gr_fwd, _gr_bwd)
 
 
 class AffineAugmentor(nn.Module):

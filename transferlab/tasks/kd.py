@@ -581,25 +581,38 @@ class KDTask:
         return jnp.einsum("kb,kbc->bc", w, logits, precision="highest")  # float32 on GPU/TPU too
 
     def _hard_augment(self, params, model_state, frozen, batch, rng):
-        """The batch warped by the learned augmentor, and the augmentor's teacher-consistency loss."""
+        """HARD (arXiv:2305.14890): the batch the student trains on, warped by the learned augmentor (a constant
+        for the student's own loss), and the augmentor's objective, which only the augmentor's params see:
+
+          consistency_weight * KL(t(x) || t(x_A))  -  KL(t(x_A) || s(x_A))        (temperature 1)
+
+        so the augmentor looks for warps where teacher and student disagree (gradients through both models'
+        responses to the warp, neither model's weights) while the teacher still predicts what it does on x."""
         images = batch["image"]
         z = jax.random.normal(jax.random.fold_in(rng, 104729), (images.shape[0],
                                                                self.config.distill.hard_augment.noise_dim))
         theta = self.hard.apply({"params": params["augmentor"]}, z)
-        hard_images = hard_augment.warp(images, hard_augment.gradient_reversal(theta))
-        teacher = jax.lax.stop_gradient(self.teacher_variables(model_state, frozen)[0])
-        model = self.teachers[0]
-        clean = jax.lax.stop_gradient(common.forward(model, teacher["params"], teacher["model_state"], images,
-                                                     train=False)[0]).astype(jnp.float32)
-        warped = common.forward(model, teacher["params"], teacher["model_state"], hard_augment.warp(images, theta),
-                                train=False)[0].astype(jnp.float32)
-        consistency = losses.get("kd").fn(warped, clean, batch, temperature=1.0)
-        return {**batch, "image": hard_images}, consistency
+        warped = hard_augment.warp(images, theta)
+        teachers = jax.lax.stop_gradient(self.teacher_variables(model_state, frozen))
+
+        def teachers_logits(x):
+            return self.combined_logits([{"logits": common.forward(m, v["params"], v["model_state"], x, train=False)[0]}
+                                         for m, v in zip(self.teachers, teachers)], batch["label"])
+        clean = jax.lax.stop_gradient(teachers_logits(images))
+        t_warped = teachers_logits(warped)
+        s_warped = common.forward(self.model, jax.lax.stop_gradient(params["model"]),
+                                  jax.lax.stop_gradient(model_state["model"]), warped, train=False)[0]
+        kl = losses.get("kd").fn
+        disagreement = kl(s_warped, t_warped, batch, temperature=1.0)
+        consistency = kl(t_warped, clean, batch, temperature=1.0)
+        objective = self.config.distill.hard_augment.consistency_weight * consistency - disagreement
+        metrics = {"loss/hard_disagreement": disagreement, "loss/hard_teacher_consistency": consistency}
+        return {**batch, "image": jax.lax.stop_gradient(warped)}, objective, metrics
 
     def loss_fn(self, params, model_state, frozen, batch, rng, step):
-        consistency = None
+        augmentor_objective = None
         if self.hard is not None:
-            batch, consistency = self._hard_augment(params, model_state, frozen, batch, rng)
+            batch, augmentor_objective, hard_metrics = self._hard_augment(params, model_state, frozen, batch, rng)
         student_images = batch["image"]
         if "cache" in frozen:
             teacher_taps = [{"logits": jax.lax.stop_gradient(table[batch["index"]])} for table in frozen["cache"]]
@@ -652,9 +665,9 @@ class KDTask:
                     value = term.spec.fn(student, teacher_in, term_batch, **hparams)
             total = total + term.weight_at(step) * value
             metrics[f"loss/{term.key}_{term.name}"] = value
-        if consistency is not None:
-            total = total + self.config.distill.hard_augment.consistency_weight * consistency
-            metrics["loss/hard_teacher_consistency"] = consistency
+        if augmentor_objective is not None:  # (no gradient to the student: its params are constants in it)
+            total = total + augmentor_objective
+            metrics.update(hard_metrics)
         metrics["loss/total"] = total
         return total, (new_state, metrics)
 
