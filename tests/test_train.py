@@ -380,7 +380,9 @@ def test_unreadable_checkpoint_is_a_clear_error_naming_the_earlier_one(tmp_path,
     # Damaged JSON inside a checkpoint (found by a kill-and-resume audit: 20-60 line tracebacks before).
     os.remove(os.path.join(workdir, "results.json"))
     for relative, garbage, message in (
-            ("8/metrics/metrics", "garbage", "cannot be read (JSONDecodeError"),
+            ("8/metrics/metrics", "garbage", "cannot be read (JSONDecodeError: Expecting value: line 1 column 1 "
+                                             "(char 0)); " + os.path.join(workdir, "checkpoints", "8", "metrics",
+                                                                          "metrics") + " is damaged"),
             ("24/data/metadata", '{"iterator": {}, "elapsed_s": 1.0}', "checkpoints/24: its data-iterator state is "
                                                                        "damaged")):
         path = os.path.join(workdir, "checkpoints", relative)
@@ -392,6 +394,12 @@ def test_unreadable_checkpoint_is_a_clear_error_naming_the_earlier_one(tmp_path,
         assert message in proc.stderr, proc.stderr
         with open(path, "w") as f:
             f.write(saved)
+    # A step directory copied by hand under another step's name: the state inside says which step it is.
+    shutil.copytree(os.path.join(workdir, "checkpoints", "16"), os.path.join(workdir, "checkpoints", "30"))
+    proc = cli(args)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "checkpoints/30 holds the state of step 16; move that directory away" in proc.stderr, proc.stderr
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "30"))
     # Killed after logging the final evaluation, before results.json: evaluated again, logged once.
     assert cli(args).returncode == 0
     finals = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if any(k.startswith("final/") for k in r)]
@@ -760,3 +768,21 @@ def test_the_python_api_validates_a_hand_built_config_and_refuses_a_study(tmp_pa
     with pytest.raises(ConfigError, match="'study.arms': this config is a study of several runs"):
         train_and_evaluate(study, str(tmp_path / "b"))
     assert not os.listdir(tmp_path)
+
+
+def test_a_second_ctrl_c_inside_a_checkpoint_save_logs_no_traceback(caplog):
+    """Orbax logs the KeyboardInterrupt a second Ctrl-C raises inside its save wait, traceback and all
+    (found by a kill-and-resume audit); the CLI drops such records and keeps other errors."""
+    from absl import logging as absl_logging
+    from transferlab import main
+    main._quiet_library_warnings()
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        absl_logging.exception("Save Finalize thread (save_finalize) failed.")
+    try:
+        raise ValueError("a real failure")
+    except ValueError:
+        absl_logging.exception("something else failed")
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["something else failed"], logged

@@ -65,6 +65,19 @@ class ModelMismatch(UserError):
     """A checkpoint's params or BN statistics have other shapes than the configured model's."""
 
 
+def _unreadable_metrics(directory: str) -> str | None:
+    """The first step's `metrics/metrics` file under `directory` that is not a JSON object (Orbax reads
+    them all when it opens the directory), or None."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*", "metrics", "metrics"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                if not isinstance(json.load(f), dict):
+                    return path
+        except (OSError, ValueError):
+            return path
+    return None
+
+
 class Checkpointer:
     """Wraps one `ocp.CheckpointManager` under `workdir/checkpoints`."""
 
@@ -83,8 +96,11 @@ class Checkpointer:
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except Exception as e:  # noqa: BLE001  (e.g. a step's metrics/metrics file garbled: JSONDecodeError)
+            damaged = _unreadable_metrics(self.directory)
+            which = (f"{damaged} is damaged: move that step's directory ({os.path.dirname(os.path.dirname(damaged))})"
+                     " away" if damaged else "a step's metadata is damaged: move that step's directory away")
             raise UserError(f"checkpoints in {self.directory} cannot be read ({first_line(e, innermost=True)}); "
-                            "a step's metadata is damaged: move that step's directory away") from None
+                            f"{which}") from None
         _ignore_closed_loop_callbacks()  # before anything is read (metadata reads fail the same way)
 
     def latest_step(self) -> int | None:

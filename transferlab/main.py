@@ -176,6 +176,9 @@ def check_same_run_everywhere(config, workdir: str) -> None:
                         "of a run needs the same --config, --config.KEY overrides and --workdir")
 
 
+RUN_FILES = ("checkpoints", "config.json", "results.json")  # what a run writes in its directory
+
+
 def check_workdir(workdir: str, study: bool = False) -> None:
     """The run directory must be (or be creatable as) a writable directory, and not hold the other kind of
     workdir (a study's, for a single run; a single run's, for a study): either would overwrite the other's
@@ -198,13 +201,13 @@ def check_workdir(workdir: str, study: bool = False) -> None:
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"--workdir {workdir!r}: not writable")
         seeds = sorted(os.path.basename(d) for d in glob.glob(os.path.join(glob.escape(path), "seed_*"))
-                       if any(os.path.exists(os.path.join(d, n)) for n in ("checkpoints", "config.json", "results.json")))
+                       if any(os.path.exists(os.path.join(d, n)) for n in RUN_FILES))
         if seeds:
             raise UserError(f"--workdir {workdir!r}: is a study arm's directory (runs in it: {', '.join(seeds[:3])}"
                             f"{', ...' if len(seeds) > 3 else ''}); give the study's directory, or a new one")
         single = [n for n in ("checkpoints", "config.json") if os.path.exists(os.path.join(path, n))]
         runs = sorted(os.path.relpath(d, path) for d in glob.glob(os.path.join(glob.escape(path), "*", "seed_*"))
-                      if any(os.path.exists(os.path.join(d, n)) for n in ("checkpoints", "config.json", "results.json")))
+                      if any(os.path.exists(os.path.join(d, n)) for n in RUN_FILES))
         if study and single:
             raise UserError(f"--workdir {workdir!r}: holds a single run ({single[0]}); a study needs a directory "
                             "of its own")
@@ -288,6 +291,14 @@ def _quiet_library_warnings() -> None:
     lines above the one-line error. The CLI keeps absl's errors only."""
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.ERROR)
+    absl_logging.get_absl_logger().addFilter(_drop_interrupt_tracebacks)
+
+
+def _drop_interrupt_tracebacks(record) -> bool:
+    """A second Ctrl-C arriving while Orbax waits for a save raises KeyboardInterrupt inside Orbax, which
+    logs it as an error with its traceback ('Save Finalize thread ... failed') above our own line."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, KeyboardInterrupt)
 
 
 def _silence_unraisable() -> None:

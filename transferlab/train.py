@@ -248,6 +248,9 @@ class Trainer:
                                     f"({changed[0]}); rerun it with its own config, or use a new --workdir")
                 abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_shardings)
                 state, data_state = ckpt.restore(latest, abstract)
+                if int(state["step"]) != latest:  # a step directory copied or renamed by hand
+                    raise UserError(f"checkpoint {ckpt.directory}/{latest} holds the state of step "
+                                    f"{int(state['step'])}; move that directory away to resume from an earlier one")
                 self._check_frozen_sources(workdir, data_state)
                 if isinstance(data_state, dict) and {"iterator", "elapsed_s"} <= set(data_state):
                     self._clock[1] = float(data_state["elapsed_s"])
