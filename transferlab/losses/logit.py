@@ -82,15 +82,19 @@ def dkd(student, teacher, batch, *, alpha=1.0, beta=8.0, temperature=4.0):
 def _pearson_rows(a, b, w, eps, eps_mode="add"):
     """[R] Pearson correlation of each row of a and b over its columns, with column weights w [K].
     eps_mode 'add': <a, b> / (|a| |b| + eps); 'clamp': <a, b> / (max(|a|, eps) max(|b|, eps)), the clamp
-    left out of the gradient (torch's `cosine_similarity`)."""
+    left out of the gradient (torch's `cosine_similarity`). Over at most one weighted column (one valid
+    sample, for the per-class correlations) the centred rows are zero and the correlation is 0, without
+    gradient: rounding residues of the centring would otherwise meet a 1/eps."""
     n = jnp.maximum(jnp.sum(w), 1.0)
     a = (a - jnp.sum(a * w[None, :], -1, keepdims=True) / n) * w[None, :]
     b = (b - jnp.sum(b * w[None, :], -1, keepdims=True) / n) * w[None, :]
     norm_a, norm_b = norm_or_zero(a), norm_or_zero(b)
     if eps_mode == "add":
-        return jnp.sum(a * b, -1) / (norm_a * norm_b + eps)
-    clamp = lambda x: x + jax.lax.stop_gradient(jnp.maximum(x, eps) - x)  # noqa: E731
-    return jnp.sum(a * b, -1) / (clamp(norm_a) * clamp(norm_b))
+        rho = jnp.sum(a * b, -1) / (norm_a * norm_b + eps)
+    else:
+        clamp = lambda x: x + jax.lax.stop_gradient(jnp.maximum(x, eps) - x)  # noqa: E731
+        rho = jnp.sum(a * b, -1) / (clamp(norm_a) * clamp(norm_b))
+    return jnp.where(jnp.sum(w) > 1.0, rho, 0.0)
 
 
 @register("dist", taps=LOGITS, choices={"eps_mode": ("add", "clamp")})
