@@ -4,6 +4,7 @@ import json
 import os
 import textwrap
 
+import ml_collections
 import pytest
 
 from transferlab import config as config_lib
@@ -164,6 +165,8 @@ def test_list_entries_may_be_config_dicts(tmp_path):
                             "    c.extra_teachers = [ml_collections.ConfigDict({'name': 'mlp', 'checkpoint': 'random'})]")
     assert config.distill.terms[0] == {"name": "kd", "weight": 0.5}
     assert type(config.extra_teachers[0]) is dict
+    config_lib.apply_override(config, "distill.terms", (ml_collections.ConfigDict({"name": "dkd"}),))  # (arms)
+    assert type(config.distill.terms[0]) is dict
 
 
 STUDY = """

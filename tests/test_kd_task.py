@@ -195,9 +195,22 @@ def test_taps_a_loss_cannot_compare_are_one_config_error_before_anything_is_writ
                                                                                      shapes):
     """Found by tracing the step (no connector checks these shapes), before the workdir gets any file."""
     workdir = tmp_path / "kd"
-    with pytest.raises(ConfigError, match=rf"distill.terms\[0\]: loss '{term['name']}' cannot take .*{shapes}"):
+    with pytest.raises(ConfigError, match=rf"distill.terms\[0\]: loss '{term['name']}' failed on .*{shapes}"):
         train_and_evaluate(kd_config(teacher_dir, terms=(term,)), str(workdir))
     assert not workdir.exists() or not os.listdir(workdir)
+
+
+def test_a_bug_inside_a_loss_is_not_blamed_on_the_taps(tmp_path, teacher_dir):
+    """A loss of one's own that branches on a traced value raises JAX's own error (with its traceback), not
+    a config error about the taps."""
+    from transferlab import losses
+
+    @losses.register("test_branches_on_a_tracer", taps=("logits", "logits"))
+    def branches(student, teacher, batch):
+        return jnp.mean(student) if jnp.mean(student) > 0 else jnp.mean(teacher)
+    with pytest.raises(jax.errors.ConcretizationTypeError):
+        train_and_evaluate(kd_config(teacher_dir, terms=({"name": "test_branches_on_a_tracer"},)),
+                           str(tmp_path / "kd"))
 
 
 @pytest.mark.parametrize("term, message", [

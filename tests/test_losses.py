@@ -269,6 +269,10 @@ def test_hparam_errors():
         with pytest.raises(ConfigError, match=f"hparam '{key}': got -1.0; expected a number >= 0"):
             losses.resolve_hparams(loss, {key: -1.0})
         assert losses.resolve_hparams(loss, {key: 0.0})[key] == 0.0
+    @losses.register("test_alpha_divergence", taps=("logits", "logits"))
+    def alpha_divergence(student, teacher, batch, *, alpha=0.5):  # a loss of one's own: alpha may be negative
+        return jnp.mean(student - teacher) * alpha
+    assert losses.resolve_hparams("test_alpha_divergence", {"alpha": -1.0})["alpha"] == -1.0
     with pytest.raises(ConfigError, match="add, clamp"):
         losses.resolve_hparams("dist", {"eps_mode": "max"})
     with pytest.raises(ConfigError, match="expected an int"):

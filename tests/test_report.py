@@ -126,5 +126,9 @@ def test_a_study_table_covers_its_own_seeds_and_never_mixes_recipes(tmp_path, ca
     assert row["test_accuracy_mean"] == pytest.approx(0.96)
     with pytest.raises(report.UserError, match=r"seed_0 and seed_2 were trained differently \(total_steps 5 vs 200\)"):
         report.write_study_report(workdir, ["student"])
+    assert report.main([workdir]) == 0  # the CLI rewrites the study's table over the study's own seeds
+    (row,) = json.load(open(os.path.join(workdir, "results.json")))["arms"]
+    assert (row["seeds"], row["steps"]) == ([2], 200)
+    os.remove(os.path.join(workdir, "results.json"))  # no study report: every seed, and the two recipes refused
     assert report.main([workdir]) == 2
     assert "trained differently" in capsys.readouterr().err

@@ -186,9 +186,9 @@ def test_a_compilation_cache_entry_cut_short_by_a_kill_is_dropped(tmp_path):
     assert sorted(os.path.basename(p) for p in damaged) == [f"{b}-cache", f"{c}-cache"]
     assert sorted(os.listdir(tmp_path)) == ["experiment-cache", f"{a}-atime", f"{a}-cache"]  # a user's file kept
     assert main.drop_damaged_cache_entries(str(tmp_path / "absent")) == []
-    for cache_dir, message in (("metrics.jsonl", "exists and is not a directory"), (".", "the run's own directory"),
-                               ("checkpoints/", "the run's own directory")):
-        (tmp_path / "metrics.jsonl").write_text("{}\n")
+    for cache_dir, message in (("notes.txt", "exists and is not a directory"), (".", "the run's own directory"),
+                               ("checkpoints/", "the run's own directory"), ("metrics.jsonl", "the run's own")):
+        (tmp_path / "notes.txt").write_text("mine")
         with pytest.raises(ConfigError, match=f"config key 'xla_cache_dir': .*{message}"):
             main._use_compilation_cache(cache_dir, str(tmp_path))
 
@@ -323,11 +323,17 @@ def test_a_single_run_and_a_study_do_not_share_a_workdir(tmp_path):
     for study_or_not in (False, True):  # nor inside a run, nor in a study's arm directory
         with pytest.raises(UserError, match=r"is a study arm's directory \(runs in it: seed_0\)"):
             check_workdir(str(study_dir / "teacher"), study=study_or_not)
-    (run_dir / "config.json").write_text("{}")
-    for inside in (run_dir / "checkpoints", run_dir / "checkpoints" / "new", run_dir / "sub"):
-        with pytest.raises(UserError, match=f"lies inside the run in {run_dir}; use a directory outside it"):
+    (run_dir / "config.json").write_text('{"_versions": {}}')
+    for inside in (run_dir / "checkpoints", run_dir / "checkpoints" / "new", run_dir / "tensorboard" / "x"):
+        with pytest.raises(UserError, match=f"lies inside {run_dir}/{inside.relative_to(run_dir).parts[0]}, which "
+                                            f"the run in {run_dir} writes"):
             check_workdir(str(inside))
+    check_workdir(str(run_dir / "students" / "kd"))  # beside the run's own files: fine
     check_workdir(str(study_dir / "teacher" / "seed_5"))  # a new seed of an arm is a run of its own
+    project = tmp_path / "project"  # another tool's config.json and checkpoints/: not a transferlab run
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.json").write_text('{"lr": 1}')
+    check_workdir(str(project / "checkpoints" / "run"))
 
 
 def test_incompatible_checkpoint_is_a_clear_error(tmp_path, data_dir):

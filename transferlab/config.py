@@ -313,7 +313,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw) -> None:
         value = raw  # strings are taken verbatim
     if free or _is_free_form(key):
         try:
-            node[leaf] = value
+            node[leaf] = _plain_entries(value)
         except (TypeError, ValueError) as e:  # ml_collections keeps a field's type
             kind = type(node[leaf]).__name__
             hint = " (not a valid Python literal)" if isinstance(value, str) and isinstance(raw, str) else ""

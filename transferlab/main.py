@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import json
 import os
 import re
 import shlex
@@ -177,6 +178,7 @@ def check_same_run_everywhere(config, workdir: str) -> None:
 
 
 RUN_FILES = ("checkpoints", "config.json", "results.json")  # what a run writes in its directory
+RUN_OWNED_DIRS = ("checkpoints", "tensorboard")  # the directories a run writes into
 
 
 def check_workdir(workdir: str, study: bool = False) -> None:
@@ -192,8 +194,10 @@ def check_workdir(workdir: str, study: bool = False) -> None:
     path = os.path.abspath(workdir)
     ancestor = os.path.dirname(path)
     while ancestor != os.path.dirname(ancestor):  # up to the root
-        if _holds_a_run(ancestor):
-            raise UserError(f"--workdir {workdir!r}: lies inside the run in {ancestor}; use a directory outside it")
+        owned = os.path.relpath(path, ancestor).split(os.sep)[0]
+        if owned in RUN_OWNED_DIRS and _holds_a_run(ancestor):
+            raise UserError(f"--workdir {workdir!r}: lies inside {os.path.join(ancestor, owned)}, which the run in "
+                            f"{ancestor} writes; use a directory outside it")
         ancestor = os.path.dirname(ancestor)
     if os.path.exists(path):
         if not os.path.isdir(path):
@@ -224,10 +228,15 @@ def check_workdir(workdir: str, study: bool = False) -> None:
 
 
 def _holds_a_run(directory: str) -> bool:
-    """A run's directory: its config.json with its checkpoints/ or results.json beside it."""
-    return os.path.isfile(os.path.join(directory, "config.json")) and (
-        os.path.isdir(os.path.join(directory, "checkpoints"))
-        or os.path.isfile(os.path.join(directory, "results.json")))
+    """A transferlab run's directory: its config.json (with the versions this library records) beside its
+    checkpoints/ or results.json."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            ours = "_versions" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+    return ours and (os.path.isdir(os.path.join(directory, "checkpoints"))
+                     or os.path.isfile(os.path.join(directory, "results.json")))
 
 
 def _use_compilation_cache(cache_dir: str, workdir: str) -> None:
@@ -240,10 +249,11 @@ def _use_compilation_cache(cache_dir: str, workdir: str) -> None:
     path = (os.path.normpath(os.path.join(os.path.abspath(workdir), cache_dir))
             if cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR") else None)
     if path:
-        run_owned = {os.path.join(os.path.abspath(workdir), name) for name in ("", "checkpoints", "tensorboard")}
+        run_owned = {os.path.join(os.path.abspath(workdir), name) for name in
+                     ("", *RUN_OWNED_DIRS, "config.json", "results.json", "results.md", "metrics.jsonl")}
         if os.path.normpath(path) in {os.path.normpath(p) for p in run_owned}:
-            raise ConfigError(f"config key 'xla_cache_dir': {cache_dir!r} is the run's own directory; use e.g. "
-                              "'xla_cache'")
+            raise ConfigError(f"config key 'xla_cache_dir': {cache_dir!r} is the run's own directory or file; use "
+                              "e.g. 'xla_cache'")
         if os.path.lexists(path) and not os.path.isdir(path):
             raise ConfigError(f"config key 'xla_cache_dir': {path} exists and is not a directory")
         drop_damaged_cache_entries(path)

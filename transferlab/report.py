@@ -166,6 +166,19 @@ def write_study_report(workdir: str, arms, title: str = "", description: str = "
     return summary
 
 
+def _study_seeds(rows) -> dict:
+    """{arm: seeds} of a study's own report rows (finished and unfinished): rewriting its table keeps to the
+    study's runs, not seed directories an earlier study left beside them. Arms without a row: every seed."""
+    seeds = {}
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("seeds"), list):
+            continue
+        unfinished = [u[len("seed_"):] for u in row.get("unfinished") or [] if isinstance(u, str)]
+        seeds[row.get("arm")] = [s for s in row["seeds"] if isinstance(s, int)] + [
+            int(u) for u in unfinished if u.isdigit()]
+    return seeds
+
+
 def main(argv=None) -> int:
     parser = OneLineArgumentParser(prog="python -m transferlab.report", description=__doc__,
                                    label="transferlab.report")
@@ -174,16 +187,18 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.workdir):
         parser.error(f"{args.workdir}: no such directory")
     try:
-        arms = sorted(d for d in os.listdir(args.workdir) if load_results(os.path.join(args.workdir, d)))
-        if not arms:
-            raise UserError(f"{args.workdir}: no */seed_*/results.json under it")
-        previous = {}  # the study's own report: keep its arm order, heading, description and command
+        previous = {}  # the study's own report: keep its arm order, seeds, heading, description and command
         if os.path.isfile(os.path.join(args.workdir, "results.json")):
             previous = read_json(os.path.join(args.workdir, "results.json"))
         rows = previous.get("arms") if isinstance(previous.get("arms"), list) else []
+        seeds = _study_seeds(rows)
+        arms = sorted(d for d in os.listdir(args.workdir)
+                      if load_results(os.path.join(args.workdir, d), seeds.get(d)))
+        if not arms:
+            raise UserError(f"{args.workdir}: no */seed_*/results.json under it")
         order = [row.get("arm") for row in rows if isinstance(row, dict)]
         arms = [a for a in order if a in arms] + [a for a in arms if a not in order]
-        write_study_report(args.workdir, arms,
+        write_study_report(args.workdir, arms, seeds=seeds,
                            **{k: str(previous.get(k) or "") for k in ("title", "description", "command")})
     except UserError as e:
         print(f"{parser.label}: error: {e}", file=sys.stderr)

@@ -108,11 +108,12 @@ def get(name: str) -> LossSpec:
 
 # Real hparams that divide or scale logits/similarities: only > 0 makes sense (also any '*temperature').
 _POSITIVE = frozenset({"tau", "p", "eps"})
-# Real hparams that weight a part of a loss (also any 'w_*'): a negative one would ascend that part.
+# Real hparams that weight a part of a built-in loss (also any 'w_*'): a negative one would ascend that part.
+# (A loss of one's own may mean something else by them: alpha-divergence KD takes a negative alpha.)
 _NON_NEGATIVE = frozenset({"alpha", "beta", "gamma"})
 
 
-def _check_value(name: str, key: str, value, default, choices):
+def _check_value(name: str, key: str, value, default, choices, builtin: bool = True):
     where = f"loss {name!r} hparam {key!r}"
     if key in choices:
         if value not in choices[key]:
@@ -132,7 +133,7 @@ def _check_value(name: str, key: str, value, default, choices):
             raise errors.ConfigError(f"{where}: got {value!r}; expected a finite number")
         if (key in _POSITIVE or key.endswith("temperature")) and value <= 0:
             raise errors.ConfigError(f"{where}: got {value!r}; expected a number > 0")
-        if (key in _NON_NEGATIVE or key.startswith("w_")) and value < 0:
+        if builtin and (key in _NON_NEGATIVE or key.startswith("w_")) and value < 0:
             raise errors.ConfigError(f"{where}: got {value!r}; expected a number >= 0 (it weights a part of the "
                                      "loss)")
         return float(value)
@@ -156,7 +157,8 @@ def resolve_hparams(name: str, given: Mapping[str, Any] | None = None) -> dict:
             raise errors.ConfigError(f"loss {name!r}: unknown hparam {key!r}; allowed: {allowed}")
     out = dict(spec.defaults)
     for key, value in given.items():
-        out[key] = _check_value(name, key, value, spec.defaults[key], spec.choices)
+        out[key] = _check_value(name, key, value, spec.defaults[key], spec.choices,
+                                builtin=spec.fn.__module__.startswith("transferlab."))
     return out
 
 

@@ -220,15 +220,15 @@ class Term:
                 raise
             raise ConfigError(f"{self.where}: {e}") from None
         except (TypeError, ValueError, IndexError) as e:
-            if student is None:
+            if student is None or isinstance(e, jax.errors.ConcretizationTypeError):  # (a bug in the loss)
                 raise
             def shapes(taps):
                 return [tuple(x.shape) for x in taps]
             raise ConfigError(
-                f"{self.where}: loss {self.name!r} cannot take student tap {self.student_tap} {shapes(student)} "
-                f"and teacher tap {self.teacher_tap} {shapes(teacher)} ({first_line(e)}); choose taps of the "
-                "shapes it compares (e.g. 'logits' for logit losses, [B, H, W, C] maps for 'at'), or a "
-                "'connector'") from None
+                f"{self.where}: loss {self.name!r} failed on student tap {self.student_tap} {shapes(student)} "
+                f"and teacher tap {self.teacher_tap} {shapes(teacher)} ({first_line(e)}); if it does not compare "
+                "taps of these shapes, choose others (e.g. 'logits' for logit losses, [B, H, W, C] maps for 'at') "
+                "or a 'connector'") from e
 
 
 class KDTask:
