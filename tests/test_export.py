@@ -90,9 +90,9 @@ def test_export_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
     unrun = tmp_path / "unrun"  # a readable config, no checkpoint: found after --out was created
     unrun.mkdir()
     (unrun / "config.json").write_text(json.dumps({"dataset": {"name": "digits"}, "model": {"name": "mlp"}}))
-    bad = cli("--workdir", str(unrun), "--out", str(tmp_path / "u_out"))
+    bad = cli("--workdir", str(unrun), "--out", str(tmp_path / "u_out" / "a" / "b"))
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "checkpoint" in bad.stderr, bad.stderr
-    assert not (tmp_path / "u_out").exists()
+    assert not (tmp_path / "u_out").exists()  # nor the parents it made
 
 
 def test_export_reads_the_checkpoints_config_when_config_json_is_damaged(tmp_path, data_dir):

@@ -52,7 +52,10 @@ def export(run_dir: str, out_dir: str) -> dict:
         raise UserError(f"--out {out_dir!r} exists and is not a directory; choose a new directory")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise UserError(f"--out {out_dir!r} exists and is not empty; choose a new directory")
-    created = not os.path.exists(out_dir)
+    created = os.path.abspath(out_dir)  # the outermost directory this export creates (removed if it fails)
+    while not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = None if os.path.exists(created) else created
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -63,7 +66,7 @@ def export(run_dir: str, out_dir: str) -> dict:
         return _export_into(run_dir, out_dir, config, versions)
     except BaseException:
         if created:
-            files.remove_if_nothing_written(out_dir)
+            files.remove_if_nothing_written(created)
         raise
 
 

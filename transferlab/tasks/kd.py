@@ -29,8 +29,10 @@ self-distillation, arXiv:1703.01780), updated from the pre-update weights of eac
 step.
 
 Learned hard augmentations (`distill.hard_augment`, HARD arXiv:2305.14890, see
-`hard_augment`): an affine augmentor trained in the same step to maximize the
-student's loss while keeping the teacher's prediction.
+`hard_augment`): an affine augmentor trained in the same step to find warps on
+which teacher and student disagree while the teacher's prediction stays; the
+student trains on the warped images. `loss/total` is the student's loss; the
+augmentor's objective is logged as `loss/hard_augmentor_objective`.
 
 Teacher-output caching (`distill.teacher_cache`, see `teacher_cache`): for
 fixed inputs the teachers' train-split logits are computed once and looked up
@@ -665,10 +667,10 @@ class KDTask:
                     value = term.spec.fn(student, teacher_in, term_batch, **hparams)
             total = total + term.weight_at(step) * value
             metrics[f"loss/{term.key}_{term.name}"] = value
+        metrics["loss/total"] = total  # the student's loss
         if augmentor_objective is not None:  # (no gradient to the student: its params are constants in it)
             total = total + augmentor_objective
-            metrics.update(hard_metrics)
-        metrics["loss/total"] = total
+            metrics.update(hard_metrics, **{"loss/hard_augmentor_objective": augmentor_objective})
         return total, (new_state, metrics)
 
     def _connect(self, key, params, model_state, student, multi_tap):

@@ -93,8 +93,7 @@ def load_or_build(model, variables, section, step, config, mesh, batch_size) -> 
         if cached is not None:
             return cached
         # damaged (a truncated or replaced file) or stale: built again below
-    if jax.process_index() == 0:
-        _check_writable(os.path.dirname(path))  # before the teacher's pass over the whole train split
+    _check_writable(os.path.dirname(path))  # before the teacher's pass over the whole train split
     table = teacher_logits_table(model, variables, config, mesh, batch_size)
     verify(table, model, variables, config, mesh, batch_size)
     if jax.process_index() == 0:
@@ -107,17 +106,25 @@ def load_or_build(model, variables, section, step, config, mesh, batch_size) -> 
 
 def _check_writable(directory: str) -> None:
     """`directory` exists (made if need be) and takes a new file (tried: a read-only mount or an immutable
-    directory passes os.access as root); else a one-line UserError naming it."""
-    probe = os.path.join(directory, f".probe{os.getpid()}")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"config key 'distill.teacher_cache': cannot write the cache in {directory} "
-                        f"({e.strerror or e}); make dataset.data_dir writable, or set "
-                        "distill.teacher_cache=False") from None
+    directory passes os.access as root); else a one-line UserError naming it, on every process (process 0
+    writes the cache; the others would wait for it in the teacher pass's collectives)."""
+    problem = ""
+    if jax.process_index() == 0:
+        probe = os.path.join(directory, f".probe{os.getpid()}")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            problem = f"cannot write the cache in {directory} ({e.strerror or e})"
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        if int(multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))) and not problem:
+            problem = "process 0 cannot write the cache in its dataset.data_dir"
+    if problem:
+        raise UserError(f"config key 'distill.teacher_cache': {problem}; make dataset.data_dir writable, or set "
+                        "distill.teacher_cache=False")
 
 
 def _usable(path, model, variables, config, mesh, batch_size):
