@@ -486,10 +486,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(f"dml.peers[{i}]: expected a model section like {{'name': 'resnet8'}}, got {peer!r}")
             if peer["name"] not in models.names():
                 raise unknown_name(f"model (dml.peers[{i}].name)", peer["name"], models.names())
-            if not isinstance(peer.get("kwargs", {}), dict):
-                raise ConfigError(f"dml.peers[{i}].kwargs: expected a dict, got {peer['kwargs']!r}")
-            _check_model_kwargs(f"dml.peers[{i}]", ml_collections.ConfigDict(
-                {"name": peer["name"], "kwargs": dict(peer.get("kwargs", {}))}))
+            _check_model_kwargs(f"dml.peers[{i}]", peer)
             _choice(f"dml.peers[{i}].dtype", peer.get("dtype", "float32"), DTYPES)
         if len(config.dml.peers) + 1 > config.dml.num_students:
             raise ConfigError(f"config key 'dml.num_students': {config.dml.num_students} students, but model plus "

@@ -154,7 +154,6 @@ def check_same_run_everywhere(config, workdir: str) -> None:
     disagree on steps, shapes or paths and hang in a collective (even SIGTERM cannot end them). Compared by a
     digest gathered from every process right after `jax.distributed.initialize`."""
     import hashlib
-    import json
 
     import jax
     import numpy as np
@@ -249,9 +248,9 @@ def _use_compilation_cache(cache_dir: str, workdir: str) -> None:
     path = (os.path.normpath(os.path.join(os.path.abspath(workdir), cache_dir))
             if cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR") else None)
     if path:
-        run_owned = {os.path.join(os.path.abspath(workdir), name) for name in
+        run_owned = {os.path.normpath(os.path.join(os.path.abspath(workdir), name)) for name in
                      ("", *RUN_OWNED_DIRS, "config.json", "results.json", "results.md", "metrics.jsonl")}
-        if os.path.normpath(path) in {os.path.normpath(p) for p in run_owned}:
+        if path in run_owned:
             raise ConfigError(f"config key 'xla_cache_dir': {cache_dir!r} is the run's own directory or file; use "
                               "e.g. 'xla_cache'")
         if os.path.lexists(path) and not os.path.isdir(path):

@@ -562,6 +562,11 @@ class KDTask:
             outs.append(jax.lax.stop_gradient(({**taps, "logits": logits})))
         return outs
 
+    def _teacher_logits(self, teacher_variables, images):
+        """[{'logits': ...}] of every teacher on `images` (eval mode; differentiable in `images`)."""
+        return [{"logits": common.forward(m, v["params"], v["model_state"], images, train=False)[0]}
+                for m, v in zip(self.teachers, teacher_variables)]
+
     def combined_logits(self, teacher_taps, labels):
         """The teachers' logits combined per `distill.teacher_combination` (one teacher: its logits).
         `labels=None` (evaluation): the label-weighted combinations (adaptive, partition) fall back to the
@@ -597,11 +602,8 @@ class KDTask:
         warped = hard_augment.warp(images, theta)
         teachers = jax.lax.stop_gradient(self.teacher_variables(model_state, frozen))
 
-        def teachers_logits(x):
-            return self.combined_logits([{"logits": common.forward(m, v["params"], v["model_state"], x, train=False)[0]}
-                                         for m, v in zip(self.teachers, teachers)], batch["label"])
-        clean = jax.lax.stop_gradient(teachers_logits(images))
-        t_warped = teachers_logits(warped)
+        clean = jax.lax.stop_gradient(self.combined_logits(self._teacher_logits(teachers, images), batch["label"]))
+        t_warped = self.combined_logits(self._teacher_logits(teachers, warped), batch["label"])
         s_warped = common.forward(self.model, jax.lax.stop_gradient(params["model"]),
                                   jax.lax.stop_gradient(model_state["model"]), warped, train=False)[0]
         kl = losses.get("kd").fn
@@ -710,8 +712,7 @@ class KDTask:
     def eval_fn(self, params, model_state, frozen, batch):
         logits, _, _ = common.forward(self.model, params["model"], model_state["model"], batch["image"], train=False)
         sums = common.classification_sums(logits, batch["label"], batch["mask"])
-        teacher_taps = [{"logits": common.forward(m, v["params"], v["model_state"], batch["image"], train=False)[0]}
-                        for m, v in zip(self.teachers, self.teacher_variables(model_state, frozen))]
+        teacher_taps = self._teacher_logits(self.teacher_variables(model_state, frozen), batch["image"])
         t_logits = self.combined_logits(teacher_taps, None)
         mask = batch["mask"].astype(jnp.float32)
         sums["teacher_agreement"] = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)) * mask)

@@ -14,6 +14,7 @@ function, so a bfloat16 teacher agrees too: a stale or misordered file does not)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -60,8 +61,10 @@ def cache_path(config, section, step, split, weights: str) -> str:
     return str(root / f"{readable}-{digest}.npy")
 
 
+@functools.lru_cache(maxsize=None)
 def _teacher_forward(model):
-    """The jitted float32-logits forward the table is made with (and checked against)."""
+    """The jitted float32-logits forward the table is made with (and checked against: one jitted function,
+    compiled once)."""
     return jax.jit(lambda v, x: common.forward(model, v["params"], v["model_state"], x, train=False)[0]
                    .astype(jnp.float32))
 
