@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 WORKDIR ?= runs/quickstart
 export TFDS_DATA_DIR ?= $(HOME)/tensorflow_datasets
 
-.PHONY: setup data run test kd-table bench clean
+.PHONY: setup data run test kd-table kd-schemes bench clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: setup  ## the whole suite on 8 simulated CPU devices
 kd-table: data  ## every KD method on MNIST-5k, 3 seeds -> results/kd.md
 	$(BIN)/python -m transferlab.main --config experiments/kd/table.py --workdir runs/kd_table
 	mkdir -p results && cp runs/kd_table/results.md results/kd.md
+
+kd-schemes: data  ## every KD scheme (mixup, FM, HARD, multi-teacher, self-EMA, DML, born-again, partition), 3 seeds -> results/kd_schemes.md
+	$(BIN)/python -m transferlab.main --config experiments/kd/schemes.py --workdir runs/kd_schemes
+	mkdir -p results && cp runs/kd_schemes/results.md results/kd_schemes.md
 
 bench: setup  ## KD step vs torchdistill (installs CPU torch into .venv-bench)
 	bash bench/setup_peer.sh
