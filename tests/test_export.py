@@ -61,6 +61,17 @@ def test_export_keeps_only_the_student_and_reproduces_its_logits(tmp_path, data_
         test_accuracy = json.load(f)["test"]["accuracy"]
     assert abs(float(np.mean(np.argmax(logits, -1) == labels)) - test_accuracy) < 1e-6
 
+    # An export reads the student alone: a run trained on a mesh this machine lacks (a pod run exported on a
+    # laptop), under settings today's checks refuse (one teacher with 'adaptive'), exports the same variables.
+    with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+        resolved = json.load(f)
+    resolved["mesh_shape"] = f"data={2 * jax.device_count()}"
+    resolved["distill"]["teacher_combination"] = "adaptive"
+    with open(os.path.join(run, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(resolved, f)
+    export.export(run, str(tmp_path / "again"))
+    jax.tree.map(np.testing.assert_array_equal, export.load(str(tmp_path / "again"))[1], variables)
+
 
 def test_export_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
     def cli(*args):

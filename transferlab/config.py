@@ -519,9 +519,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key 'dataset.name': unknown dataset {config.dataset.name!r}; expected an "
                               f"offline dataset ({', '.join(data.offline_names())}), a tfds dataset name, or a "
                               f"dataset prepared under {root}")
-    if config.model.name not in models.names():
-        raise unknown_name("model (model.name)", config.model.name, models.names())
-    _check_model_kwargs("model", config.model)
+    check_model_section("model", config.model)
     if config.task == "kd" and config.teacher.checkpoint != "self_ema":
         if config.teacher.name and config.teacher.name not in models.names():
             raise unknown_name("model (teacher.name)", config.teacher.name, models.names())
@@ -652,6 +650,15 @@ def _check_finite(tree, path: str = "") -> None:
             _check_finite(value, f"{path}[{i}]")
     elif isinstance(tree, float) and not math.isfinite(tree):
         raise ConfigError(f"config key {path!r}: expected a finite number, got {tree}")
+
+
+def check_model_section(section: str, model) -> None:
+    """A `model`-like section: a registered name, a known dtype, arguments the model takes."""
+    from transferlab import models
+    if model.name not in models.names():
+        raise unknown_name(f"model ({section}.name)", model.name, models.names())
+    _choice(f"{section}.dtype", model.dtype, DTYPES)
+    _check_model_kwargs(section, model)
 
 
 def _check_model_kwargs(section: str, model) -> None:

@@ -4,8 +4,9 @@
 
 Reads RUN/config.json (the resolved config every run writes) and the checkpoint the run's
 selection rule chose (`results.json`'s `selected_step`, else the latest), restores only
-`params['model']` and `model_state['model']`, and drops the rest: KD connectors, the SLA
-joint head, a self-distillation EMA teacher, optimizer state. Writes
+`params['model']` and `model_state['model']` onto one device (whatever mesh the run trained
+on), and drops the rest: KD connectors, the SLA joint head, a self-distillation EMA teacher,
+optimizer state. Only the run's model and dataset sections are read and checked. Writes
 
     DIR/variables/   an Orbax checkpoint of the flax variables {'params': ..., 'batch_stats': ...}
     DIR/model.json   {name, kwargs, dtype, num_classes, image_shape, input (the normalization the
@@ -34,7 +35,7 @@ VARIABLES_DIR = "variables"
 def export(run_dir: str, out_dir: str) -> dict:
     """Writes the export of `run_dir` into `out_dir`; returns the model.json content. A failed export leaves
     no `out_dir` it created."""
-    from transferlab import checkpoint, config as config_lib, files, models
+    from transferlab import checkpoint, files, models
     from transferlab.errors import UserError
 
     resolved = checkpoint.saved_config(run_dir)  # config.json, else (garbled) the checkpoint's own copy
@@ -47,7 +48,7 @@ def export(run_dir: str, out_dir: str) -> dict:
     if name is not None and name not in models.names():
         raise UserError(f"--workdir {run_dir!r}: its model {name!r} is not a registered model; if the run's "
                         "config file registers it (models.register), pass that file with --config FILE")
-    config = config_lib.from_dict(resolved)
+    config = _student_config(resolved, run_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir!r} exists and is not a directory; choose a new directory")
     if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -70,27 +71,50 @@ def export(run_dir: str, out_dir: str) -> dict:
         raise
 
 
+def _student_config(resolved: dict, run_dir: str):
+    """The run's config, checked only where an export reads it: the student's model section and the
+    dataset. The run's other sections (teachers, losses, mesh) are not needed, so a run finished under
+    a config that today's checks refuse, or trained on a mesh this machine lacks, still exports."""
+    from transferlab import config as config_lib
+    from transferlab.errors import ConfigError, UserError
+
+    config = config_lib.defaults()
+    try:
+        config_lib.merge(config, resolved)
+        config_lib.check_model_section("model", config.model)
+    except ConfigError as e:
+        raise UserError(f"--workdir {run_dir!r}: its config.json: {e}") from None
+    return config
+
+
 def _export_into(run_dir: str, out_dir: str, config, versions: dict) -> dict:
+    """Restores the student's variables onto this process's first device (whatever mesh the run trained on)
+    and writes them with model.json."""
     import jax
+    import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from transferlab import checkpoint, config as config_lib
-    from transferlab.parallel import replicated
+    from transferlab import checkpoint, config as config_lib, data, parallel
+    from transferlab.errors import ConfigError, UserError
     from transferlab.tasks import common
-    from transferlab.train import Trainer
 
-    trainer = Trainer(config, run_dir)
-    model = trainer.task.model if hasattr(trainer.task, "model") else trainer.task.models[0]
-    params, state = jax.eval_shape(lambda x: common.init_model(model, jax.random.key(0), x), trainer.abstract_images)
+    try:
+        dataset = data.dataset_info(config.dataset.name, config.dataset.data_dir or None)
+    except ConfigError as e:
+        raise UserError(f"--workdir {run_dir!r}: the run's dataset (its classes and normalization): {e}") from None
+    model = common.build_model(config.model, dataset.num_classes)
+    images = jax.ShapeDtypeStruct((2, *dataset.image_shape), jnp.float32)
+    params, state = jax.eval_shape(lambda x: common.init_model(model, jax.random.key(0), x), images)
     target = {"params": {"model": params}, "model_state": {"model": state}}
-    target = checkpoint.abstract_with_shardings(target, jax.tree.map(lambda _: replicated(trainer.mesh), target))
+    one_device = parallel.replicated(parallel.make_mesh("data=1", jax.local_devices()[:1]))
+    target = checkpoint.abstract_with_shardings(target, jax.tree.map(lambda _: one_device, target))
     restored, step = checkpoint.restore_selected_subtree(run_dir, target, f"--workdir {run_dir!r}")
     variables = {"params": restored["params"]["model"], **restored["model_state"]["model"]}
     info = {"name": config.model.name, "kwargs": config_lib.to_plain(config.model.kwargs),
-            "dtype": config.model.dtype, "num_classes": trainer.task.num_classes,
-            "image_shape": list(trainer.abstract_images.shape[1:]),
-            "input": {"dataset": config.dataset.name, "mean": [float(m) for m in trainer.info.mean],
-                      "std": [float(v) for v in trainer.info.std],
+            "dtype": config.model.dtype, "num_classes": dataset.num_classes,
+            "image_shape": list(dataset.image_shape),
+            "input": {"dataset": config.dataset.name, "mean": [float(m) for m in dataset.mean],
+                      "std": [float(v) for v in dataset.std],
                       "normalization": "(uint8 pixels / 255 - mean) / std, per channel"},
             "source_run": os.path.abspath(run_dir),
             "step": int(step), "git_commit": versions.get("git_commit", "unknown")}
