@@ -74,22 +74,46 @@ def test_best_on_validation_selection(tmp_path, data_dir):
     assert "best validation" in results["selection"]
 
 
+def _three_steps(config, workdir, devices):
+    """(state, metrics) after 3 train steps of `config` on `devices`."""
+    trainer = Trainer(config, workdir, devices=devices)
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    trainer.compile(frozen)
+    state = trainer.init_state()
+    it = trainer.train_iterator()
+    for _ in range(3):
+        state, metrics = trainer.jit_train_step(state, frozen, parallel.global_batch(trainer.mesh, next(it)))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
 @needs_devices(8)
 def test_sharded_step_equals_single_device_step(tmp_path, data_dir):
-    config = tiny(batch_size=64, mesh_shape="data=4,fsdp=2")
-    outs = []
-    for devices in (jax.devices(), jax.devices()[:1]):
-        trainer = Trainer(config if len(devices) == 8 else tiny(batch_size=64, mesh_shape="data=1"),
-                          str(tmp_path / f"w{len(devices)}"), devices=devices)
-        frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
-        trainer.compile(frozen)
-        state = trainer.init_state()
-        it = trainer.train_iterator()
-        for _ in range(3):
-            state, metrics = trainer.jit_train_step(state, frozen, parallel.global_batch(trainer.mesh, next(it)))
-        outs.append((jax.device_get(state["params"]), float(metrics["loss/ce"])))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), outs[0][0], outs[1][0])
-    assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-5)
+    outs = [_three_steps(tiny(batch_size=64, mesh_shape=mesh), str(tmp_path / mesh), devices)
+            for mesh, devices in (("data=4,fsdp=2", jax.devices()), ("data=1", jax.devices()[:1]))]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 outs[0][0]["params"], outs[1][0]["params"])
+    assert outs[0][1]["loss/ce"] == pytest.approx(outs[1][1]["loss/ce"], rel=1e-5)
+
+
+@needs_devices(8)
+def test_batch_statistics_losses_see_the_global_batch_on_a_sharded_mesh(tmp_path, data_dir):
+    """Losses over the whole batch (DIST's per-class relation, SP, RKD, PKT, CRD's negatives and memory bank)
+    and mixup's pairing are computed over the global batch, as on one device, not per shard."""
+    terms = ({"name": "dist"}, {"name": "sp", "student_tap": "features", "teacher_tap": "features"},
+             {"name": "rkd", "student_tap": "features", "teacher_tap": "features"},
+             {"name": "pkt", "student_tap": "features", "teacher_tap": "features"},
+             {"name": "crd", "embed_dim": 8, "num_negatives": 32})
+    kd = {"task": "kd", "batch_size": 64, "augment": {"mixup_alpha": 0.4},
+          "teacher": {"name": "mlp", "checkpoint": "random", "kwargs": {"hidden_sizes": (16,)}},
+          "distill": {"terms": terms}}
+    outs = [_three_steps(tiny(**kd, mesh_shape=mesh), str(tmp_path / mesh), devices)
+            for mesh, devices in (("data=8", jax.devices()), ("data=1", jax.devices()[:1]))]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 {k: outs[0][0][k] for k in ("params", "model_state")},
+                 {k: outs[1][0][k] for k in ("params", "model_state")})
+    for name, value in outs[1][1].items():
+        assert outs[0][1][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert "memory" in outs[0][0]["model_state"]  # the CRD bank was compared too
 
 
 @needs_devices(8)
