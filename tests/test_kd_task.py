@@ -242,10 +242,48 @@ def test_a_bug_inside_a_loss_is_not_blamed_on_the_taps(tmp_path, teacher_dir):
                                                    r"of ints > 0"),
     ({"name": "reviewkd", "pool_sizes": (0,)}, r"hparam 'pool_sizes': got \(0,\); expected a non-empty list"),
     ({"name": "kd", "warmup_steps": 100}, r"terms\[0\]\.warmup_steps: 100 is more than total_steps"),
+    ({"name": "kd", "warmup_shape": "cosine"}, r"terms\[0\]\.warmup_shape: 'cosine' is not one of linear, sigmoid"),
+    ({"name": "kd", "weight_schedule": "cosine"}, r"terms\[0\]\.weight_schedule: expected a dict like"),
+    ({"name": "kd", "weight_schedule": {"name": "cosin"}},
+     r"'distill.terms\[0\]\.weight_schedule.name': 'cosin' is not one of constant, cosine, step, linear"),
+    ({"name": "kd", "weight_schedule": {"name": "cosine", "warmup_steps": 2}},
+     r"weight_schedule: unknown key 'warmup_steps'; expected name, end_factor, boundaries, decay_factor"),
+    ({"name": "kd", "weight_schedule": {"name": "linear", "end_factor": "x"}},
+     r"terms\[0\]\.weight_schedule\.end_factor: expected float, got 'x'"),
+    ({"name": "kd", "weight_schedule": {"name": "step", "boundaries": (12,)}},
+     r"weight_schedule.boundaries': step 12 is not before total_steps 12"),
+    ({"name": "kd", "weight_schedule": {"name": "step", "decay_factor": 0}},
+     r"weight_schedule.decay_factor' must be > 0"),
 ])
 def test_bad_term_values_are_one_clear_config_error(tmp_path, term, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(kd_config("random", terms=(term,)), str(tmp_path / "kd"))
+
+
+def test_term_weights_follow_their_warmup_and_schedule(tmp_path):
+    """Per-term weight schedules: a linear or sigmoid (mean teacher's, arXiv:1610.02242) warm-up, then the
+    `schedule` section's decays; each scheduled weight is logged, and the loss is CE + sum of weight x term."""
+    terms = ({"name": "kd", "weight": 2.0, "warmup_steps": 4,
+              "weight_schedule": {"name": "cosine", "end_factor": 0.25}},
+             {"name": "kd", "temperature": 1.0, "warmup_steps": 4, "warmup_shape": "sigmoid"},
+             {"name": "kd", "weight_schedule": {"name": "step", "boundaries": (0.5,), "decay_factor": 0.1}},
+             {"name": "kd", "weight": 0.5})
+    trainer = Trainer(kd_config("random", terms=terms), str(tmp_path / "kd"))  # 12 steps
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    trainer.compile(frozen)
+    state, it = trainer.init_state(), trainer.train_iterator()
+    for step in range(12):
+        state, metrics = trainer.jit_train_step(state, frozen, parallel.global_batch(trainer.mesh, next(it)))
+        metrics = jax.device_get(metrics)
+        ramp = min(1.0, step / 4)
+        cosine = 1.0 if step < 4 else 0.25 + 0.75 * 0.5 * (1 + np.cos(np.pi * (step - 4) / 8))
+        expected = [2.0 * ramp * cosine, np.exp(-5 * (1 - ramp) ** 2), 1.0 if step < 6 else 0.1]
+        for i, weight in enumerate(expected):
+            assert metrics[f"weight/term{i}_kd"] == pytest.approx(weight, rel=1e-5, abs=1e-7), (step, i)
+        assert "weight/term3_kd" not in metrics  # a constant weight is not logged
+        values = [metrics[f"loss/term{i}_kd"] for i in range(4)]
+        total = 0.1 * metrics["loss/ce"] + sum(w * v for w, v in zip(expected + [0.5], values))
+        assert metrics["loss/total"] == pytest.approx(total, rel=1e-5)
 
 
 @pytest.mark.parametrize("term, message", [

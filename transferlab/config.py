@@ -30,7 +30,8 @@ SELECTION_METRICS = (r"accuracy|top5_accuracy|teacher_agreement|ensemble_accurac
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp")
 # Keys of a distill.terms entry that are not loss hparams.
-TERM_KEYS = ("name", "weight", "student_tap", "teacher_tap", "connector", "warmup_steps", "teacher",
+TERM_KEYS = ("name", "weight", "student_tap", "teacher_tap", "connector", "warmup_steps", "warmup_shape",
+             "weight_schedule", "teacher",
              "standardize_logits", "embed_dim", "num_negatives", "memory_momentum")
 # Sections whose contents are free-form (checked by the component that owns them).
 FREE_FORM = ("model.kwargs", "teacher.kwargs", "study.arms", "study.ensembles", "distill.terms", "sharding_rules", "extra_teachers",
@@ -114,7 +115,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.distill = ml_collections.ConfigDict({
         "ce_weight": 1.0,  # weight of the hard-label cross-entropy
         # ({'name': 'kd', 'weight': 1.0, 'temperature': 4.0}, ...). Besides the loss's hparams a term takes
-        # weight, warmup_steps (linear ramp), student_tap / teacher_tap, connector, teacher (index), and
+        # weight, warmup_steps (a ramp from 0; warmup_shape 'linear' or 'sigmoid', the mean teacher's),
+        # weight_schedule (the weight's decay after the warm-up, with the `schedule` section's keys and meaning:
+        # {'name': 'cosine', 'end_factor': 0.1}), student_tap / teacher_tap, connector, teacher (index), and
         # standardize_logits (z-score both logits first, arXiv:2403.01427, e.g. DKD+LS; logits taps only).
         "terms": (),
         "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive, partition
@@ -451,21 +454,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = value_at(config, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"config key {key!r} must be in [0, 1), got {value}")
-    _positive(config, "schedule.decay_factor", "optimizer.eps")
-    _positive(config, "schedule.end_factor", allow_zero=True)
-    if config.schedule.warmup_steps > config.total_steps:
-        raise ConfigError(f"config key 'schedule.warmup_steps': {config.schedule.warmup_steps} is more than "
-                          f"total_steps {config.total_steps}")
-    if config.schedule.boundaries and config.schedule.name != "step":
-        raise ConfigError(f"config key 'schedule.boundaries' is set but schedule.name is "
-                          f"{config.schedule.name!r}; boundaries are for the 'step' schedule")
-    for b in config.schedule.boundaries:
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0 or (isinstance(b, float) and b >= 1):
-            raise ConfigError(f"config key 'schedule.boundaries': {b!r} is neither a step (int >= 1) nor a "
-                              "fraction of total_steps (float in (0, 1))")
-        if isinstance(b, int) and b >= config.total_steps:
-            raise ConfigError(f"config key 'schedule.boundaries': step {b} is not before total_steps "
-                              f"{config.total_steps}, so it would never apply")
+    _positive(config, "optimizer.eps")
+    check_schedule("schedule", config.schedule, config.total_steps)
     # (an eval split sharing examples with test_split is refused by the Trainer, which knows the split sizes)
     if config.selection == "best" and "test" in data.split_names(config.dataset.eval_split):
         raise ConfigError(f"config key 'dataset.eval_split': {config.dataset.eval_split!r} reads the 'test' split, "
@@ -650,6 +640,31 @@ def _check_finite(tree, path: str = "") -> None:
             _check_finite(value, f"{path}[{i}]")
     elif isinstance(tree, float) and not math.isfinite(tree):
         raise ConfigError(f"config key {path!r}: expected a finite number, got {tree}")
+
+
+def check_schedule(where: str, section, total_steps: int) -> None:
+    """A `schedule`-like section (the learning rate's, or a loss term's `weight_schedule` at `where`): a known
+    name, decay_factor > 0, end_factor >= 0, warm-up within the run, boundaries only for 'step', each a step
+    before total_steps or a fraction of it."""
+    _choice(f"{where}.name", section.name, SCHEDULES)
+    for key, allow_zero in (("decay_factor", False), ("end_factor", True), ("warmup_steps", True)):
+        value = section[key]
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+                or (value == 0 and not allow_zero)):
+            raise ConfigError(f"config key '{where}.{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    if section.warmup_steps > total_steps:
+        raise ConfigError(f"config key '{where}.warmup_steps': {section.warmup_steps} is more than "
+                          f"total_steps {total_steps}")
+    if section.boundaries and section.name != "step":
+        raise ConfigError(f"config key '{where}.boundaries' is set but {where}.name is "
+                          f"{section.name!r}; boundaries are for the 'step' schedule")
+    for b in section.boundaries:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0 or (isinstance(b, float) and b >= 1):
+            raise ConfigError(f"config key '{where}.boundaries': {b!r} is neither a step (int >= 1) nor a "
+                              "fraction of total_steps (float in (0, 1))")
+        if isinstance(b, int) and b >= total_steps:
+            raise ConfigError(f"config key '{where}.boundaries': step {b} is not before total_steps "
+                              f"{total_steps}, so it would never apply")
 
 
 def check_model_section(section: str, model) -> None:

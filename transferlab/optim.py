@@ -20,8 +20,15 @@ from transferlab.parallel import path_str
 
 
 def make_schedule(config) -> optax.Schedule:
-    """Warmup (linear from 0) followed by constant / cosine / step / linear decay."""
-    s, peak, total = config.schedule, config.optimizer.learning_rate, config.total_steps
+    """The learning rate's schedule (`config.schedule`, peak `optimizer.learning_rate`)."""
+    return schedule_from(config.schedule, config.optimizer.learning_rate, config.total_steps)
+
+
+def schedule_from(section, peak: float, total_steps: int) -> optax.Schedule:
+    """Warmup (linear from 0) followed by constant / cosine / step / linear decay of `peak` by step
+    `total_steps`; `section` has a `schedule` section's keys (name, warmup_steps, boundaries: steps or
+    fractions of total_steps, decay_factor, end_factor). The learning rate's and a loss term's weight's."""
+    s, peak, total = section, float(peak), total_steps
     warmup = min(s.warmup_steps, total)
     decay_steps = max(total - warmup, 1)
     if s.name == "constant":

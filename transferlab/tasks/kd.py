@@ -62,9 +62,10 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from transferlab import losses
+from transferlab import config as config_lib, losses, optim
 from transferlab.config import TERM_KEYS, model_section
 from transferlab.errors import ConfigError, first_line, note
 from transferlab.losses import connectors as connector_lib
@@ -135,10 +136,40 @@ def _crd_settings(where: str, raw: dict) -> dict:
     return out
 
 
+WARMUP_SHAPES = ("linear", "sigmoid")
+
+
+def _weight_decay_schedule(where: str, section, warmup_steps: int, total_steps: int):
+    """A term's `weight_schedule` ({name, end_factor, boundaries, decay_factor}: the keys and meaning of the
+    `schedule` section, over the same steps) as a multiplier of its weight: 1 until `warmup_steps`, then
+    decaying as the learning rate would. None without one (a constant weight)."""
+    if section is None:
+        return None
+    if not isinstance(section, (dict, ml_collections.ConfigDict)):
+        raise ConfigError(f"{where}.weight_schedule: expected a dict like {{'name': 'cosine', 'end_factor': 0.1}}, "
+                          f"got {section!r}")
+    keys = ("name", "end_factor", "boundaries", "decay_factor")
+    if unknown := sorted(set(dict(section)) - set(keys)):
+        raise ConfigError(f"{where}.weight_schedule: unknown key {unknown[0]!r}; expected {', '.join(keys)} "
+                          "(the warm-up is the term's warmup_steps)")
+    full = config_lib.defaults().schedule
+    for key, value in {"name": "constant", **dict(section), "warmup_steps": warmup_steps}.items():
+        try:
+            full[key] = tuple(value) if key == "boundaries" else value
+        except (TypeError, ValueError):  # (ConfigDict keeps each key's type: a number, a string, a list)
+            raise ConfigError(f"{where}.weight_schedule.{key}: expected {type(full[key]).__name__}, got "
+                              f"{value!r}") from None
+    config_lib.check_schedule(f"{where}.weight_schedule", full, total_steps)
+    if full.name == "constant":
+        return None
+    peak_one = optim.schedule_from(full, 1.0, total_steps)
+    return lambda step: jnp.where(step < warmup_steps, 1.0, peak_one(step))
+
+
 class Term:
     """One resolved loss term of `config.distill.terms`."""
 
-    def __init__(self, index: int, raw: dict, num_teachers: int):
+    def __init__(self, index: int, raw: dict, num_teachers: int, total_steps: int):
         raw = dict(raw)
         self.key = f"term{index}"
         self.where = f"distill.terms[{index}]"
@@ -154,6 +185,13 @@ class Term:
                 or self.warmup_steps < 0:
             raise ConfigError(f"{self.where}.warmup_steps: expected an int >= 0, got {self.warmup_steps!r}")
         self.warmup_steps = int(self.warmup_steps)
+        if self.warmup_steps > total_steps:
+            raise ConfigError(f"{self.where}.warmup_steps: {self.warmup_steps} is more than total_steps {total_steps}")
+        self.warmup_shape = raw.get("warmup_shape", WARMUP_SHAPES[0])
+        if self.warmup_shape not in WARMUP_SHAPES:
+            raise ConfigError(f"{self.where}.warmup_shape: {self.warmup_shape!r} is not one of "
+                              f"{', '.join(WARMUP_SHAPES)}")
+        self.decay = _weight_decay_schedule(self.where, raw.get("weight_schedule"), self.warmup_steps, total_steps)
         default_s, default_t = self.spec.default_taps
         self.student_tap = raw.get("student_tap", default_s)
         self.teacher_tap = raw.get("teacher_tap", default_t)
@@ -205,10 +243,24 @@ class Term:
         names = self.student_tap if which == "student" else self.teacher_tap
         return list(names) if isinstance(names, (list, tuple)) else [names]
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether the weight changes during the run (its value is then logged as `weight/<term>`)."""
+        return bool(self.warmup_steps) or self.decay is not None
+
     def weight_at(self, step):
-        if not self.warmup_steps:
+        """weight x warm-up ramp (0 -> 1 over warmup_steps) x `weight_schedule`'s decay from warmup_steps on."""
+        if not self.scheduled:
             return self.weight
-        return self.weight * jnp.minimum(1.0, step.astype(jnp.float32) / self.warmup_steps)
+        weight = self.weight
+        if self.warmup_steps:
+            progress = jnp.minimum(1.0, step.astype(jnp.float32) / self.warmup_steps)
+            if self.warmup_shape == "sigmoid":  # Laine & Aila's ramp-up, arXiv:1610.02242 (mean teacher's)
+                progress = jnp.exp(-5.0 * (1.0 - progress) ** 2)
+            weight = weight * progress
+        if self.decay is not None:
+            weight = weight * self.decay(step)
+        return weight
 
     @contextlib.contextmanager
     def naming_errors(self, student=None, teacher=None):
@@ -252,11 +304,7 @@ class KDTask:
                                   "changes every step; its outputs cannot be cached")
             self.teacher_sections = [config.model]
         self.teachers = [common.build_model(t, num_classes) for t in self.teacher_sections]
-        self.terms = [Term(i, t, len(self.teachers)) for i, t in enumerate(config.distill.terms)]
-        for term in self.terms:
-            if term.warmup_steps > config.total_steps:
-                raise ConfigError(f"{term.where}.warmup_steps: {term.warmup_steps} is more than total_steps "
-                                  f"{config.total_steps}")
+        self.terms = [Term(i, t, len(self.teachers), config.total_steps) for i, t in enumerate(config.distill.terms)]
         _check_no_label_under_mixing(config, self.terms, len(self.teachers))
         self.needs_taps = any(t.taps("student") != ["logits"] or t.taps("teacher") != ["logits"]
                               for t in self.terms)
@@ -667,8 +715,11 @@ class KDTask:
                     if term.class_means == "train":
                         hparams = {**hparams, "class_means": frozen["class_means"][term.key]}
                     value = term.spec.fn(student, teacher_in, term_batch, **hparams)
-            total = total + term.weight_at(step) * value
+            weight = term.weight_at(step)
+            total = total + weight * value
             metrics[f"loss/{term.key}_{term.name}"] = value
+            if term.scheduled:
+                metrics[f"weight/{term.key}_{term.name}"] = weight
         metrics["loss/total"] = total  # the student's loss
         if augmentor_objective is not None:  # (no gradient to the student: its params are constants in it)
             total = total + augmentor_objective
