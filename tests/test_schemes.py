@@ -203,7 +203,7 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
         rebuilt = Trainer(kd(True), str(tmp_path / "c3")).task.load_frozen(again.mesh, again.abstract_images)
         np.testing.assert_array_equal(np.asarray(rebuilt["cache"][0]), good)
     from transferlab.errors import ConfigError, UserError
-    with pytest.raises(ConfigError, match="fixed inputs"):
+    with pytest.raises(ConfigError, match="fixed or replayable inputs"):
         Trainer(kd(True, augment={"flip": True}), str(tmp_path / "bad"))
     # a bfloat16 teacher's cache agrees with its own forward (a float32 tolerance refused every one)
     bf16 = config_lib.from_dict(base(task="kd", dataset={"name": "digits", "data_dir": cache_dir},
@@ -222,6 +222,57 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
     with pytest.raises(UserError, match=r"'distill.teacher_cache': cannot write the cache in .*data_ro/"
                                         r"transferlab_teacher_cache .*set distill.teacher_cache=False"):
         trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+
+
+def test_teacher_cache_of_replayable_crop_and_flip_views(tmp_path, data_dir):
+    """`teacher_cache_views=K`: K crop/flip views per example cached once; a step shows each example one view,
+    exactly the image its cached logits were computed on, so the cached loss equals the live teacher's."""
+    import shutil
+
+    import jax.numpy as jnp
+    from transferlab.errors import ConfigError
+    from transferlab.tasks import common
+    from transferlab.train import Trainer
+    teacher_dir, cache_dir = str(tmp_path / "teacher"), str(tmp_path / "data")
+    teacher = {"name": "mlp", "kwargs": {"hidden_sizes": (64,)}}
+    train_and_evaluate(config_lib.from_dict(base(model=teacher, total_steps=10)), teacher_dir)
+    shutil.copytree(os.path.join(data_dir, "digits"), os.path.join(cache_dir, "digits"))
+
+    def kd(cache=True, views=4, **kw):
+        return config_lib.from_dict(base(task="kd", dataset={"name": "digits", "data_dir": cache_dir},
+                                         teacher={**teacher, "checkpoint": teacher_dir},
+                                         augment=kw.pop("augment", {"crop_padding": 1, "flip": True}),
+                                         distill={"teacher_cache": cache, "teacher_cache_views": views,
+                                                  "terms": ({"name": "kd"},)}, **kw))
+    trainer = Trainer(kd(), str(tmp_path / "c"))
+    frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
+    table = np.asarray(frozen["cache"][0])
+    assert table.shape == (1257, 4, 10) and not np.allclose(table[:, 0], table[:, 1])  # the views differ
+    batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator()).items()}
+    shown = jax.jit(trainer.task.replay_augment)(jax.random.key(3), batch)
+    assert len(set(np.asarray(shown["view"]).tolist())) > 1 and not np.array_equal(shown["image"], batch["image"])
+    variables = frozen["teachers"][0]
+    live = common.forward(trainer.task.teachers[0], variables["params"], variables["model_state"], shown["image"],
+                          train=False)[0]
+    np.testing.assert_allclose(table[np.asarray(shown["index"]), np.asarray(shown["view"])], live,
+                               rtol=1e-5, atol=1e-5)
+    # the cached loss equals the live teacher's on the same replayed images
+    live_trainer = Trainer(kd(cache=False, views=0), str(tmp_path / "l"))
+    frozen_live = live_trainer.task.load_frozen(live_trainer.mesh, live_trainer.abstract_images)
+    state = jax.device_get(trainer.init_state())
+    args = (state["params"], state["model_state"])
+    loss_c = trainer.task.loss_fn(*args, frozen, shown, None, jnp.int32(0))[0]
+    loss_l = live_trainer.task.loss_fn(*args, frozen_live, shown, None, jnp.int32(0))[0]
+    assert float(loss_c) == pytest.approx(float(loss_l), rel=1e-5)
+    assert train_and_evaluate(kd(), str(tmp_path / "run"))["test"]["accuracy"] > 0.3
+    assert len(os.listdir(os.path.join(cache_dir, "transferlab_teacher_cache"))) == 1  # built once, reused
+    for config, message in (
+            (dict(augment={}), r"'distill.teacher_cache_views': 4 views of un-augmented images are one image"),
+            (dict(views=0), r"set distill.teacher_cache_views \(e.g. 8 replayable crop/flip views"),
+            (dict(cache=False), r"'distill.teacher_cache_views': set, but distill.teacher_cache is off"),
+            (dict(augment={"crop_padding": 1, "mixup_alpha": 0.2}), r"mixup and cutmix mix pairs of examples")):
+        with pytest.raises(ConfigError, match=message):
+            Trainer(kd(**config), str(tmp_path / "bad"))
 
 
 def test_hard_augmentor_seeks_disagreement_and_the_student_learns_from_its_images(tmp_path, data_dir):

@@ -123,6 +123,9 @@ def defaults() -> ml_collections.ConfigDict:
         "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive, partition
         "teacher_weights": (),  # 'weighted': one weight per teacher (teacher first, then extra_teachers)
         "teacher_cache": False,  # cache the teachers' train-split logits in the data dir (needs fixed inputs)
+        # teacher_cache with crops/flips: K replayable augmented views per example, cached once; each step
+        # each example shows the student one of them, drawn at random (0: no augmentation, one fixed view)
+        "teacher_cache_views": 0,
         "ema_decay": 0.999,  # teacher.checkpoint='self_ema': decay of the student's EMA teacher
         "trilateral_lookahead_lr": 0.05,  # 'trilateral' term: virtual SGD step of the ratio network's look-ahead
         # 'trilateral' term's outer (validation) objective: 'held_out_half' = the look-ahead steps on one half

@@ -131,7 +131,10 @@ class Trainer:
         step = state["step"]
         rng = jax.random.fold_in(state["rng"], step)
         aug_rng, loss_rng = jax.random.split(rng)
-        batch = augment.apply(aug_rng, batch, {**self.config.augment, "num_classes": self.info.num_classes})
+        if getattr(self.task, "replays_views", False):  # a teacher cache of replayable views: the task's own
+            batch = self.task.replay_augment(aug_rng, batch)
+        else:
+            batch = augment.apply(aug_rng, batch, {**self.config.augment, "num_classes": self.info.num_classes})
         grads, model_state, metrics = self._grads(state["params"], state["model_state"], frozen, batch,
                                                   loss_rng, step)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])

@@ -30,8 +30,11 @@ directly with results/kd.md's. Arms:
                                          of the teacher and its own pretrained self is more confident in
                                          the true label; lr 0.01 (it starts trained)
 
-Teacher-output caching is left out: with crops every step's inputs differ (the
-cache needs fixed inputs); tests check that cached and live teachers agree.
+  student+kd_cached                     KD from a teacher-output cache of 8 replayable crop views per
+                                         example (`distill.teacher_cache_views`, as FKD's stored crops,
+                                         arXiv:2112.01528): no teacher forward in the step; each step
+                                         shows each example one of its 8 crops (the other arms: any of 25)
+
 Selection: the last step; the test split is evaluated once per run.
 
   python -m transferlab.main --config experiments/kd/schemes.py --workdir runs/kd_schemes
@@ -75,6 +78,8 @@ def get_config(arg=None):
             "augment.mixup_alpha": 1.0, "augment.cutmix_alpha": 1.0, "distill.ce_weight": 0.0,
             "distill.terms": ({"name": "kd", "weight": 1.0, "temperature": 1.0},)})},
         {"name": "student+hard", "overrides": with_kd(**{"distill.hard_augment.enabled": True})},
+        {"name": "student+kd_cached", "overrides": with_kd(**{
+            "distill.teacher_cache": True, "distill.teacher_cache_views": 8})},
         {"name": "student+kd_2teachers_avg", "overrides": with_kd(extra_teachers=(second_teacher,))},
         {"name": "student+kd_2teachers_adaptive", "overrides": with_kd(**{
             "extra_teachers": (second_teacher,), "distill.teacher_combination": "adaptive"})},
@@ -101,6 +106,6 @@ def get_config(arg=None):
         "Each scheme's recipe is in the `experiments/kd/schemes.py` docstring; KD is the `kd` preset (CE 0.1, "
         "KD 0.9, T=4) unless it says otherwise. `dml` reports student 0 of two; `ban_ensemble` averages the "
         "probabilities of born-again generations 1-2 of each seed; `student+partition` starts from the "
-        "`student` run of its seed. **Selection rule: the last step.** The test split is evaluated once per "
+        "`student` run of its seed; `student+kd_cached` reads the teacher's logits on 8 cached crops of each example. **Selection rule: the last step.** The test split is evaluated once per "
         f"run and never used for selection. Each cell is mean ± sample std over {seeds} seed(s) (the teachers: 1).")
     return c

@@ -8,6 +8,10 @@ types) by drawing per-example randomness and gathering with the batch's own
 sharding, so results equal the unsharded ones. Mixup (1710.09412) and CutMix (1905.04899) pair each example with a
 random permutation of the batch and return soft labels that sum to 1.
 
+`replay_views(view_B, index_B, x_BHWC, padding, flip)` crops and flips each example
+as view `view` of example `index` always is (its key depends on nothing else): the
+teacher cache's replayable views (`tasks/teacher_cache.py`).
+
 `apply(key, batch, config)` composes them from a small mapping:
 
     crop_padding  int    pad-and-random-crop by this many pixels (0 = off)
@@ -73,6 +77,34 @@ def random_flip(key, x_BHWC):
     flip_B = jax.random.bernoulli(key, 0.5, (x_BHWC.shape[0],),
                                   out_sharding=_per_example_sharding(x_BHWC, 1))
     return jnp.where(flip_B[:, None, None, None], x_BHWC[:, :, ::-1, :], x_BHWC)
+
+
+VIEW_SEED = 0  # the replayable views' keys: the same images for every run and seed
+
+
+def view_keys(view_B, index_B):
+    """[B] PRNG keys of view `view_B[i]` of example `index_B[i]`."""
+    base = jax.random.key(VIEW_SEED)
+    return jax.vmap(lambda v, i: jax.random.fold_in(jax.random.fold_in(base, v), i))(view_B, index_B)
+
+
+def replay_views(view_B, index_B, x_BHWC, padding: int, flip: bool):
+    """Pad-and-crop (by `padding`) and flip (if `flip`) each example as its (view, index) key says: view v
+    of example i is the same image whenever and wherever it is drawn, so a teacher's outputs on it can be
+    computed once (as in FKD's stored crops, arXiv:2112.01528)."""
+    _, h, w, c = x_BHWC.shape
+
+    def one(key, image_HWC):
+        key_crop, key_flip = jax.random.split(key)
+        if padding:
+            padded = jnp.pad(image_HWC, ((padding, padding), (padding, padding), (0, 0)))
+            offset_2 = jax.random.randint(key_crop, (2,), 0, 2 * padding + 1)
+            image_HWC = jax.lax.dynamic_slice(padded, (offset_2[0], offset_2[1], 0), (h, w, c))
+        if flip:
+            image_HWC = jnp.where(jax.random.bernoulli(key_flip, 0.5), image_HWC[:, ::-1, :], image_HWC)
+        return image_HWC
+
+    return jax.vmap(one)(view_keys(view_B, index_B), x_BHWC)
 
 
 def _mix_weight(key, alpha: float, dtype):

@@ -35,8 +35,10 @@ student trains on the warped images. `loss/total` is the student's loss; the
 augmentor's objective is logged as `loss/hard_augmentor_objective`.
 
 Teacher-output caching (`distill.teacher_cache`, see `teacher_cache`): for
-fixed inputs the teachers' train-split logits are computed once and looked up
-by example index, so no teacher forward runs in the step.
+fixed inputs, or K replayable crop/flip views of each example
+(`distill.teacher_cache_views`, drawn by `replay_augment`), the teachers'
+train-split logits are computed once and looked up by example index (and view),
+so no teacher forward runs in the step.
 
 TGeo-KD (`trilateral`, arXiv:2312.15112) learns its per-sample fusion ratio with
 a one-step look-ahead in the same step, scored on a held-out half of the batch
@@ -67,6 +69,7 @@ import numpy as np
 
 from transferlab import config as config_lib, losses, optim
 from transferlab.config import TERM_KEYS, model_section
+from transferlab.data import augment
 from transferlab.errors import ConfigError, first_line, note
 from transferlab.losses import connectors as connector_lib
 from transferlab.losses import logit as logit_losses
@@ -321,6 +324,9 @@ class KDTask:
         if config.distill.teacher_cache:
             from transferlab.tasks.teacher_cache import check_cacheable
             check_cacheable(config, self.terms)
+        elif config.distill.teacher_cache_views:
+            raise ConfigError("config key 'distill.teacher_cache_views': set, but distill.teacher_cache is off")
+        self.cache_views = int(config.distill.teacher_cache_views) if config.distill.teacher_cache else 0
         combination = config.distill.teacher_combination
         if combination not in COMBINATIONS:
             raise ConfigError(f"config key 'distill.teacher_combination': {combination!r} is not one of "
@@ -529,7 +535,8 @@ class KDTask:
         if means:
             frozen["class_means"] = means
         if self.config.distill.teacher_cache:
-            table = jax.ShapeDtypeStruct((self.num_train_examples, self.num_classes), jnp.float32)
+            views = (self.cache_views,) if self.cache_views else ()
+            table = jax.ShapeDtypeStruct((self.num_train_examples, *views, self.num_classes), jnp.float32)
             frozen["cache"] = [table for _ in self.teachers]
         return frozen
 
@@ -596,6 +603,19 @@ class KDTask:
                 restore_selected_subtree(section.checkpoint, target, where, read=False)
 
     # ------------------------------------------------------------------ steps
+
+    @property
+    def replays_views(self) -> bool:
+        """A teacher cache of replayable views: the trainer augments through `replay_augment`."""
+        return bool(self.cache_views)
+
+    def replay_augment(self, rng, batch):
+        """Each example shows one of its cached views, drawn at random: the crop and flip the teacher's cached
+        outputs were computed on (`augment.replay_views`); `batch['view']` says which."""
+        view_B = jax.random.randint(rng, batch["index"].shape, 0, self.cache_views)
+        images = augment.replay_views(view_B, batch["index"], batch["image"], self.config.augment.crop_padding,
+                                      self.config.augment.flip)
+        return {**batch, "image": images, "view": view_B}
 
     def teacher_variables(self, model_state, frozen):
         """The teachers' variables: restored ones, or the student's EMA for self-distillation."""
@@ -667,7 +687,8 @@ class KDTask:
             batch, augmentor_objective, hard_metrics = self._hard_augment(params, model_state, frozen, batch, rng)
         student_images = batch["image"]
         if "cache" in frozen:
-            teacher_taps = [{"logits": jax.lax.stop_gradient(table[batch["index"]])} for table in frozen["cache"]]
+            rows = (batch["index"], batch["view"]) if "view" in batch else batch["index"]
+            teacher_taps = [{"logits": jax.lax.stop_gradient(table[rows])} for table in frozen["cache"]]
         else:
             teacher_taps = self.teacher_outputs(self.teacher_variables(model_state, frozen), batch["image"])
             student_images = _after(student_images, [t["logits"] for t in teacher_taps])

@@ -1,9 +1,14 @@
 """Teacher-output caching: teacher logits computed once over the train split, stored in the
 data directory, and looked up by example index instead of running the teacher each step.
 
-Valid only when the student sees the same fixed inputs the cache was made from,
-so it requires augmentation off (no crop, flip, mixup or cutmix) and logits-only
-distillation terms. Files live at
+Valid only when the student sees the inputs the cache was made from: fixed inputs
+(augmentation off), or, with `distill.teacher_cache_views = K`, K replayable
+crop/flip views of each example (`augment.replay_views`: view v of example i is
+the same image in every run; each step shows each example one view drawn at
+random, whose cached logits are looked up by (index, view), as FKD's stored
+crops, arXiv:2112.01528). Mixup and CutMix mix pairs of examples, which no table
+of per-example outputs can replay: refused. Terms must read the teachers'
+logits only (features are not cached). Files ([N, C], or [N, K, C] with views) live at
 `<data_dir>/transferlab_teacher_cache/<dataset>-<split>-<key>.npy`, where the key
 hashes the teacher's architecture, checkpoint directory, selected step and weights
 (`weights_fingerprint`: a teacher retrained in the same directory gets a new file);
@@ -25,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transferlab import data, parallel
+from transferlab.data import augment
 from transferlab.errors import ConfigError, UserError
 from transferlab.tasks import common
 
@@ -32,14 +38,30 @@ AGREEMENT_ATOL = 1e-4
 
 
 def check_cacheable(config, terms) -> None:
-    augment = config.augment
-    if augment.crop_padding or augment.flip or augment.mixup_alpha or augment.cutmix_alpha:
-        raise ConfigError("config key 'distill.teacher_cache': teacher outputs can only be cached for fixed "
-                          "inputs; turn augmentation off (augment.crop_padding=0, flip=False, mixup/cutmix 0)")
+    augment, views = config.augment, config.distill.teacher_cache_views
+    if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+        raise ConfigError(f"config key 'distill.teacher_cache_views': expected an int >= 0, got {views!r}")
+    if augment.mixup_alpha or augment.cutmix_alpha:
+        raise ConfigError("config key 'distill.teacher_cache': mixup and cutmix mix pairs of examples, which a "
+                          "cache of each example's teacher outputs cannot replay; set augment.mixup_alpha and "
+                          "cutmix_alpha to 0")
+    if views and not (augment.crop_padding or augment.flip):
+        raise ConfigError(f"config key 'distill.teacher_cache_views': {views} views of un-augmented images are one "
+                          "image; set augment.crop_padding or augment.flip, or teacher_cache_views=0")
+    if not views and (augment.crop_padding or augment.flip):
+        raise ConfigError("config key 'distill.teacher_cache': teacher outputs can only be cached for fixed or "
+                          "replayable inputs; set distill.teacher_cache_views (e.g. 8 replayable crop/flip views "
+                          "per example), or turn augmentation off (augment.crop_padding=0, flip=False)")
     for term in terms:
         if term.taps("teacher") != ["logits"]:
             raise ConfigError(f"config key 'distill.teacher_cache': {term.where} taps teacher "
                               f"{term.teacher_tap!r}; only logits are cached")
+
+
+def _views(config) -> tuple[int, int, bool]:
+    """(views, crop_padding, flip) of the cached views; views 0: the fixed un-augmented inputs."""
+    views = int(config.distill.teacher_cache_views)
+    return (views, int(config.augment.crop_padding), bool(config.augment.flip)) if views else (0, 0, False)
 
 
 def weights_fingerprint(variables) -> str:
@@ -52,9 +74,12 @@ def weights_fingerprint(variables) -> str:
 
 
 def cache_path(config, section, step, split, weights: str) -> str:
-    key = json.dumps({"name": section.name, "kwargs": dict(section.kwargs), "dtype": section.dtype,
-                      "checkpoint": os.path.abspath(section.checkpoint), "step": step, "weights": weights,
-                      "split": split}, sort_keys=True)
+    fields = {"name": section.name, "kwargs": dict(section.kwargs), "dtype": section.dtype,
+              "checkpoint": os.path.abspath(section.checkpoint), "step": step, "weights": weights, "split": split}
+    views, padding, flip = _views(config)
+    if views:  # (a cache of the fixed inputs keeps its name)
+        fields.update(views=views, crop_padding=padding, flip=flip, view_seed=augment.VIEW_SEED)
+    key = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     root = data.resolve_data_dir(config.dataset.data_dir or None) / "transferlab_teacher_cache"
     readable = re.sub(r"[^\w.-]", "_", f"{config.dataset.name}-{split}")  # a slice 'train[:90%]' too
@@ -62,22 +87,31 @@ def cache_path(config, section, step, split, weights: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _teacher_forward(model):
+def _teacher_forward(model, views: tuple[int, int, bool] = (0, 0, False)):
     """The jitted float32-logits forward the table is made with (and checked against: one jitted function,
-    compiled once)."""
-    return jax.jit(lambda v, x: common.forward(model, v["params"], v["model_state"], x, train=False)[0]
-                   .astype(jnp.float32))
+    compiled once): on the images as given, or on view `view` of each (`augment.replay_views`)."""
+    _, padding, flip = views
+
+    def forward(variables, images, index, view):
+        if views[0]:
+            images = augment.replay_views(jnp.full(index.shape, view, jnp.int32), index, images, padding, flip)
+        return common.forward(model, variables["params"], variables["model_state"], images,
+                              train=False)[0].astype(jnp.float32)
+    return jax.jit(forward)
 
 
 def teacher_logits_table(model, variables, config, mesh, batch_size) -> np.ndarray:
-    """[N, C] teacher logits of every example of the train split, in index order."""
+    """[N, C] teacher logits of every example of the train split, in index order; [N, K, C] with K views."""
     split = config.dataset.train_split
-    forward = _teacher_forward(model)
+    views = _views(config)
+    forward = _teacher_forward(model, views)
     rows = {}
     for local in data.eval_batches(config.dataset.name, split, batch_size, data_dir=config.dataset.data_dir or None,
                                    process_index=jax.process_index(), process_count=jax.process_count()):
         batch = parallel.global_batch(mesh, local)
-        logits, index, mask = _host(forward(variables, batch["image"])), _host(batch["index"]), _host(batch["mask"])
+        index, mask = _host(batch["index"]), _host(batch["mask"])
+        per_view = [_host(forward(variables, batch["image"], batch["index"], v)) for v in range(max(views[0], 1))]
+        logits = np.stack(per_view, axis=1) if views[0] else per_view[0]
         for i, row in zip(index[mask], logits[mask]):
             rows[int(i)] = row
     return np.stack([rows[i] for i in range(len(rows))])
@@ -136,7 +170,9 @@ def _usable(path, model, variables, config, mesh, batch_size):
     try:
         table = np.load(path)
         rows = len(data.get_source(config.dataset.name, config.dataset.train_split, config.dataset.data_dir or None))
-        if table.ndim != 2 or table.shape[0] != rows or not np.all(np.isfinite(table)):
+        views = _views(config)[0]
+        expected = (rows, views) if views else (rows,)
+        if table.ndim != len(expected) + 1 or table.shape[:-1] != expected or not np.all(np.isfinite(table)):
             return None
         verify(table, model, variables, config, mesh, batch_size)
     except (OSError, ValueError, EOFError, IndexError, UserError):
@@ -151,9 +187,13 @@ def verify(table, model, variables, config, mesh, batch_size) -> float:
     batch = parallel.global_batch(mesh, first) if jax.process_count() == 1 else None
     if batch is None:
         return 0.0
-    live = _host(_teacher_forward(model)(variables, batch["image"]))
-    mask = np.asarray(first["mask"])
-    diff = float(np.max(np.abs(table[np.asarray(first["index"])[mask]] - live[mask])))
+    views = _views(config)
+    index, mask = np.asarray(first["index"]), np.asarray(first["mask"])
+    diff = 0.0
+    for view in sorted({0, max(views[0] - 1, 0)}):  # the first and the last view
+        live = _host(_teacher_forward(model, views)(variables, batch["image"], batch["index"], view))
+        cached = table[index[mask], view] if views[0] else table[index[mask]]
+        diff = max(diff, float(np.max(np.abs(cached - live[mask]))))
     if diff > AGREEMENT_ATOL * max(1.0, float(np.max(np.abs(live[mask])))):
         raise UserError(f"config key 'distill.teacher_cache': the cached teacher logits disagree with the live "
                         f"teacher on the first train batch (max |diff| {diff:.3g}); set "
