@@ -180,7 +180,7 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
     loss_c, (_, m_c) = cached.task.loss_fn(state["params"], state["model_state"], frozen_c, batch, None, jnp.int32(0))
     loss_l, (_, m_l) = live.task.loss_fn(state["params"], state["model_state"], frozen_l, batch, None, jnp.int32(0))
     assert float(loss_c) == pytest.approx(float(loss_l), rel=1e-5)
-    table = np.asarray(frozen_c["cache"][0])
+    table = np.asarray(frozen_c["cache"][0]["logits"])
     assert teacher_cache.verify(table, live.task.teachers[0], frozen_l["teachers"][0], live.config, live.mesh, 64) \
         <= teacher_cache.AGREEMENT_ATOL
     results = train_and_evaluate(kd(True), str(tmp_path / "run"))
@@ -191,17 +191,17 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
     again = Trainer(kd(True), str(tmp_path / "c2"))
     frozen_again = again.task.load_frozen(again.mesh, again.abstract_images)
     assert len(os.listdir(os.path.join(cache_dir, "transferlab_teacher_cache"))) == 2
-    assert teacher_cache.verify(np.asarray(frozen_again["cache"][0]), again.task.teachers[0],
+    assert teacher_cache.verify(np.asarray(frozen_again["cache"][0]["logits"]), again.task.teachers[0],
                                 Trainer(kd(False), str(tmp_path / "l2")).task.load_frozen(
                                     again.mesh, again.abstract_images)["teachers"][0],
                                 again.config, again.mesh, 64) <= teacher_cache.AGREEMENT_ATOL
     # a damaged cache file (replaced, truncated) is built again, not used (found by a kill/damage audit)
-    good = np.asarray(frozen_again["cache"][0])
+    good = np.asarray(frozen_again["cache"][0]["logits"])
     newest = max(glob.glob(os.path.join(cache_dir, "transferlab_teacher_cache", "*.npy")), key=os.path.getmtime)
     for damage in (lambda p: np.save(p, np.zeros((10, 10), np.float32)), lambda p: open(p, "r+b").truncate(1000)):
         damage(newest)
         rebuilt = Trainer(kd(True), str(tmp_path / "c3")).task.load_frozen(again.mesh, again.abstract_images)
-        np.testing.assert_array_equal(np.asarray(rebuilt["cache"][0]), good)
+        np.testing.assert_array_equal(np.asarray(rebuilt["cache"][0]["logits"]), good)
     from transferlab.errors import ConfigError, UserError
     with pytest.raises(ConfigError, match="fixed or replayable inputs"):
         Trainer(kd(True, augment={"flip": True}), str(tmp_path / "bad"))
@@ -210,7 +210,8 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
                                      teacher={**teacher, "checkpoint": teacher_dir, "dtype": "bfloat16"},
                                      distill={"teacher_cache": True, "terms": ({"name": "kd"},)}))
     trainer = Trainer(bf16, str(tmp_path / "bf16"))
-    assert np.all(np.isfinite(trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)["cache"][0]))
+    cached = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)["cache"][0]
+    assert np.all(np.isfinite(cached["logits"]))
     # a data directory the cache cannot be written in: one line, before the teacher's pass over the data
     unwritable = str(tmp_path / "data_ro")
     shutil.copytree(os.path.join(data_dir, "digits"), os.path.join(unwritable, "digits"))
@@ -225,8 +226,9 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
 
 
 def test_teacher_cache_of_replayable_crop_and_flip_views(tmp_path, data_dir):
-    """`teacher_cache_views=K`: K crop/flip views per example cached once; a step shows each example one view,
-    exactly the image its cached logits were computed on, so the cached loss equals the live teacher's."""
+    """`teacher_cache_views=K`: K crop/flip views per example cached once, logits and the feature taps terms
+    read; a step shows each example one view, exactly the image its cached outputs were computed on, so the
+    cached loss equals the live teacher's."""
     import shutil
 
     import jax.numpy as jnp
@@ -243,19 +245,24 @@ def test_teacher_cache_of_replayable_crop_and_flip_views(tmp_path, data_dir):
                                          teacher={**teacher, "checkpoint": teacher_dir},
                                          augment=kw.pop("augment", {"crop_padding": 1, "flip": True}),
                                          distill={"teacher_cache": cache, "teacher_cache_views": views,
-                                                  "terms": ({"name": "kd"},)}, **kw))
+                                                  "terms": ({"name": "kd"}, fitnet)}, **kw))
+    fitnet = {"name": "fitnet", "weight": 0.1, "student_tap": "features", "teacher_tap": "features",
+              "connector": "linear"}
     trainer = Trainer(kd(), str(tmp_path / "c"))
     frozen = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
-    table = np.asarray(frozen["cache"][0])
+    assert sorted(frozen["cache"][0]) == ["features", "logits"]  # every teacher tap a term reads
+    table, features = np.asarray(frozen["cache"][0]["logits"]), np.asarray(frozen["cache"][0]["features"])
     assert table.shape == (1257, 4, 10) and not np.allclose(table[:, 0], table[:, 1])  # the views differ
+    assert features.shape == (1257, 4, 64)
     batch = {k: jnp.asarray(v) for k, v in next(trainer.train_iterator()).items()}
     shown = jax.jit(trainer.task.replay_augment)(jax.random.key(3), batch)
     assert len(set(np.asarray(shown["view"]).tolist())) > 1 and not np.array_equal(shown["image"], batch["image"])
     variables = frozen["teachers"][0]
-    live = common.forward(trainer.task.teachers[0], variables["params"], variables["model_state"], shown["image"],
-                          train=False)[0]
-    np.testing.assert_allclose(table[np.asarray(shown["index"]), np.asarray(shown["view"])], live,
-                               rtol=1e-5, atol=1e-5)
+    live, _, taps = common.forward(trainer.task.teachers[0], variables["params"], variables["model_state"],
+                                   shown["image"], train=False, taps=True)
+    rows = (np.asarray(shown["index"]), np.asarray(shown["view"]))
+    np.testing.assert_allclose(table[rows], live, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(features[rows], taps["features"], rtol=1e-5, atol=1e-5)
     # the cached loss equals the live teacher's on the same replayed images
     live_trainer = Trainer(kd(cache=False, views=0), str(tmp_path / "l"))
     frozen_live = live_trainer.task.load_frozen(live_trainer.mesh, live_trainer.abstract_images)
@@ -265,7 +272,7 @@ def test_teacher_cache_of_replayable_crop_and_flip_views(tmp_path, data_dir):
     loss_l = live_trainer.task.loss_fn(*args, frozen_live, shown, None, jnp.int32(0))[0]
     assert float(loss_c) == pytest.approx(float(loss_l), rel=1e-5)
     assert train_and_evaluate(kd(), str(tmp_path / "run"))["test"]["accuracy"] > 0.3
-    assert len(os.listdir(os.path.join(cache_dir, "transferlab_teacher_cache"))) == 1  # built once, reused
+    assert len(os.listdir(os.path.join(cache_dir, "transferlab_teacher_cache"))) == 2  # built once, reused
     for config, message in (
             (dict(augment={}), r"'distill.teacher_cache_views': 4 views of un-augmented images are one image"),
             (dict(views=0), r"set distill.teacher_cache_views \(e.g. 8 replayable crop/flip views"),

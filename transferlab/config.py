@@ -122,7 +122,8 @@ def defaults() -> ml_collections.ConfigDict:
         "terms": (),
         "teacher_combination": "average",  # multi-teacher logits: average, weighted, adaptive, partition
         "teacher_weights": (),  # 'weighted': one weight per teacher (teacher first, then extra_teachers)
-        "teacher_cache": False,  # cache the teachers' train-split logits in the data dir (needs fixed inputs)
+        # cache the teachers' train-split outputs (logits, the taps terms read) in the data dir (fixed inputs)
+        "teacher_cache": False,
         # teacher_cache with crops/flips: K replayable augmented views per example, cached once; each step
         # each example shows the student one of them, drawn at random (0: no augmentation, one fixed view)
         "teacher_cache_views": 0,

@@ -37,8 +37,9 @@ augmentor's objective is logged as `loss/hard_augmentor_objective`.
 Teacher-output caching (`distill.teacher_cache`, see `teacher_cache`): for
 fixed inputs, or K replayable crop/flip views of each example
 (`distill.teacher_cache_views`, drawn by `replay_augment`), the teachers'
-train-split logits are computed once and looked up by example index (and view),
-so no teacher forward runs in the step.
+train-split outputs (logits and the taps the terms read, `cached_taps`) are
+computed once and looked up by example index (and view), so no teacher forward
+runs in the step.
 
 TGeo-KD (`trilateral`, arXiv:2312.15112) learns its per-sample fusion ratio with
 a one-step look-ahead in the same step, scored on a held-out half of the batch
@@ -323,7 +324,7 @@ class KDTask:
                               "(the inputs change every step)")
         if config.distill.teacher_cache:
             from transferlab.tasks.teacher_cache import check_cacheable
-            check_cacheable(config, self.terms)
+            check_cacheable(config)
         elif config.distill.teacher_cache_views:
             raise ConfigError("config key 'distill.teacher_cache_views': set, but distill.teacher_cache is off")
         self.cache_views = int(config.distill.teacher_cache_views) if config.distill.teacher_cache else 0
@@ -509,9 +510,17 @@ class KDTask:
         from transferlab.parallel import replicated
         from transferlab.tasks import teacher_cache
         batch = self.config.eval_batch_size or self.config.batch_size
-        tables = [teacher_cache.load_or_build(model, variables, section, step, self.config, mesh, batch)
-                  for model, section, (variables, step) in zip(self.teachers, self.teacher_sections, loaded)]
+        tables = [teacher_cache.load_or_build(model, variables, section, step, self.config, mesh, batch, taps)
+                  for model, section, (variables, step), taps in zip(self.teachers, self.teacher_sections, loaded,
+                                                                      self.cached_taps())]
         return {**frozen, "cache": [jax.device_put(t, replicated(mesh)) for t in tables]}
+
+    def cached_taps(self) -> list[tuple[str, ...]]:
+        """Per teacher, the taps a teacher cache holds: its logits, and every other tap a term reads from it."""
+        taps = [{"logits"} for _ in self.teachers]
+        for term in self.terms:
+            taps[term.teacher or 0].update(term.taps("teacher"))
+        return [tuple(sorted(t)) for t in taps]
 
     @property
     def frozen_reads_data(self) -> bool:
@@ -536,8 +545,12 @@ class KDTask:
             frozen["class_means"] = means
         if self.config.distill.teacher_cache:
             views = (self.cache_views,) if self.cache_views else ()
-            table = jax.ShapeDtypeStruct((self.num_train_examples, *views, self.num_classes), jnp.float32)
-            frozen["cache"] = [table for _ in self.teachers]
+            frozen["cache"] = []
+            for model, taps in zip(self.teachers, self.cached_taps()):
+                shapes = {**self._tap_shapes(model, abstract_images),
+                          "logits": jax.ShapeDtypeStruct((1, self.num_classes), jnp.float32)}
+                frozen["cache"].append({tap: jax.ShapeDtypeStruct(
+                    (self.num_train_examples, *views, *shapes[tap].shape[1:]), jnp.float32) for tap in taps})
         return frozen
 
     def _class_means_terms(self):
@@ -686,9 +699,14 @@ class KDTask:
         if self.hard is not None:
             batch, augmentor_objective, hard_metrics = self._hard_augment(params, model_state, frozen, batch, rng)
         student_images = batch["image"]
-        if "cache" in frozen:
+        if "cache" in frozen:  # float32 tables, read back in each tap's own dtype (exact for bfloat16)
             rows = (batch["index"], batch["view"]) if "view" in batch else batch["index"]
-            teacher_taps = [{"logits": jax.lax.stop_gradient(table[rows])} for table in frozen["cache"]]
+            teacher_taps = []
+            for model, tables in zip(self.teachers, frozen["cache"]):
+                dtypes = {**{k: v.dtype for k, v in self._tap_shapes(model, batch["image"]).items()},
+                          "logits": jnp.float32}
+                teacher_taps.append({tap: jax.lax.stop_gradient(table[rows].astype(dtypes[tap]))
+                                     for tap, table in tables.items()})
         else:
             teacher_taps = self.teacher_outputs(self.teacher_variables(model_state, frozen), batch["image"])
             student_images = _after(student_images, [t["logits"] for t in teacher_taps])

@@ -7,14 +7,17 @@ crop/flip views of each example (`augment.replay_views`: view v of example i is
 the same image in every run; each step shows each example one view drawn at
 random, whose cached logits are looked up by (index, view), as FKD's stored
 crops, arXiv:2112.01528). Mixup and CutMix mix pairs of examples, which no table
-of per-example outputs can replay: refused. Terms must read the teachers'
-logits only (features are not cached). Files ([N, C], or [N, K, C] with views) live at
+of per-example outputs can replay: refused. Every teacher tap a term reads is
+cached (logits, and feature taps such as 'stage2' or 'features': each a table of
+N x tap size float32 numbers, held on every device, so mind large feature maps).
+Files (one per teacher and tap: [N, ...], or [N, K, ...] with views) live at
 `<data_dir>/transferlab_teacher_cache/<dataset>-<split>-<key>.npy`, where the key
-hashes the teacher's architecture, checkpoint directory, selected step and weights
+hashes the tap, the teacher's architecture, checkpoint directory, selected step and weights
 (`weights_fingerprint`: a teacher retrained in the same directory gets a new file);
 they are written atomically and reused by later runs. On creation and on reuse the cached
 rows of the first batch are checked against a live teacher forward (the same jitted
 function, so a bfloat16 teacher agrees too: a stale or misordered file does not).
+A table is stored in float32 and read back in the tap's own dtype (exact for bfloat16).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from transferlab.tasks import common
 AGREEMENT_ATOL = 1e-4
 
 
-def check_cacheable(config, terms) -> None:
+def check_cacheable(config) -> None:
     augment, views = config.augment, config.distill.teacher_cache_views
     if isinstance(views, bool) or not isinstance(views, int) or views < 0:
         raise ConfigError(f"config key 'distill.teacher_cache_views': expected an int >= 0, got {views!r}")
@@ -52,10 +55,6 @@ def check_cacheable(config, terms) -> None:
         raise ConfigError("config key 'distill.teacher_cache': teacher outputs can only be cached for fixed or "
                           "replayable inputs; set distill.teacher_cache_views (e.g. 8 replayable crop/flip views "
                           "per example), or turn augmentation off (augment.crop_padding=0, flip=False)")
-    for term in terms:
-        if term.taps("teacher") != ["logits"]:
-            raise ConfigError(f"config key 'distill.teacher_cache': {term.where} taps teacher "
-                              f"{term.teacher_tap!r}; only logits are cached")
 
 
 def _views(config) -> tuple[int, int, bool]:
@@ -73,9 +72,11 @@ def weights_fingerprint(variables) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_path(config, section, step, split, weights: str) -> str:
+def cache_path(config, section, step, split, weights: str, tap: str = "logits") -> str:
     fields = {"name": section.name, "kwargs": dict(section.kwargs), "dtype": section.dtype,
               "checkpoint": os.path.abspath(section.checkpoint), "step": step, "weights": weights, "split": split}
+    if tap != "logits":  # (the logits' file keeps the name it had before taps were cached)
+        fields["tap"] = tap
     views, padding, flip = _views(config)
     if views:  # (a cache of the fixed inputs keeps its name)
         fields.update(views=views, crop_padding=padding, flip=flip, view_seed=augment.VIEW_SEED)
@@ -87,34 +88,39 @@ def cache_path(config, section, step, split, weights: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _teacher_forward(model, views: tuple[int, int, bool] = (0, 0, False)):
-    """The jitted float32-logits forward the table is made with (and checked against: one jitted function,
-    compiled once): on the images as given, or on view `view` of each (`augment.replay_views`)."""
+def _teacher_forward(model, taps: tuple[str, ...] = ("logits",), views: tuple[int, int, bool] = (0, 0, False)):
+    """The jitted forward the tables are made with (and checked against: one jitted function, compiled
+    once): {tap: float32 output} on the images as given, or on view `view` of each (`augment.replay_views`)."""
     _, padding, flip = views
 
     def forward(variables, images, index, view):
         if views[0]:
             images = augment.replay_views(jnp.full(index.shape, view, jnp.int32), index, images, padding, flip)
-        return common.forward(model, variables["params"], variables["model_state"], images,
-                              train=False)[0].astype(jnp.float32)
+        logits, _, outputs = common.forward(model, variables["params"], variables["model_state"], images,
+                                            train=False, taps=taps != ("logits",))
+        outputs = {**outputs, "logits": logits}
+        return {tap: outputs[tap].astype(jnp.float32) for tap in taps}
     return jax.jit(forward)
 
 
-def teacher_logits_table(model, variables, config, mesh, batch_size) -> np.ndarray:
-    """[N, C] teacher logits of every example of the train split, in index order; [N, K, C] with K views."""
+def teacher_tables(model, variables, config, mesh, batch_size, taps=("logits",)) -> dict:
+    """{tap: [N, ...]} teacher outputs on every example of the train split, in index order; [N, K, ...]
+    with K views."""
     split = config.dataset.train_split
     views = _views(config)
-    forward = _teacher_forward(model, views)
-    rows = {}
+    forward = _teacher_forward(model, tuple(taps), views)
+    rows = {tap: {} for tap in taps}
     for local in data.eval_batches(config.dataset.name, split, batch_size, data_dir=config.dataset.data_dir or None,
                                    process_index=jax.process_index(), process_count=jax.process_count()):
         batch = parallel.global_batch(mesh, local)
         index, mask = _host(batch["index"]), _host(batch["mask"])
-        per_view = [_host(forward(variables, batch["image"], batch["index"], v)) for v in range(max(views[0], 1))]
-        logits = np.stack(per_view, axis=1) if views[0] else per_view[0]
-        for i, row in zip(index[mask], logits[mask]):
-            rows[int(i)] = row
-    return np.stack([rows[i] for i in range(len(rows))])
+        per_view = [forward(variables, batch["image"], batch["index"], v) for v in range(max(views[0], 1))]
+        for tap in taps:
+            outputs = [_host(out[tap]) for out in per_view]
+            outputs = np.stack(outputs, axis=1) if views[0] else outputs[0]
+            for i, row in zip(index[mask], outputs[mask]):
+                rows[tap][int(i)] = row
+    return {tap: np.stack([by_index[i] for i in range(len(by_index))]) for tap, by_index in rows.items()}
 
 
 def _host(x):
@@ -123,22 +129,29 @@ def _host(x):
                       else jax.device_get(x))
 
 
-def load_or_build(model, variables, section, step, config, mesh, batch_size) -> np.ndarray:
-    path = cache_path(config, section, step, config.dataset.train_split, weights_fingerprint(variables))
-    if os.path.exists(path):
-        cached = _usable(path, model, variables, config, mesh, batch_size)
-        if cached is not None:
-            return cached
-        # damaged (a truncated or replaced file) or stale: built again below
-    _check_writable(os.path.dirname(path))  # before the teacher's pass over the whole train split
-    table = teacher_logits_table(model, variables, config, mesh, batch_size)
-    verify(table, model, variables, config, mesh, batch_size)
-    if jax.process_index() == 0:
-        tmp = path + f".tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, table)
-        os.replace(tmp, path)
-    return table
+def load_or_build(model, variables, section, step, config, mesh, batch_size, taps=("logits",)) -> dict:
+    """{tap: table} of one teacher: read where a usable file exists, else computed (in one pass over the
+    train split for every missing tap), checked and written."""
+    weights = weights_fingerprint(variables)
+    paths = {tap: cache_path(config, section, step, config.dataset.train_split, weights, tap) for tap in taps}
+    tables = {}
+    for tap, path in paths.items():
+        if os.path.exists(path):  # a damaged (truncated, replaced) or stale file is built again below
+            if (table := _usable(path, tap, model, variables, config, mesh, batch_size)) is not None:
+                tables[tap] = table
+    missing = tuple(tap for tap in taps if tap not in tables)
+    if not missing:
+        return tables
+    _check_writable(os.path.dirname(paths[missing[0]]))  # before the teacher's pass over the whole train split
+    built = teacher_tables(model, variables, config, mesh, batch_size, missing)
+    for tap, table in built.items():
+        verify(table, model, variables, config, mesh, batch_size, tap)
+        if jax.process_index() == 0:
+            tmp = paths[tap] + f".tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                np.save(f, table)
+            os.replace(tmp, paths[tap])
+    return {**tables, **built}
 
 
 def _check_writable(directory: str) -> None:
@@ -164,24 +177,25 @@ def _check_writable(directory: str) -> None:
                         "distill.teacher_cache=False")
 
 
-def _usable(path, model, variables, config, mesh, batch_size):
-    """The cached table at `path` if it reads, has one row per train example and agrees with the live
-    teacher on the first batch; else None."""
+def _usable(path, tap, model, variables, config, mesh, batch_size):
+    """The cached table of `tap` at `path` if it reads, has one row per train example and agrees with the
+    live teacher on the first batch; else None."""
     try:
         table = np.load(path)
         rows = len(data.get_source(config.dataset.name, config.dataset.train_split, config.dataset.data_dir or None))
         views = _views(config)[0]
         expected = (rows, views) if views else (rows,)
-        if table.ndim != len(expected) + 1 or table.shape[:-1] != expected or not np.all(np.isfinite(table)):
+        if table.shape[:len(expected)] != expected or not np.all(np.isfinite(table)):
             return None
-        verify(table, model, variables, config, mesh, batch_size)
+        verify(table, model, variables, config, mesh, batch_size, tap)
     except (OSError, ValueError, EOFError, IndexError, UserError):
         return None
     return table
 
 
-def verify(table, model, variables, config, mesh, batch_size) -> float:
-    """Max |cached - live| teacher logits on the first train batch; UserError if they disagree."""
+def verify(table, model, variables, config, mesh, batch_size, tap="logits") -> float:
+    """Max |cached - live| teacher outputs (of `tap`) on the first train batch; UserError if they disagree
+    (a stale, misordered or wrongly shaped table)."""
     first = next(iter(data.eval_batches(config.dataset.name, config.dataset.train_split, batch_size,
                                         data_dir=config.dataset.data_dir or None)))
     batch = parallel.global_batch(mesh, first) if jax.process_count() == 1 else None
@@ -191,11 +205,14 @@ def verify(table, model, variables, config, mesh, batch_size) -> float:
     index, mask = np.asarray(first["index"]), np.asarray(first["mask"])
     diff = 0.0
     for view in sorted({0, max(views[0] - 1, 0)}):  # the first and the last view
-        live = _host(_teacher_forward(model, views)(variables, batch["image"], batch["index"], view))
+        live = _host(_teacher_forward(model, (tap,), views)(variables, batch["image"], batch["index"], view)[tap])
         cached = table[index[mask], view] if views[0] else table[index[mask]]
+        if cached.shape != live[mask].shape:
+            raise UserError(f"config key 'distill.teacher_cache': the cached teacher {tap!r} has rows of shape "
+                            f"{cached.shape[1:]}, the teacher's are {live.shape[1:]}")
         diff = max(diff, float(np.max(np.abs(cached - live[mask]))))
     if diff > AGREEMENT_ATOL * max(1.0, float(np.max(np.abs(live[mask])))):
-        raise UserError(f"config key 'distill.teacher_cache': the cached teacher logits disagree with the live "
+        raise UserError(f"config key 'distill.teacher_cache': the cached teacher {tap!r} disagrees with the live "
                         f"teacher on the first train batch (max |diff| {diff:.3g}); set "
                         "distill.teacher_cache=False and report it")
     return diff
