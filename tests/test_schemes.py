@@ -205,13 +205,15 @@ def test_teacher_cache_agrees_with_the_live_teacher(tmp_path, data_dir):
     from transferlab.errors import ConfigError, UserError
     with pytest.raises(ConfigError, match="fixed or replayable inputs"):
         Trainer(kd(True, augment={"flip": True}), str(tmp_path / "bad"))
-    # a bfloat16 teacher's cache agrees with its own forward (a float32 tolerance refused every one)
+    # a bfloat16 teacher's cache (logits and a feature tap) agrees with its own forward (a float32 tolerance
+    # refused every one; so could a forward compiled apart for each tap)
+    fitnet = {"name": "fitnet", "student_tap": "features", "teacher_tap": "features", "connector": "linear"}
     bf16 = config_lib.from_dict(base(task="kd", dataset={"name": "digits", "data_dir": cache_dir},
                                      teacher={**teacher, "checkpoint": teacher_dir, "dtype": "bfloat16"},
-                                     distill={"teacher_cache": True, "terms": ({"name": "kd"},)}))
+                                     distill={"teacher_cache": True, "terms": ({"name": "kd"}, fitnet)}))
     trainer = Trainer(bf16, str(tmp_path / "bf16"))
     cached = trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)["cache"][0]
-    assert np.all(np.isfinite(cached["logits"]))
+    assert np.all(np.isfinite(cached["logits"])) and cached["features"].shape == (1257, 64)
     # a data directory the cache cannot be written in: one line, before the teacher's pass over the data
     unwritable = str(tmp_path / "data_ro")
     shutil.copytree(os.path.join(data_dir, "digits"), os.path.join(unwritable, "digits"))

@@ -103,19 +103,19 @@ def _teacher_forward(model, taps: tuple[str, ...] = ("logits",), views: tuple[in
     return jax.jit(forward)
 
 
-def teacher_tables(model, variables, config, mesh, batch_size, taps=("logits",)) -> dict:
+def teacher_tables(model, variables, config, mesh, batch_size, taps=("logits",), keep=None) -> dict:
     """{tap: [N, ...]} teacher outputs on every example of the train split, in index order; [N, K, ...]
-    with K views."""
+    with K views. The forward computes `taps`; the tables of `keep` (default: all of them) are returned."""
     split = config.dataset.train_split
     views = _views(config)
     forward = _teacher_forward(model, tuple(taps), views)
-    rows = {tap: {} for tap in taps}
+    rows = {tap: {} for tap in (taps if keep is None else keep)}
     for local in data.eval_batches(config.dataset.name, split, batch_size, data_dir=config.dataset.data_dir or None,
                                    process_index=jax.process_index(), process_count=jax.process_count()):
         batch = parallel.global_batch(mesh, local)
         index, mask = _host(batch["index"]), _host(batch["mask"])
         per_view = [forward(variables, batch["image"], batch["index"], v) for v in range(max(views[0], 1))]
-        for tap in taps:
+        for tap in rows:
             outputs = [_host(out[tap]) for out in per_view]
             outputs = np.stack(outputs, axis=1) if views[0] else outputs[0]
             for i, row in zip(index[mask], outputs[mask]):
@@ -131,21 +131,23 @@ def _host(x):
 
 def load_or_build(model, variables, section, step, config, mesh, batch_size, taps=("logits",)) -> dict:
     """{tap: table} of one teacher: read where a usable file exists, else computed (in one pass over the
-    train split for every missing tap), checked and written."""
+    train split for every missing tap), checked and written. Every table is made and checked with one
+    jitted forward computing all of `taps` (another program could round a bfloat16 teacher differently)."""
+    taps = tuple(taps)
     weights = weights_fingerprint(variables)
     paths = {tap: cache_path(config, section, step, config.dataset.train_split, weights, tap) for tap in taps}
     tables = {}
     for tap, path in paths.items():
         if os.path.exists(path):  # a damaged (truncated, replaced) or stale file is built again below
-            if (table := _usable(path, tap, model, variables, config, mesh, batch_size)) is not None:
+            if (table := _usable(path, tap, model, variables, config, mesh, batch_size, taps)) is not None:
                 tables[tap] = table
     missing = tuple(tap for tap in taps if tap not in tables)
     if not missing:
         return tables
     _check_writable(os.path.dirname(paths[missing[0]]))  # before the teacher's pass over the whole train split
-    built = teacher_tables(model, variables, config, mesh, batch_size, missing)
+    built = teacher_tables(model, variables, config, mesh, batch_size, taps, keep=missing)
     for tap, table in built.items():
-        verify(table, model, variables, config, mesh, batch_size, tap)
+        verify(table, model, variables, config, mesh, batch_size, tap, taps)
         if jax.process_index() == 0:
             tmp = paths[tap] + f".tmp{os.getpid()}"
             with open(tmp, "wb") as f:
@@ -177,7 +179,7 @@ def _check_writable(directory: str) -> None:
                         "distill.teacher_cache=False")
 
 
-def _usable(path, tap, model, variables, config, mesh, batch_size):
+def _usable(path, tap, model, variables, config, mesh, batch_size, taps):
     """The cached table of `tap` at `path` if it reads, has one row per train example and agrees with the
     live teacher on the first batch; else None."""
     try:
@@ -187,15 +189,15 @@ def _usable(path, tap, model, variables, config, mesh, batch_size):
         expected = (rows, views) if views else (rows,)
         if table.shape[:len(expected)] != expected or not np.all(np.isfinite(table)):
             return None
-        verify(table, model, variables, config, mesh, batch_size, tap)
+        verify(table, model, variables, config, mesh, batch_size, tap, taps)
     except (OSError, ValueError, EOFError, IndexError, UserError):
         return None
     return table
 
 
-def verify(table, model, variables, config, mesh, batch_size, tap="logits") -> float:
-    """Max |cached - live| teacher outputs (of `tap`) on the first train batch; UserError if they disagree
-    (a stale, misordered or wrongly shaped table)."""
+def verify(table, model, variables, config, mesh, batch_size, tap="logits", taps=None) -> float:
+    """Max |cached - live| teacher outputs (of `tap`, computed by the forward of `taps`, default just `tap`)
+    on the first train batch; UserError if they disagree (a stale, misordered or wrongly shaped table)."""
     first = next(iter(data.eval_batches(config.dataset.name, config.dataset.train_split, batch_size,
                                         data_dir=config.dataset.data_dir or None)))
     batch = parallel.global_batch(mesh, first) if jax.process_count() == 1 else None
@@ -205,7 +207,8 @@ def verify(table, model, variables, config, mesh, batch_size, tap="logits") -> f
     index, mask = np.asarray(first["index"]), np.asarray(first["mask"])
     diff = 0.0
     for view in sorted({0, max(views[0] - 1, 0)}):  # the first and the last view
-        live = _host(_teacher_forward(model, (tap,), views)(variables, batch["image"], batch["index"], view)[tap])
+        forward = _teacher_forward(model, tuple(taps or (tap,)), views)
+        live = _host(forward(variables, batch["image"], batch["index"], view)[tap])
         cached = table[index[mask], view] if views[0] else table[index[mask]]
         if cached.shape != live[mask].shape:
             raise UserError(f"config key 'distill.teacher_cache': the cached teacher {tap!r} has rows of shape "
