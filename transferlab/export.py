@@ -79,8 +79,8 @@ def _student_config(resolved: dict, run_dir: str):
     from transferlab.errors import ConfigError, UserError
 
     config = config_lib.defaults()
-    try:
-        config_lib.merge(config, resolved)
+    try:  # (keys an older version had elsewhere in the config do not matter here)
+        config_lib.merge(config, {key: resolved[key] for key in ("model", "dataset") if key in resolved})
         config_lib.check_model_section("model", config.model)
     except ConfigError as e:
         raise UserError(f"--workdir {run_dir!r}: its config.json: {e}") from None
