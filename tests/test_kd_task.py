@@ -252,6 +252,8 @@ def test_a_bug_inside_a_loss_is_not_blamed_on_the_taps(tmp_path, teacher_dir):
      r"terms\[0\]\.weight_schedule\.end_factor: expected float, got 'x'"),
     ({"name": "kd", "weight_schedule": {"name": "step", "boundaries": (12,)}},
      r"weight_schedule.boundaries': step 12 is not before total_steps 12"),
+    ({"name": "kd", "weight_schedule": {"name": "linear", "end_factor": True}},
+     r"terms\[0\]\.weight_schedule\.end_factor: expected float, got True"),
     ({"name": "kd", "weight_schedule": {"name": "step", "decay_factor": 0}},
      r"weight_schedule.decay_factor' must be > 0"),
 ])

@@ -27,6 +27,10 @@ def test_warmup_cosine_and_step_and_linear():
     s = make_schedule(cfg(optimizer={"learning_rate": 0.05},
                           schedule={"name": "step", "boundaries": (50, 0.8), "decay_factor": 0.1}))
     assert [float(s(t)) for t in (49, 50, 79, 80)] == pytest.approx([0.05, 0.005, 0.005, 0.0005])
+    # boundaries that land on one step (25 and 0.25 of 100; two inside a warm-up) each apply
+    s = make_schedule(cfg(optimizer={"learning_rate": 1.0}, schedule={
+        "name": "step", "boundaries": (25, 0.25, 2, 3, 60), "decay_factor": 0.5, "warmup_steps": 5}))
+    assert [float(s(t)) for t in (4, 5, 24, 25, 59, 60)] == pytest.approx([0.8, 0.25, 0.25, 0.0625, 0.0625, 0.03125])
     s = make_schedule(cfg(optimizer={"learning_rate": 2.0}, schedule={"name": "linear", "end_factor": 0.5}))
     assert float(s(50)) == pytest.approx(1.5)
 

@@ -38,8 +38,11 @@ def schedule_from(section, peak: float, total_steps: int) -> optax.Schedule:
     elif s.name == "linear":
         main = optax.linear_schedule(peak, peak * s.end_factor, decay_steps)
     else:  # step
-        bounds = [int(round(b * total)) if isinstance(b, float) and b < 1 else int(b) for b in s.boundaries]
-        main = optax.piecewise_constant_schedule(peak, {max(b - warmup, 0): s.decay_factor for b in bounds})
+        scales = {}  # boundaries that land on one step (5 and 0.25 of 20; several inside the warm-up) all apply
+        for b in s.boundaries:
+            at = max((int(round(b * total)) if isinstance(b, float) and b < 1 else int(b)) - warmup, 0)
+            scales[at] = scales.get(at, 1.0) * s.decay_factor
+        main = optax.piecewise_constant_schedule(peak, scales)
     if not warmup:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])

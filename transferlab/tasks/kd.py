@@ -158,6 +158,8 @@ def _weight_decay_schedule(where: str, section, warmup_steps: int, total_steps: 
                           "(the warm-up is the term's warmup_steps)")
     full = config_lib.defaults().schedule
     for key, value in {"name": "constant", **dict(section), "warmup_steps": warmup_steps}.items():
+        if isinstance(value, bool):  # (ConfigDict would store True as 1.0)
+            raise ConfigError(f"{where}.weight_schedule.{key}: expected {type(full[key]).__name__}, got {value!r}")
         try:
             full[key] = tuple(value) if key == "boundaries" else value
         except (TypeError, ValueError):  # (ConfigDict keeps each key's type: a number, a string, a list)

@@ -16,8 +16,11 @@ hashes the tap, the teacher's architecture, checkpoint directory, selected step 
 (`weights_fingerprint`: a teacher retrained in the same directory gets a new file);
 they are written atomically and reused by later runs. On creation and on reuse the cached
 rows of the first batch are checked against a live teacher forward (the same jitted
-function, so a bfloat16 teacher agrees too: a stale or misordered file does not).
+function, so a bfloat16 teacher passes too: a stale or misordered file does not).
 A table is stored in float32 and read back in the tap's own dtype (exact for bfloat16).
+The tables come from the cache's own compiled forward, not the train step's: a
+float32 teacher's agree with the in-step forward to ~1e-6; a bfloat16 teacher's may
+differ from it by rounding (one bfloat16 step), as two programs of one model may.
 """
 
 from __future__ import annotations
