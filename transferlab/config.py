@@ -423,14 +423,13 @@ def _positive(config, *keys, allow_zero=False) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks names and values that need no compute (registries, ranges, regexes)."""
-    from transferlab import data, losses, models  # registries; imported lazily
+    from transferlab import data, losses  # registries; imported lazily
 
     _choice("task", config.task, TASKS)
     _check_finite(to_plain(config))
     _choice("selection", config.selection, SELECTIONS)
     _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", config.schedule.name, SCHEDULES)
-    _choice("model.dtype", config.model.dtype, DTYPES)
     _choice("sla.transform", config.sla.transform, ("rotation", "color_permutation", "rotation_color"))
     _choice("distill.trilateral_outer", config.distill.trilateral_outer, ("held_out_half", "same_batch"))
     _positive(config, "sla.temperature")
@@ -478,10 +477,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for i, peer in enumerate(config.dml.peers):
             if not isinstance(peer, dict) or "name" not in peer:
                 raise ConfigError(f"dml.peers[{i}]: expected a model section like {{'name': 'resnet8'}}, got {peer!r}")
-            if peer["name"] not in models.names():
-                raise unknown_name(f"model (dml.peers[{i}].name)", peer["name"], models.names())
-            _check_model_kwargs(f"dml.peers[{i}]", peer)
-            _choice(f"dml.peers[{i}].dtype", peer.get("dtype", "float32"), DTYPES)
+            check_model_section(f"dml.peers[{i}]", peer)
         if len(config.dml.peers) + 1 > config.dml.num_students:
             raise ConfigError(f"config key 'dml.num_students': {config.dml.num_students} students, but model plus "
                               f"{len(config.dml.peers)} dml.peers are {len(config.dml.peers) + 1}; set "
@@ -515,19 +511,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                               f"dataset prepared under {root}")
     check_model_section("model", config.model)
     if config.task == "kd" and config.teacher.checkpoint != "self_ema":
-        if config.teacher.name and config.teacher.name not in models.names():
-            raise unknown_name("model (teacher.name)", config.teacher.name, models.names())
-        _choice("teacher.dtype", config.teacher.dtype, DTYPES)
         if config.teacher.name:
-            _check_model_kwargs("teacher", config.teacher)
+            check_model_section("teacher", config.teacher)
+        else:  # (the student's architecture, born-again)
+            _choice("teacher.dtype", config.teacher.dtype, DTYPES)
         for i, extra in enumerate(config.extra_teachers):
             if not isinstance(extra, dict):
                 raise ConfigError(f"extra_teachers[{i}]: expected {{'name': ..., 'checkpoint': ...}}, got {extra!r}")
-            name = dict(extra).get("name")
-            if name not in models.names():
-                raise unknown_name(f"model (extra_teachers[{i}].name)", name, models.names())
-            _choice(f"extra_teachers[{i}].dtype", dict(extra).get("dtype", "float32"), DTYPES)
-            _check_model_kwargs(f"extra_teachers[{i}]", extra)
+            check_model_section(f"extra_teachers[{i}]", extra)
         if config.distill.teacher_weights and config.distill.teacher_combination != "weighted":
             raise ConfigError(f"config key 'distill.teacher_weights' is set but teacher_combination is "
                               f"{config.distill.teacher_combination!r}; set teacher_combination='weighted'")
@@ -672,11 +663,13 @@ def check_schedule(where: str, section, total_steps: int) -> None:
 
 
 def check_model_section(section: str, model) -> None:
-    """A `model`-like section: a registered name, a known dtype, arguments the model takes."""
+    """A `model`-like section (`model`, `teacher`, an extra teacher, a DML peer; a ConfigDict or a dict): a
+    registered name, a known dtype (default float32), arguments the model takes."""
     from transferlab import models
-    if model.name not in models.names():
-        raise unknown_name(f"model ({section}.name)", model.name, models.names())
-    _choice(f"{section}.dtype", model.dtype, DTYPES)
+    name, dtype = dict(model).get("name"), dict(model).get("dtype", "float32")
+    if name not in models.names():
+        raise unknown_name(f"model ({section}.name)", name, models.names())
+    _choice(f"{section}.dtype", dtype, DTYPES)
     _check_model_kwargs(section, model)
 
 

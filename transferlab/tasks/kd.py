@@ -517,6 +517,12 @@ class KDTask:
                                                                       self.cached_taps())]
         return {**frozen, "cache": [jax.device_put(t, replicated(mesh)) for t in tables]}
 
+    def _cached_output_shapes(self, model, images) -> dict:
+        """{tap: ShapeDtypeStruct} of a cached teacher's outputs on `images`: its taps, and its logits in float32
+        (as the cache stores and the step reads them)."""
+        logits = jax.ShapeDtypeStruct((images.shape[0], self.num_classes), jnp.float32)
+        return {**self._tap_shapes(model, images), "logits": logits}
+
     def cached_taps(self) -> list[tuple[str, ...]]:
         """Per teacher, the taps a teacher cache holds: its logits, and every other tap a term reads from it."""
         taps = [{"logits"} for _ in self.teachers]
@@ -549,8 +555,7 @@ class KDTask:
             views = (self.cache_views,) if self.cache_views else ()
             frozen["cache"] = []
             for model, taps in zip(self.teachers, self.cached_taps()):
-                shapes = {**self._tap_shapes(model, abstract_images),
-                          "logits": jax.ShapeDtypeStruct((1, self.num_classes), jnp.float32)}
+                shapes = self._cached_output_shapes(model, abstract_images)
                 frozen["cache"].append({tap: jax.ShapeDtypeStruct(
                     (self.num_train_examples, *views, *shapes[tap].shape[1:]), jnp.float32) for tap in taps})
         return frozen
@@ -705,9 +710,8 @@ class KDTask:
             rows = (batch["index"], batch["view"]) if "view" in batch else batch["index"]
             teacher_taps = []
             for model, tables in zip(self.teachers, frozen["cache"]):
-                dtypes = {**{k: v.dtype for k, v in self._tap_shapes(model, batch["image"]).items()},
-                          "logits": jnp.float32}
-                teacher_taps.append({tap: jax.lax.stop_gradient(table[rows].astype(dtypes[tap]))
+                shapes = self._cached_output_shapes(model, batch["image"])
+                teacher_taps.append({tap: jax.lax.stop_gradient(table[rows].astype(shapes[tap].dtype))
                                      for tap, table in tables.items()})
         else:
             teacher_taps = self.teacher_outputs(self.teacher_variables(model_state, frozen), batch["image"])
