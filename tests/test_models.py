@@ -208,7 +208,8 @@ def test_fusion_barrier_is_numerically_neutral(name, grads):
         env = {**os.environ, "TRANSFERLAB_TEST_FUSION_EMITTERS": "1", "XLA_FLAGS": ""}
         proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", test_id],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0 and re.search(r"^1 passed", proc.stdout, re.M), proc.stdout[-3000:] + proc.stderr[-2000:]
+        passed = proc.returncode == 0 and re.search(r"^1 passed", proc.stdout, re.M)
+        assert passed, proc.stdout[-3000:] + proc.stderr[-2000:]
         return
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     y = jnp.array([1, 3])

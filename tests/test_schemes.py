@@ -321,6 +321,17 @@ def test_hard_augmentor_seeks_disagreement_and_the_student_learns_from_its_image
     assert norm(grad_of("loss/hard_disagreement")["model"]) == 0  # the objective moves the augmentor only
     assert norm(grad_of("loss/hard_disagreement")["augmentor"]) > 0
     assert norm(grad_of("loss/term0_kd")["augmentor"]) == 0  # the student's loss: its images are constants
+    # the saturation penalty (mean squared pre-tanh deviation) pulls the augmentor's warps back, nothing else
+    saturation = grad_of("loss/hard_saturation")
+    assert norm(saturation["augmentor"]) > 0 and norm(saturation["model"]) == 0
+    # the student sees round(fraction * B) of the batch warped (default fraction 0.5), the rest unchanged
+    for fraction in (0.5, 0.25, 1.0):
+        task = Trainer(config_lib.from_dict(base(task="kd", teacher={**teacher, "checkpoint": teacher_dir}, distill={
+            "hard_augment": {"enabled": True, "fraction": fraction}, "terms": ({"name": "kd"},)})),
+            str(tmp_path / "kd")).task
+        shown = jax.jit(task._hard_augment)(state["params"], state["model_state"], frozen, batch, rng)[0]["image"]
+        changed = np.any(np.asarray(shown) != np.asarray(batch["image"]), axis=(1, 2, 3))
+        assert changed.sum() == round(fraction * len(changed)), (fraction, changed.sum())
     step = jax.tree.map(lambda p, d: p - 1e-2 * d, state["params"]["augmentor"], g["augmentor"])  # SGD on the total
     before, after = out(state["params"])[1][1], out({**state["params"], "augmentor": step})[1][1]
     assert float(after["loss/hard_disagreement"]) > float(before["loss/hard_disagreement"])

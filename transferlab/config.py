@@ -138,6 +138,12 @@ def defaults() -> ml_collections.ConfigDict:
             "hidden": 32,  # augmentor MLP width
             "noise_dim": 8,  # per-sample noise fed to the augmentor
             "consistency_weight": 1.0,  # keeps the teacher's prediction on the warped image
+            # share of each batch the student sees warped (the rest as it comes): with 1.0 an augmentor stuck at
+            # warps the teacher itself misreads leaves the student no clean image to learn from
+            "fraction": 0.5,
+            # weight of the mean squared pre-tanh deviation in the augmentor's objective: without it the
+            # augmentor can push tanh into saturation, where no gradient brings its warps back
+            "saturation_weight": 0.1,
         }),
     })
 
@@ -443,7 +449,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(config, "dml.temperature", "distill.trilateral_lookahead_lr", "distill.hard_augment.scale",
               "distill.hard_augment.hidden", "distill.hard_augment.noise_dim")
     _positive(config, "distill.ce_weight", "dml.kl_weight", "distill.hard_augment.consistency_weight",
-              allow_zero=True)
+              "distill.hard_augment.saturation_weight", allow_zero=True)
     if config.total_steps >= 2 ** 31:
         raise ConfigError(f"config key 'total_steps': {config.total_steps} does not fit the int32 step counter "
                           "(at most 2**31 - 1)")
@@ -482,6 +488,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key 'dml.num_students': {config.dml.num_students} students, but model plus "
                               f"{len(config.dml.peers)} dml.peers are {len(config.dml.peers) + 1}; set "
                               f"dml.num_students={len(config.dml.peers) + 1}")
+    if not 0.0 < config.distill.hard_augment.fraction <= 1.0:
+        raise ConfigError("config key 'distill.hard_augment.fraction' must be in (0, 1], got "
+                          f"{config.distill.hard_augment.fraction}")
     if not 0.0 <= config.distill.ema_decay <= 1.0:
         raise ConfigError(f"config key 'distill.ema_decay' must be in [0, 1], got {config.distill.ema_decay}")
     weights = config.distill.teacher_weights

@@ -12,7 +12,8 @@ directly with results/kd.md's. Arms:
                                          setting); teacher and student see the same mixed images
   student+fm                            function matching (Beyer et al., arXiv:2106.05237):
                                          mixup + CutMix views, KD alone at T=1, no labels
-  student+hard                          KD on HARD's learned hard augmentations (arXiv:2305.14890)
+  student+hard                          KD on HARD's learned hard augmentations (arXiv:2305.14890):
+                                         half of each batch warped by the affine augmentor (defaults)
   student+kd_2teachers_avg              two teachers of different architectures (resnet20 and
   student+kd_2teachers_adaptive         wrn_16_2, arm `teacher2`): averaged, or weighted per sample
                                          by their confidence in the label (CA-MKD, arXiv:2201.00007)

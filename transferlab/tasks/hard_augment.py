@@ -2,19 +2,27 @@
 arXiv:2305.14890), in the spatial-transformer form.
 
 An augmentor network maps per-sample noise z to an affine warp
-`A = I + scale * tanh(MLP(z))` of the image. Teacher and student both see the
-warped batch. The augmentor is trained in the same step as the student, to
+`A = I + scale * tanh(d)`, d = MLP(z), of the image. Teacher and student both see
+the warped images. The augmentor is trained in the same step as the student, to
 generate images on which teacher and student *disagree* while the teacher's own
 prediction stays what it is on the original image:
 
-  student:   min  L_student(x_A)                      (x_A a constant here)
+  student:   min  L_student(x')          (x' = x_A for a `fraction` of the batch, x for the rest; constants)
   augmentor: min  consistency_weight * KL(t(x) || t(x_A))  -  KL(t(x_A) || s(x_A))
+                  + saturation_weight * mean(d^2)
 
 The augmentor's objective reaches the warp through both models' responses to it
 (their weights held constant), and is added to the step's total loss, whose only
-path to the augmentor's params it is (`KDTask._hard_augment`). Simplified from the
-paper: one shared affine augmentor (no VAE augmentor), trained jointly rather than
-in alternating phases, every training image augmented.
+path to the augmentor's params it is (`KDTask._hard_augment`). The last term keeps
+tanh out of saturation: without it the augmentor's first large steps (the
+disagreement of a young student is large) pushed d to |d| ~ 20-70, every noise
+draw then gave the same extreme warp, and no gradient through the saturated tanh
+could bring it back, even as the teacher's prediction on those warps stopped
+matching its prediction on the originals (one seed of results/kd_schemes.md ended
+at 79.3% with every image warped). Warping a fraction of each batch (default half)
+keeps clean images in the student's diet as well. Simplified from the paper: one
+shared affine augmentor (no VAE augmentor), trained jointly with the student
+rather than in alternating phases.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import jax.numpy as jnp
 
 
 class AffineAugmentor(nn.Module):
-    """noise [B, noise_dim] -> affine matrices [B, 2, 3] near the identity."""
+    """noise [B, noise_dim] -> (affine matrices [B, 2, 3] near the identity, their pre-tanh deviations [B, 6])."""
 
     hidden: int = 32
     scale: float = 0.3
@@ -35,7 +43,7 @@ class AffineAugmentor(nn.Module):
         h = nn.relu(nn.Dense(self.hidden, name="hidden")(z))
         delta = nn.Dense(6, name="out", kernel_init=nn.initializers.normal(0.01))(h)
         identity = jnp.asarray([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], jnp.float32)
-        return (identity[None, :] + self.scale * jnp.tanh(delta)).reshape(-1, 2, 3)
+        return (identity[None, :] + self.scale * jnp.tanh(delta)).reshape(-1, 2, 3), delta
 
 
 def warp(images_BHWC, theta_B23):

@@ -31,7 +31,7 @@ step.
 Learned hard augmentations (`distill.hard_augment`, HARD arXiv:2305.14890, see
 `hard_augment`): an affine augmentor trained in the same step to find warps on
 which teacher and student disagree while the teacher's prediction stays; the
-student trains on the warped images. `loss/total` is the student's loss; the
+student trains on a batch whose `fraction` (default half) is warped. `loss/total` is the student's loss; the
 augmentor's objective is logged as `loss/hard_augmentor_objective`.
 
 Teacher-output caching (`distill.teacher_cache`, see `teacher_cache`): for
@@ -676,17 +676,19 @@ class KDTask:
         return jnp.einsum("kb,kbc->bc", w, logits, precision="highest")  # float32 on GPU/TPU too
 
     def _hard_augment(self, params, model_state, frozen, batch, rng):
-        """HARD (arXiv:2305.14890): the batch the student trains on, warped by the learned augmentor (a constant
-        for the student's own loss), and the augmentor's objective, which only the augmentor's params see:
+        """HARD (arXiv:2305.14890): the batch the student trains on, a `fraction` of it warped by the learned
+        augmentor (constants for the student's own loss), and the augmentor's objective, which only the
+        augmentor's params see:
 
           consistency_weight * KL(t(x) || t(x_A))  -  KL(t(x_A) || s(x_A))        (temperature 1)
+          + saturation_weight * mean(d^2)                    (d: the warp's pre-tanh deviations)
 
         so the augmentor looks for warps where teacher and student disagree (gradients through both models'
         responses to the warp, neither model's weights) while the teacher still predicts what it does on x."""
         images = batch["image"]
         z = jax.random.normal(jax.random.fold_in(rng, 104729), (images.shape[0],
                                                                self.config.distill.hard_augment.noise_dim))
-        theta = self.hard.apply({"params": params["augmentor"]}, z)
+        theta, deviation = self.hard.apply({"params": params["augmentor"]}, z)
         warped = hard_augment.warp(images, theta)
         teachers = jax.lax.stop_gradient(self.teacher_variables(model_state, frozen))
 
@@ -697,9 +699,17 @@ class KDTask:
         kl = losses.get("kd").fn
         disagreement = kl(s_warped, t_warped, batch, temperature=1.0)
         consistency = kl(t_warped, clean, batch, temperature=1.0)
-        objective = self.config.distill.hard_augment.consistency_weight * consistency - disagreement
-        metrics = {"loss/hard_disagreement": disagreement, "loss/hard_teacher_consistency": consistency}
-        return {**batch, "image": jax.lax.stop_gradient(warped)}, objective, metrics
+        saturation = jnp.mean(jnp.square(deviation))
+        hard = self.config.distill.hard_augment
+        objective = hard.consistency_weight * consistency - disagreement + hard.saturation_weight * saturation
+        metrics = {"loss/hard_disagreement": disagreement, "loss/hard_teacher_consistency": consistency,
+                   "loss/hard_saturation": saturation}
+        # the student sees round(fraction * B) of the batch warped, the others as they came (which ones: random)
+        count = round(self.config.distill.hard_augment.fraction * images.shape[0])
+        order = jax.random.uniform(jax.random.fold_in(rng, 104723), (images.shape[0],))
+        chosen = jnp.argsort(jnp.argsort(order)) < count
+        shown = jnp.where(chosen[:, None, None, None], jax.lax.stop_gradient(warped), images)
+        return {**batch, "image": shown}, objective, metrics
 
     def loss_fn(self, params, model_state, frozen, batch, rng, step):
         augmentor_objective = None
