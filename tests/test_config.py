@@ -286,3 +286,33 @@ def test_one_run_directory_spelled_two_ways_is_no_config_difference(tmp_path, mo
     assert "extra_teachers" in config_lib.first_difference(saved, config("runs/teacher", "runs/another"))
     assert config_lib.first_difference(json.loads(json.dumps(config_lib.to_plain(config("random", "random")))),
                                        config("random", "random")) is None
+
+
+def test_a_teacher_that_moved_along_with_its_study_is_no_config_difference():
+    """A study directory copied from a pod, or renamed: its KD runs' teachers (sibling runs) moved with them."""
+    def config(teacher, extra="/ckpt/outside"):
+        return config_lib.from_dict({"task": "kd", "dataset": {"name": "digits"},
+                                     "teacher": {"name": "mlp", "checkpoint": teacher},
+                                     "extra_teachers": ({"name": "mlp", "checkpoint": extra},),
+                                     "distill": {"teacher_combination": "average"}})
+    old_run, new_run = "/pod/study/kd/seed_0", "/laptop/copy/study/kd/seed_0"
+    saved = json.loads(json.dumps(config_lib.to_plain(config("/pod/study/teacher/seed_0",
+                                                             "/pod/study/teacher2/seed_0"))))
+    for recorded in (old_run, None):  # config.json records the run's directory; runs before 2026-11-28 did not
+        if recorded:
+            saved["_run_dir"] = recorded
+        moved = config("/laptop/copy/study/teacher/seed_0", "/laptop/copy/study/teacher2/seed_0")
+        assert config_lib.first_difference(saved, moved, new_run) is None
+        assert "saved [{'name': 'mlp', 'checkpoint': '/pod/study/teacher2/seed_0'}]" in config_lib.first_difference(
+            saved, moved)  # (without the run's directory now, nothing says the teachers moved with it)
+        other = config("/laptop/copy/study/teacher_b/seed_0", "/laptop/copy/study/teacher2/seed_0")
+        assert "teacher.checkpoint" in config_lib.first_difference(saved, other, new_run)
+        other = config("/laptop/copy/study/teacher/seed_1", "/laptop/copy/study/teacher2/seed_0")
+        assert "teacher.checkpoint" in config_lib.first_difference(saved, other, new_run)
+        other = config("/laptop/copy/study/teacher/seed_0", "/laptop/copy/study/teacher3/seed_0")
+        assert "extra_teachers" in config_lib.first_difference(saved, other, new_run)
+    # a teacher outside the study keeps its absolute path; the run moved without it
+    saved = json.loads(json.dumps(config_lib.to_plain(config("/ckpt/teacher"))))
+    saved["_run_dir"] = old_run
+    assert config_lib.first_difference(saved, config("/ckpt/teacher"), new_run) is None
+    assert "teacher.checkpoint" in config_lib.first_difference(saved, config("/laptop/ckpt/teacher"), new_run)

@@ -465,6 +465,13 @@ def test_quickstart_study_end_to_end(tmp_path, data_dir):
     rerun = cli(["--config", QUICK + ":steps=20,seeds=2", "--workdir", workdir,
                  "--config.log_every_steps=10"], timeout=200)
     assert rerun.returncode == 0 and "already finished" in rerun.stdout
+    # the study directory moved (copied from a pod, renamed): its KD runs' teacher moved with them
+    moved = str(tmp_path / "elsewhere" / "study")
+    os.renames(workdir, moved)
+    rerun = cli(["--config", QUICK + ":steps=20,seeds=2", "--workdir", moved,
+                 "--config.log_every_steps=10"], timeout=200)
+    assert rerun.returncode == 0 and rerun.stdout.count("already finished") == 5, rerun.stderr[-2000:]
+    assert "student+kd" in open(os.path.join(moved, "results.md"), encoding="utf-8").read()
 
 
 def test_study_checks_every_arm_before_training_any(tmp_path, data_dir):

@@ -313,7 +313,7 @@ def config_difference(run_dir: str, config) -> str | None:
     """'key: saved A, now B' if the run in `run_dir` was started with a config other than `config`
     (see `config.first_difference`); None if it was not, or if nothing saved says."""
     saved = saved_config(run_dir)
-    return None if saved is None else config_lib.first_difference(saved, config)
+    return None if saved is None else config_lib.first_difference(saved, config, run_dir)
 
 
 def abstract_with_shardings(tree, shardings):

@@ -722,13 +722,18 @@ def _flat(tree, prefix=""):
     return out
 
 
-def first_difference(saved: dict, config) -> str | None:
+def first_difference(saved: dict, config, run_dir: str | None = None) -> str | None:
     """'key: saved A, now B' for the first key whose value in `saved` (a run's config.json) differs from
     `config`'s, or None. Keys in NOT_COMPARED are ignored, and so are keys of the fixed sections that only
     one side has (added to `defaults()` since); a key inside a free-form section (`model.kwargs`, ...) that
-    only one side sets is a difference (`hidden_sizes` given now, the model's default before)."""
+    only one side sets is a difference (`hidden_sizes` given now, the model's default before).
+
+    With `run_dir` (where that run is now), a teacher or init checkpoint that moved along with the run is
+    the same one: a study directory copied from a pod, or renamed, still resumes and reports."""
     now = _same_paths(_flat(json.loads(json.dumps(to_plain(config), default=str))))
     before = _same_paths(_flat({k: v for k, v in saved.items() if not k.startswith("_")}))
+    if run_dir is not None:
+        _follow_moved_paths(before, now, saved.get("_run_dir"), os.path.abspath(run_dir))
     unset = object()
     for key in sorted(set(now) | set(before)):
         if any(key == skip or key.startswith(skip + ".") for skip in NOT_COMPARED):
@@ -759,6 +764,39 @@ def _same_paths(flat: dict) -> dict:
         out["extra_teachers"] = [{**t, "checkpoint": norm(t["checkpoint"])} if isinstance(t, dict)
                                  and "checkpoint" in t else t for t in out["extra_teachers"]]
     return out
+
+
+def _moved_along(saved_path: str, now_path: str, saved_run_dir, run_dir: str) -> bool:
+    """Whether `saved_path` (absolute, recorded by a run then in `saved_run_dir`) is `now_path` after the
+    run moved to `run_dir`: the same path relative to the run. Runs that did not record their directory
+    (before 2026-11-28) are taken to have moved with their whole study: `saved_path` ends with the part of
+    `now_path` below the closest directory it shares with `run_dir`."""
+    def depth(path):
+        return len([p for p in path.split(os.sep) if p])
+    relative = os.path.relpath(now_path, run_dir)
+    parts = relative.split(os.sep)
+    tail = [p for p in parts if p != os.pardir]
+    ups = len(parts) - len(tail)
+    if not tail or not 0 < ups < depth(run_dir):  # (the shared directory must be one below the root)
+        return False
+    if isinstance(saved_run_dir, str):
+        return os.path.relpath(saved_path, saved_run_dir) == relative and ups < depth(saved_run_dir)
+    return depth(saved_path) > len(tail) and saved_path.split(os.sep)[-len(tail):] == tail
+
+
+def _follow_moved_paths(before: dict, now: dict, saved_run_dir, run_dir: str) -> None:
+    """In `before`, each run-directory value that is `now`'s after the run moved becomes `now`'s."""
+    def same(was, is_):
+        return (isinstance(was, str) and isinstance(is_, str) and was not in _NOT_PATHS and is_ not in _NOT_PATHS
+                and _moved_along(was, is_, saved_run_dir, run_dir))
+    for key in _PATH_KEYS:
+        if key in before and key in now and same(before[key], now[key]):
+            before[key] = now[key]
+    was, is_ = before.get("extra_teachers"), now.get("extra_teachers")
+    if isinstance(was, list) and isinstance(is_, list) and len(was) == len(is_):
+        before["extra_teachers"] = [
+            {**w, "checkpoint": i["checkpoint"]} if isinstance(w, dict) and isinstance(i, dict)
+            and same(w.get("checkpoint"), i.get("checkpoint")) else w for w, i in zip(was, is_)]
 
 
 def _short_or_unset(value, unset) -> str:

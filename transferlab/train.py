@@ -226,6 +226,7 @@ class Trainer:
             note(message)
         self._clock = [time.time(), 0.0]  # this process's start, and the time earlier processes spent on the run
         self._plain_config = json.loads(json.dumps(config_lib.to_plain(config), default=str))  # saved in checkpoints
+        self._plain_config["_run_dir"] = os.path.abspath(workdir)  # (as config.json's)
         # A loss's shape errors (taps it cannot compare) are found by tracing the step, before anything is
         # written to the workdir and before a teacher cache or class means (minutes of work) are computed.
         if getattr(self.task, "frozen_reads_data", False) or getattr(self.task, "terms", None):
@@ -245,7 +246,8 @@ class Trainer:
             else:  # resume; an incompatible checkpoint raises here, before anything in workdir changes
                 # config.json, and the copy in the checkpoint itself (it survives a deleted config.json)
                 changed = [difference for saved in (checkpoint.config_json(workdir), ckpt.saved_config(latest))
-                           if saved is not None and (difference := config_lib.first_difference(saved, config))]
+                           if saved is not None and (difference := config_lib.first_difference(saved, config,
+                                                                                               workdir))]
                 if changed:
                     raise UserError(f"--workdir {workdir!r} holds a run started with a different config "
                                     f"({changed[0]}); rerun it with its own config, or use a new --workdir")
@@ -474,5 +476,6 @@ def write_config(config, workdir: str) -> None:
                              "git_commit": provenance.git_commit(short=False),
                              "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
                              "processes": jax.process_count()}
+    resolved["_run_dir"] = os.path.abspath(workdir)  # teachers inside a moved study: config.first_difference
     files.write_json(os.path.join(workdir, "config.json"), resolved)
 
