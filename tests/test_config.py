@@ -316,3 +316,23 @@ def test_a_teacher_that_moved_along_with_its_study_is_no_config_difference():
     saved["_run_dir"] = old_run
     assert config_lib.first_difference(saved, config("/ckpt/teacher"), new_run) is None
     assert "teacher.checkpoint" in config_lib.first_difference(saved, config("/laptop/ckpt/teacher"), new_run)
+
+
+def test_a_run_older_than_a_behaviour_changing_default_resumes_only_with_its_old_value():
+    """HARD's `fraction` and `saturation_weight` (2026-11-28) changed what a HARD run trains: a HARD run saved
+    before them lacks both keys and ran with all images warped and no penalty; other runs do not use them."""
+    def config(enabled, **hard):
+        return config_lib.from_dict({"task": "kd", "dataset": {"name": "digits"},
+                                     "teacher": {"name": "mlp", "checkpoint": "/ckpt/teacher"},
+                                     "distill": {"hard_augment": {"enabled": enabled, **hard}}})
+    for enabled in (True, False):
+        saved = json.loads(json.dumps(config_lib.to_plain(config(enabled))))
+        del saved["distill"]["hard_augment"]["fraction"], saved["distill"]["hard_augment"]["saturation_weight"]
+        difference = config_lib.first_difference(saved, config(enabled))
+        if enabled:
+            assert difference == "distill.hard_augment.fraction: saved 1.0, now 0.5"
+            assert "saturation_weight: saved 0.0, now 0.1" in config_lib.first_difference(saved, config(
+                enabled, fraction=1.0))
+            assert config_lib.first_difference(saved, config(enabled, fraction=1.0, saturation_weight=0.0)) is None
+        else:
+            assert difference is None

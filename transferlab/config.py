@@ -712,6 +712,14 @@ def _regex(key: str, pattern: str) -> None:
 NOT_COMPARED = ("study", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "mesh_shape",
                 "eval_batch_size", "xla_cache_dir", "dataset.data_dir", "dataset.worker_count")
 
+# Keys added with a default that changed what a run trains: a saved run that lacks one (it predates the key) ran
+# with the value given here, wherever the switch (second) was on; so resuming it under the new default is a
+# difference, not a silent change of recipe. key -> (the value before the key existed, the switch).
+ADDED_WITH_NEW_BEHAVIOUR = {
+    "distill.hard_augment.fraction": (1.0, "distill.hard_augment.enabled"),  # 2026-11-28: all images warped
+    "distill.hard_augment.saturation_weight": (0.0, "distill.hard_augment.enabled"),  # 2026-11-28: no penalty
+}
+
 
 def _flat(tree, prefix=""):
     if not isinstance(tree, dict):
@@ -734,6 +742,9 @@ def first_difference(saved: dict, config, run_dir: str | None = None) -> str | N
     before = _same_paths(_flat({k: v for k, v in saved.items() if not k.startswith("_")}))
     if run_dir is not None:
         _follow_moved_paths(before, now, saved.get("_run_dir"), os.path.abspath(run_dir))
+    for key, (value_then, switch) in ADDED_WITH_NEW_BEHAVIOUR.items():
+        if key not in before and before.get(switch):
+            before[key] = value_then
     unset = object()
     for key in sorted(set(now) | set(before)):
         if any(key == skip or key.startswith(skip + ".") for skip in NOT_COMPARED):
