@@ -318,6 +318,33 @@ def test_a_teacher_that_moved_along_with_its_study_is_no_config_difference():
     assert "teacher.checkpoint" in config_lib.first_difference(saved, config("/laptop/ckpt/teacher"), new_run)
 
 
+def test_a_teacher_still_where_it_was_did_not_move_along(tmp_path):
+    """Only a teacher that left its old place moved with the run: one still there is another teacher, and a run
+    that did not move did not take its teacher anywhere. Relative paths start where the run was started."""
+    def config(teacher):
+        return config_lib.from_dict({"task": "kd", "dataset": {"name": "digits"},
+                                     "teacher": {"name": "mlp", "checkpoint": teacher}})
+    old, new = tmp_path / "x", tmp_path / "y"
+    (old / "teacher").mkdir(parents=True)
+    (new / "teacher").mkdir(parents=True)
+    saved = json.loads(json.dumps(config_lib.to_plain(config(str(old / "teacher")))))
+    for recorded in (str(old / "kd"), None):
+        saved.pop("_run_dir", None)
+        if recorded:
+            saved["_run_dir"] = recorded
+        assert "teacher.checkpoint" in config_lib.first_difference(saved, config(str(new / "teacher")), str(new / "kd"))
+    (old / "teacher").rmdir()  # now it moved (to y, as the run did)
+    assert config_lib.first_difference(saved, config(str(new / "teacher")), str(new / "kd")) is None
+    saved["_run_dir"] = str(new / "kd")  # ... but not if the run itself is where it was
+    assert "teacher.checkpoint" in config_lib.first_difference(saved, config(str(new / "teacher")), str(new / "kd"))
+    # a relative teacher path is resolved from the directory the run was started in (`_cwd`), not today's
+    relative = json.loads(json.dumps(config_lib.to_plain(config("teacher"))))
+    relative.update(_run_dir=str(old / "kd"), _cwd=str(old))
+    assert config_lib.first_difference(relative, config(str(new / "teacher")), str(new / "kd")) is None
+    relative["_cwd"] = str(new)
+    assert config_lib.first_difference(relative, config(str(new / "teacher"))) is None
+
+
 def test_a_run_older_than_a_behaviour_changing_default_resumes_only_with_its_old_value():
     """HARD's `fraction` and `saturation_weight` (2026-11-28) changed what a HARD run trains: a HARD run saved
     before them lacks both keys and ran with all images warped and no penalty; other runs do not use them."""

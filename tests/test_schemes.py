@@ -324,14 +324,14 @@ def test_hard_augmentor_seeks_disagreement_and_the_student_learns_from_its_image
     # the saturation penalty (mean squared pre-tanh deviation) pulls the augmentor's warps back, nothing else
     saturation = grad_of("loss/hard_saturation")
     assert norm(saturation["augmentor"]) > 0 and norm(saturation["model"]) == 0
-    # the student sees round(fraction * B) of the batch warped (default fraction 0.5), the rest unchanged
-    for fraction in (0.5, 0.25, 1.0):
+    # the student sees fraction * B (rounded half up, at least one) of the batch warped, the rest unchanged
+    for fraction, count in ((0.5, 16), (0.25, 8), (1.0, 32), (0.01, 1), (0.2, 6)):
         task = Trainer(config_lib.from_dict(base(task="kd", teacher={**teacher, "checkpoint": teacher_dir}, distill={
             "hard_augment": {"enabled": True, "fraction": fraction}, "terms": ({"name": "kd"},)})),
             str(tmp_path / "kd")).task
         shown = jax.jit(task._hard_augment)(state["params"], state["model_state"], frozen, batch, rng)[0]["image"]
         changed = np.any(np.asarray(shown) != np.asarray(batch["image"]), axis=(1, 2, 3))
-        assert changed.sum() == round(fraction * len(changed)), (fraction, changed.sum())
+        assert len(changed) == 32 and changed.sum() == count, (fraction, changed.sum())
     step = jax.tree.map(lambda p, d: p - 1e-2 * d, state["params"]["augmentor"], g["augmentor"])  # SGD on the total
     before, after = out(state["params"])[1][1], out({**state["params"], "augmentor": step})[1][1]
     assert float(after["loss/hard_disagreement"]) > float(before["loss/hard_disagreement"])

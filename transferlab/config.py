@@ -739,7 +739,8 @@ def first_difference(saved: dict, config, run_dir: str | None = None) -> str | N
     With `run_dir` (where that run is now), a teacher or init checkpoint that moved along with the run is
     the same one: a study directory copied from a pod, or renamed, still resumes and reports."""
     now = _same_paths(_flat(json.loads(json.dumps(to_plain(config), default=str))))
-    before = _same_paths(_flat({k: v for k, v in saved.items() if not k.startswith("_")}))
+    saved_cwd = saved.get("_cwd") if isinstance(saved.get("_cwd"), str) else None  # (recorded since 2026-11-28)
+    before = _same_paths(_flat({k: v for k, v in saved.items() if not k.startswith("_")}), saved_cwd)
     if run_dir is not None:
         _follow_moved_paths(before, now, saved.get("_run_dir"), os.path.abspath(run_dir))
     for key, (value_then, switch) in ADDED_WITH_NEW_BEHAVIOUR.items():
@@ -762,11 +763,14 @@ _PATH_KEYS = ("teacher.checkpoint", "init_checkpoint")
 _NOT_PATHS = ("", "random", "self_ema")
 
 
-def _same_paths(flat: dict) -> dict:
-    """`flat` with run-directory values made absolute and normal ('runs/t/' and '/home/me/runs/t' from
-    /home/me are one teacher), also each extra teacher's `checkpoint`."""
+def _same_paths(flat: dict, cwd: str | None = None) -> dict:
+    """`flat` with run-directory values made absolute (relative ones from `cwd`, default the current
+    directory) and normal ('runs/t/' and '/home/me/runs/t' from /home/me are one teacher), also each extra
+    teacher's `checkpoint`."""
     def norm(path):
-        return os.path.abspath(path) if isinstance(path, str) and path not in _NOT_PATHS else path
+        if not isinstance(path, str) or path in _NOT_PATHS:
+            return path
+        return os.path.normpath(os.path.join(cwd, path)) if cwd else os.path.abspath(path)
     out = dict(flat)
     for key in _PATH_KEYS:
         if key in out:
@@ -779,11 +783,14 @@ def _same_paths(flat: dict) -> dict:
 
 def _moved_along(saved_path: str, now_path: str, saved_run_dir, run_dir: str) -> bool:
     """Whether `saved_path` (absolute, recorded by a run then in `saved_run_dir`) is `now_path` after the
-    run moved to `run_dir`: the same path relative to the run. Runs that did not record their directory
-    (before 2026-11-28) are taken to have moved with their whole study: `saved_path` ends with the part of
-    `now_path` below the closest directory it shares with `run_dir`."""
+    run moved to `run_dir`: the same path relative to the run, the run did move, and nothing is left at
+    `saved_path` (a teacher still there is another one than `now_path`'s). Runs that did not record their
+    directory (before 2026-11-28) are taken to have moved with their whole study: `saved_path` ends with
+    the part of `now_path` below the closest directory it shares with `run_dir`."""
     def depth(path):
         return len([p for p in path.split(os.sep) if p])
+    if os.path.exists(saved_path) or (isinstance(saved_run_dir, str) and saved_run_dir == run_dir):
+        return False
     relative = os.path.relpath(now_path, run_dir)
     parts = relative.split(os.sep)
     tail = [p for p in parts if p != os.pardir]

@@ -704,8 +704,9 @@ class KDTask:
         objective = hard.consistency_weight * consistency - disagreement + hard.saturation_weight * saturation
         metrics = {"loss/hard_disagreement": disagreement, "loss/hard_teacher_consistency": consistency,
                    "loss/hard_saturation": saturation}
-        # the student sees round(fraction * B) of the batch warped, the others as they came (which ones: random)
-        count = round(self.config.distill.hard_augment.fraction * images.shape[0])
+        # the student sees fraction * B (rounded half up, at least one) of the batch warped, the others as they
+        # came (which ones: random)
+        count = max(1, int(self.config.distill.hard_augment.fraction * images.shape[0] + 0.5))
         order = jax.random.uniform(jax.random.fold_in(rng, 104723), (images.shape[0],))
         chosen = jnp.argsort(jnp.argsort(order)) < count
         shown = jnp.where(chosen[:, None, None, None], jax.lax.stop_gradient(warped), images)
