@@ -226,7 +226,7 @@ class Trainer:
             note(message)
         self._clock = [time.time(), 0.0]  # this process's start, and the time earlier processes spent on the run
         self._plain_config = json.loads(json.dumps(config_lib.to_plain(config), default=str))  # saved in checkpoints
-        self._plain_config.update(_run_dir=os.path.abspath(workdir), _cwd=os.getcwd())  # (as config.json's)
+        self._plain_config.update(run_location(workdir))  # (as config.json's)
         # A loss's shape errors (taps it cannot compare) are found by tracing the step, before anything is
         # written to the workdir and before a teacher cache or class means (minutes of work) are computed.
         if getattr(self.task, "frozen_reads_data", False) or getattr(self.task, "terms", None):
@@ -476,7 +476,12 @@ def write_config(config, workdir: str) -> None:
                              "git_commit": provenance.git_commit(short=False),
                              "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
                              "processes": jax.process_count()}
-    # where the run was, and where its relative paths start: config.first_difference (a moved study)
-    resolved["_run_dir"], resolved["_cwd"] = os.path.abspath(workdir), os.getcwd()
+    resolved.update(run_location(workdir))
     files.write_json(os.path.join(workdir, "config.json"), resolved)
+
+
+def run_location(workdir: str) -> dict:
+    """Where a run is, and where its relative paths start, as its saved configs record them (config.json
+    and each checkpoint's copy): `config.first_difference` follows teachers that moved along with it."""
+    return {"_run_dir": os.path.abspath(workdir), "_cwd": os.getcwd()}
 

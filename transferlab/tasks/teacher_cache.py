@@ -209,8 +209,8 @@ def verify(table, model, variables, config, mesh, batch_size, tap="logits", taps
     views = _views(config)
     index, mask = np.asarray(first["index"]), np.asarray(first["mask"])
     diff = 0.0
+    forward = _teacher_forward(model, tuple(taps or (tap,)), views)
     for view in sorted({0, max(views[0] - 1, 0)}):  # the first and the last view
-        forward = _teacher_forward(model, tuple(taps or (tap,)), views)
         live = _host(forward(variables, batch["image"], batch["index"], view)[tap])
         cached = table[index[mask], view] if views[0] else table[index[mask]]
         if cached.shape != live[mask].shape:
