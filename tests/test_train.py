@@ -167,15 +167,11 @@ QUICK = os.path.join("experiments", "kd", "quickstart.py")
 
 
 def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
-    # On a GPU, XLA picks cuBLAS/cuDNN kernels by timing them at compile time, so two processes on a busy GPU
-    # can pick different ones (an H200 shared by 8 test workers: params 2e-4 apart; alone, bitwise). Autotuning
-    # is off there so that this tests the resume, not the kernel choice. The CPU's kernels are fixed.
-    fixed = {} if jax.default_backend() == "cpu" else {
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"}
+    # on a GPU, conftest fixes XLA's kernel choice (GPU_DETERMINISM): the processes inherit its XLA_FLAGS
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    assert cli(["--config", "tests/configs/tiny.py", "--workdir", straight, *TINY_CLI], fixed).returncode == 0
+    assert cli(["--config", "tests/configs/tiny.py", "--workdir", straight, *TINY_CLI]).returncode == 0
     killed = cli(["--config", "tests/configs/tiny.py", "--workdir", resumed, *TINY_CLI],
-                 env_extra={**fixed, "TRANSFERLAB_FAULT_KILL_AT_STEP": "13"})
+                 env_extra={"TRANSFERLAB_FAULT_KILL_AT_STEP": "13"})
     assert killed.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(resumed, "results.json"))
     config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"), TINY_CLI)
@@ -185,7 +181,7 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
     ckpt.close()
     assert set(data_state) == {"iterator", "elapsed_s", "config", "frozen_sources"} and data_state["elapsed_s"] > 0
     assert config_lib.first_difference(data_state["config"], config) is None
-    again = cli(["--config", "tests/configs/tiny.py", "--workdir", resumed, *TINY_CLI], fixed)
+    again = cli(["--config", "tests/configs/tiny.py", "--workdir", resumed, *TINY_CLI])
     assert again.returncode == 0, again.stderr
     # the wall time counts the killed process's time up to its checkpoint too
     assert json.load(open(os.path.join(resumed, "results.json")))["wall_time_s"] > data_state["elapsed_s"]

@@ -41,7 +41,8 @@ def mimalloc_path() -> str | None:
     return str(path) if os.path.exists(path) else None
 
 
-def _runs_on_cpu(environ) -> bool:
+def runs_on_cpu(environ) -> bool:
+    """Whether JAX will run on the CPU: `JAX_PLATFORMS` names it first, or no CUDA/ROCm/TPU plugin is installed."""
     platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
@@ -76,7 +77,7 @@ def preload_environment(environ=None) -> dict | None:
     """The environment to re-execute with (mimalloc preloaded), or None when nothing is to be done."""
     environ = dict(os.environ if environ is None else environ)
     if (not sys.platform.startswith("linux") or choice(environ) != "mimalloc" or preloaded(environ)
-            or not _runs_on_cpu(environ)):
+            or not runs_on_cpu(environ)):
         return None
     library = mimalloc_path()
     if library is None:
