@@ -208,6 +208,15 @@ def test_config_file_problems(tmp_path):
             config_lib.load(os.path.join(REPO, "experiments", "kd", "quickstart.py") + ":" + arg)
     with pytest.raises(ConfigError, match="config argument generations=0: expected an integer >= 1"):
         config_lib.load(os.path.join(REPO, "experiments", "kd", "born_again.py") + ":generations=0")
+    ignores = write_config(tmp_path, "def get_config(arg=None):\n    return {'total_steps': 300}\n", name="ign.py")
+    with pytest.raises(ConfigError, match="the argument 'steps=5' changes nothing .*parse_arg"):
+        config_lib.load(ignores + ":steps=5")  # (it trained all 300 steps, silently)
+    assert config_lib.load(ignores).total_steps == 300
+    own = write_config(tmp_path, "def get_config(arg=None):\n    return {'model': {'name': arg or 'mlp'}}\n",
+                       name="own.py")  # parses its argument itself
+    assert config_lib.load(own + ":lenet5").model.name == "lenet5"
+    needs = write_config(tmp_path, "def get_config(arg):\n    return {'total_steps': int(arg)}\n", name="needs.py")
+    assert config_lib.load(needs + ":300").total_steps == 300  # (without it, it fails: it reads it)
 
 
 def test_mesh_shape_parsing():

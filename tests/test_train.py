@@ -348,8 +348,14 @@ def test_a_single_run_and_a_study_do_not_share_a_workdir(tmp_path):
         with pytest.raises(UserError, match=f"lies inside {run_dir}/{inside.relative_to(run_dir).parts[0]}, which "
                                             f"the run in {run_dir} writes"):
             check_workdir(str(inside))
-    check_workdir(str(run_dir / "students" / "kd"))  # beside the run's own files: fine
-    check_workdir(str(study_dir / "teacher" / "seed_5"))  # a new seed of an arm is a run of its own
+    with pytest.raises(UserError, match=f"lies inside the run in {run_dir}; use a directory outside it"):
+        check_workdir(str(run_dir / "students" / "kd"))  # (moving or deleting that run would take this one along)
+    for stray in (study_dir / "teacher" / "seed_5", study_dir / "teacher" / "seed_0" / "sub"):
+        with pytest.raises(UserError, match="lies inside"):  # the study's report would count it as a seed
+            check_workdir(str(stray))
+    (study_dir / "teacher" / "seed_0" / "config.json").write_text('{"_versions": {}}')
+    check_workdir(str(study_dir / "teacher" / "seed_0"))  # an arm's own run, rerun by hand, is that run
+    check_workdir(str(study_dir / "student" / "seed_0"))  # a new arm of the study: its directory holds no run
     project = tmp_path / "project"  # another tool's config.json and checkpoints/: not a transferlab run
     (project / "checkpoints").mkdir(parents=True)
     (project / "config.json").write_text('{"lr": 1}')

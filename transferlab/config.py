@@ -202,8 +202,18 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     takes_arg = bool(inspect.signature(get_config).parameters)
     if arg and not takes_arg:
         raise ConfigError(f"--config {path}: get_config() takes no argument but ':{arg}' was given")
+    parsed_before = _PARSE_ARG_CALLS[0]
+    config = _call_get_config(get_config, spec, path, arg or None, takes_arg)
+    if arg and _PARSE_ARG_CALLS[0] == parsed_before and _ignores_its_arg(get_config, config):
+        raise ConfigError(f"--config {spec}: the argument {arg!r} changes nothing (get_config returns the same "
+                          "config without it; a config file reads its arguments with "
+                          "transferlab.config.parse_arg(arg, allowed=...))")
+    return config
+
+
+def _call_get_config(get_config, spec: str, path: str, arg, takes_arg: bool) -> ml_collections.ConfigDict:
     try:
-        config = get_config(arg or None) if takes_arg else get_config()
+        config = get_config(arg) if takes_arg else get_config()
     except ConfigError:
         raise
     except (Exception, SystemExit) as e:  # noqa: BLE001  (the user's code; sys.exit() in it too)
@@ -213,9 +223,23 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config) if isinstance(config, dict) else config
 
 
+def _ignores_its_arg(get_config, config) -> bool:
+    """A file that parses its argument itself (not through `parse_arg`) and gets the same config without it."""
+    try:
+        without = get_config(None)
+        return isinstance(without, (ml_collections.ConfigDict, dict)) and \
+            ml_collections.ConfigDict(without).to_dict() == config.to_dict()
+    except (Exception, SystemExit):  # noqa: BLE001  (it needs its argument: it reads it)
+        return False
+
+
+_PARSE_ARG_CALLS = [0]  # how often config files called parse_arg: a file that never does may ignore its argument
+
+
 def parse_arg(arg: str | None, allowed=None) -> dict:
     """'a=1,b=x' -> {'a': '1', 'b': 'x'} for config files' `get_config(arg)`; a key not in `allowed`
     (when given) is a ConfigError listing them."""
+    _PARSE_ARG_CALLS[0] += 1
     out = {}
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")

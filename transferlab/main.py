@@ -194,17 +194,22 @@ def check_workdir(workdir: str, study: bool = False) -> None:
     ancestor = os.path.dirname(path)
     while ancestor != os.path.dirname(ancestor):  # up to the root
         owned = os.path.relpath(path, ancestor).split(os.sep)[0]
-        if owned in RUN_OWNED_DIRS and _holds_a_run(ancestor):
-            raise UserError(f"--workdir {workdir!r}: lies inside {os.path.join(ancestor, owned)}, which the run in "
-                            f"{ancestor} writes; use a directory outside it")
+        if _holds_a_run(ancestor):
+            if owned in RUN_OWNED_DIRS:
+                raise UserError(f"--workdir {workdir!r}: lies inside {os.path.join(ancestor, owned)}, which the run "
+                                f"in {ancestor} writes; use a directory outside it")
+            raise UserError(f"--workdir {workdir!r}: lies inside the run in {ancestor}; use a directory outside it")
+        if _arm_runs(ancestor) and not _holds_a_run(path):  # (an arm's own run, rerun by hand, is that run)
+            raise UserError(f"--workdir {workdir!r}: lies inside {ancestor}, a study arm's directory (runs in it: "
+                            f"{', '.join(_arm_runs(ancestor)[:3])}); the study's report would count it as one of "
+                            "that arm's seeds: use a directory outside it")
         ancestor = os.path.dirname(ancestor)
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise UserError(f"--workdir {workdir!r}: exists and is not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"--workdir {workdir!r}: not writable")
-        seeds = sorted(os.path.basename(d) for d in glob.glob(os.path.join(glob.escape(path), "seed_*"))
-                       if any(os.path.exists(os.path.join(d, n)) for n in RUN_FILES))
+        seeds = _arm_runs(path)
         if seeds:
             raise UserError(f"--workdir {workdir!r}: is a study arm's directory (runs in it: {', '.join(seeds[:3])}"
                             f"{', ...' if len(seeds) > 3 else ''}); give the study's directory, or a new one")
@@ -224,6 +229,12 @@ def check_workdir(workdir: str, study: bool = False) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--workdir {workdir!r}: cannot be created ({parent!r} is not a writable directory)")
+
+
+def _arm_runs(directory: str) -> list[str]:
+    """The `seed_*` runs a study arm's directory holds (none: not an arm's directory)."""
+    return sorted(os.path.basename(d) for d in glob.glob(os.path.join(glob.escape(directory), "seed_*"))
+                  if any(os.path.exists(os.path.join(d, n)) for n in RUN_FILES))
 
 
 def _holds_a_run(directory: str) -> bool:
