@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from transferlab import checkpoint, config as config_lib, data, export
 from transferlab.tasks import common
@@ -116,3 +117,39 @@ def test_export_reads_the_checkpoints_config_when_config_json_is_damaged(tmp_pat
         f.write("[1, 2]")
     info = export.export(run, str(tmp_path / "out"))
     assert info["name"] == "mlp" and info["step"] == 4
+
+
+def test_a_dml_run_exports_any_of_its_students(tmp_path, data_dir):
+    from transferlab.errors import UserError
+    cfg = config_lib.from_dict({
+        "task": "dml", "dataset": {"name": "digits"}, "total_steps": 2, "batch_size": 32, "eval_batch_size": 64,
+        "log_every_steps": 2, "eval_every_steps": 0, "checkpoint_every_steps": 2,
+        "model": {"name": "mlp", "kwargs": {"hidden_sizes": (16,)}},
+        "dml": {"num_students": 3, "peers": ({"name": "mlp", "kwargs": {"hidden_sizes": (8, 8)}},)}})
+    run = str(tmp_path / "dml")
+    train_and_evaluate(cfg, run)
+    trainer = Trainer(cfg, run)
+    ckpt = checkpoint.Checkpointer(run, read_only=True)
+    state, _ = ckpt.restore(2, checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings))
+    ckpt.close()
+    for student, key, hidden in ((0, "model", [16]), (1, "peer1", [8, 8]), (2, "peer2", [16])):  # peer2: a copy
+        info = export.export(run, str(tmp_path / f"s{student}"), student=student)
+        assert info["student"] == key and info["kwargs"]["hidden_sizes"] == hidden
+        _, variables = export.load(str(tmp_path / f"s{student}"))
+        jax.tree.map(np.testing.assert_array_equal, variables["params"], jax.device_get(state["params"][key]))
+    with pytest.raises(UserError, match=r"--student 3: out of range .*its 3 DML students are 0-2"):
+        export.export(run, str(tmp_path / "s3"), student=3)
+    assert not (tmp_path / "s3").exists()
+    _, single = _fitnet_run(tmp_path)
+    with pytest.raises(UserError, match=r"--student 1: out of range .*a 'kd' run has one student, 0"):
+        export.export(single, str(tmp_path / "k1"), student=1)
+
+
+def test_exporting_a_study_names_its_runs(tmp_path):
+    from transferlab.errors import UserError
+    for arm in ("teacher", "student"):
+        (tmp_path / "study" / arm / "seed_0").mkdir(parents=True)
+        (tmp_path / "study" / arm / "seed_0" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"is a study's directory; export one of its runs \(student/seed_0, "
+                                        r"teacher/seed_0\)"):
+        export.export(str(tmp_path / "study"), str(tmp_path / "out"))

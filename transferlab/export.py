@@ -1,12 +1,13 @@
 """Export a finished run's deployable model: the student's params and BN statistics, nothing else.
 
-    python -m transferlab.export --workdir RUN --out DIR [--config FILE]
+    python -m transferlab.export --workdir RUN --out DIR [--config FILE] [--student K]
 
 Reads RUN/config.json (the resolved config every run writes) and the checkpoint the run's
 selection rule chose (`results.json`'s `selected_step`, else the latest), restores only
 `params['model']` and `model_state['model']` onto one device (whatever mesh the run trained
 on), and drops the rest: KD connectors, the SLA joint head, a self-distillation EMA teacher,
-optimizer state. Only the run's model and dataset sections are read and checked. Writes
+optimizer state. A DML run exports student 0 (`model`), or `--student K` (`dml.peers[K-1]`). Only the
+run's model (and a DML run's peers) and dataset sections are read and checked. Writes
 
     DIR/variables/   an Orbax checkpoint of the flax variables {'params': ..., 'batch_stats': ...}
     DIR/model.json   {name, kwargs, dtype, num_classes, image_shape, input (the normalization the
@@ -24,6 +25,7 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -32,18 +34,25 @@ MODEL_FILE = "model.json"
 VARIABLES_DIR = "variables"
 
 
-def export(run_dir: str, out_dir: str) -> dict:
+def export(run_dir: str, out_dir: str, student: int = 0) -> dict:
     """Writes the export of `run_dir` into `out_dir`; returns the model.json content. A failed export leaves
-    no `out_dir` it created."""
+    no `out_dir` it created. `student`: which of a DML run's students (0 = `model`, k = `dml.peers[k-1]`)."""
     from transferlab import checkpoint, files, models
     from transferlab.errors import UserError
 
     resolved = checkpoint.saved_config(run_dir)  # config.json, else (garbled) the checkpoint's own copy
     if resolved is None:
+        runs = sorted(os.path.relpath(os.path.dirname(p), run_dir)
+                      for p in glob.glob(os.path.join(glob.escape(run_dir), "*", "seed_*", "config.json")))
+        if runs:
+            more = f", ... ({len(runs)} in all)" if len(runs) > 3 else ""
+            raise UserError(f"--workdir {run_dir!r}: is a study's directory; export one of its runs "
+                            f"({', '.join(runs[:3])}{more})")
         raise UserError(f"--workdir {run_dir!r}: its config.json cannot be read (missing or damaged), and no "
                         "checkpoint holds a copy: not a transferlab run directory?")
     resolved = dict(resolved)
     versions = resolved.pop("_versions", {})
+    resolved["model"], param_key = _chosen_student(resolved, run_dir, student)
     name = (resolved.get("model") or {}).get("name")
     if name is not None and name not in models.names():
         raise UserError(f"--workdir {run_dir!r}: its model {name!r} is not a registered model; if the run's "
@@ -64,11 +73,33 @@ def export(run_dir: str, out_dir: str) -> dict:
     try:
         if not os.access(out_dir, os.W_OK):
             raise UserError(f"--out {out_dir!r}: not writable")
-        return _export_into(run_dir, out_dir, config, versions)
+        return _export_into(run_dir, out_dir, config, versions, param_key)
     except BaseException:
         if created:
             files.remove_if_nothing_written(created)
         raise
+
+
+def _chosen_student(resolved: dict, run_dir: str, student: int) -> tuple[dict, str]:
+    """(model section, params key) of student `student`: a DML run's `model` (0) or `dml.peers[k-1]` (k; a
+    peer the config does not list is a copy of `model`); any other run has one student, 0."""
+    from transferlab.errors import UserError
+
+    model = dict(resolved.get("model") or {})
+    dml = resolved.get("dml") or {}
+    peers = list(dml.get("peers") or ())
+    count = max(int(dml.get("num_students") or 0), 1 + len(peers)) if resolved.get("task") == "dml" else 1
+    if not 0 <= student < count:
+        what = f"its {count} DML students are 0-{count - 1}" if count > 1 else \
+            f"a {resolved.get('task', 'classify')!r} run has one student, 0 (--student picks a DML run's)"
+        raise UserError(f"--student {student}: out of range for --workdir {run_dir!r} ({what})")
+    if student == 0:
+        return model, "model"
+    if student <= len(peers):
+        peer = dict(peers[student - 1])
+        keep_kwargs = "name" not in peer  # (a peer naming no model is `model` with its own dtype/kwargs)
+        model = {**model, "kwargs": model.get("kwargs", {}) if keep_kwargs else {}, **peer}
+    return model, f"peer{student}"
 
 
 def _student_config(resolved: dict, run_dir: str):
@@ -87,7 +118,7 @@ def _student_config(resolved: dict, run_dir: str):
     return config
 
 
-def _export_into(run_dir: str, out_dir: str, config, versions: dict) -> dict:
+def _export_into(run_dir: str, out_dir: str, config, versions: dict, param_key: str = "model") -> dict:
     """Restores the student's variables onto this process's first device (whatever mesh the run trained on)
     and writes them with model.json."""
     import jax
@@ -105,18 +136,18 @@ def _export_into(run_dir: str, out_dir: str, config, versions: dict) -> dict:
     model = common.build_model(config.model, dataset.num_classes)
     images = jax.ShapeDtypeStruct((2, *dataset.image_shape), jnp.float32)
     params, state = jax.eval_shape(lambda x: common.init_model(model, jax.random.key(0), x), images)
-    target = {"params": {"model": params}, "model_state": {"model": state}}
+    target = {"params": {param_key: params}, "model_state": {param_key: state}}
     one_device = parallel.replicated(parallel.make_mesh("data=1", jax.local_devices()[:1]))
     target = checkpoint.abstract_with_shardings(target, jax.tree.map(lambda _: one_device, target))
     restored, step = checkpoint.restore_selected_subtree(run_dir, target, f"--workdir {run_dir!r}")
-    variables = {"params": restored["params"]["model"], **restored["model_state"]["model"]}
+    variables = {"params": restored["params"][param_key], **restored["model_state"][param_key]}
     info = {"name": config.model.name, "kwargs": config_lib.to_plain(config.model.kwargs),
             "dtype": config.model.dtype, "num_classes": dataset.num_classes,
             "image_shape": list(dataset.image_shape),
             "input": {"dataset": config.dataset.name, "mean": [float(m) for m in dataset.mean],
                       "std": [float(v) for v in dataset.std],
                       "normalization": "(uint8 pixels / 255 - mean) / std, per channel"},
-            "source_run": os.path.abspath(run_dir),
+            "source_run": os.path.abspath(run_dir), "student": param_key,
             "step": int(step), "git_commit": versions.get("git_commit", "unknown")}
     with ocp.StandardCheckpointer() as saver:
         saver.save(os.path.join(os.path.abspath(out_dir), VARIABLES_DIR), variables)
@@ -181,6 +212,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="new directory for the exported model")
     parser.add_argument("--config", default="", help="the run's config file, executed first for the models "
                         "it registers (only needed for a model of one's own)")
+    parser.add_argument("--student", type=int, default=0, help="a DML run's student to export: 0 (`model`, the "
+                        "default) or k (`dml.peers[k-1]`)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from transferlab.errors import UserError
     from transferlab.main import _quiet_library_warnings
@@ -189,7 +222,7 @@ def main(argv=None) -> int:
         if args.config:
             from transferlab import config as config_lib
             config_lib.load_file(args.config)  # (its registrations; the run's own config comes from RUN)
-        info = export(args.workdir, args.out)
+        info = export(args.workdir, args.out, args.student)
     except UserError as e:
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
         return 2
