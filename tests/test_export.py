@@ -137,6 +137,9 @@ def test_a_dml_run_exports_any_of_its_students(tmp_path, data_dir):
         assert info["student"] == key and info["kwargs"]["hidden_sizes"] == hidden
         _, variables = export.load(str(tmp_path / f"s{student}"))
         jax.tree.map(np.testing.assert_array_equal, variables["params"], jax.device_get(state["params"][key]))
+    # a DML init_checkpoint's mismatch names the saved student it compared with (it named student 0's model)
+    assert checkpoint._trained_as(run, "peer1") == "; that run's peer1 was mlp {'hidden_sizes': [8, 8]} on digits"
+    assert checkpoint._trained_as(run, "peer2") == "; that run's peer2 was mlp {'hidden_sizes': [16]} on digits"
     with pytest.raises(UserError, match=r"--student 3: out of range .*its 3 DML students are 0-2"):
         export.export(run, str(tmp_path / "s3"), student=3)
     assert not (tmp_path / "s3").exists()

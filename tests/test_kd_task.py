@@ -619,8 +619,9 @@ def test_a_teacher_checkpoint_of_another_architecture_is_one_line_naming_what_it
         trainer.task.load_frozen(trainer.mesh, trainer.abstract_images)
     message = str(e.value)
     assert message.startswith(f"teacher.checkpoint: checkpoint {teacher_dir}/checkpoints/30: its ")
-    assert message.endswith("do not match the configured model (different architecture or number of classes?); "
-                            "that run trained mlp {'hidden_sizes': [128]} on digits") and "\n" not in message
+    assert message.endswith("do not match the configured model (different architecture, number of classes or "
+                            "input size?); that run trained mlp {'hidden_sizes': [128]} on digits")
+    assert "\n" not in message
 
 
 def test_a_run_whose_teachers_read_the_data_traces_its_step_first(tmp_path, teacher_dir, monkeypatch):

@@ -62,7 +62,12 @@ def _ignore_closed_loop_callbacks() -> None:
 
 
 class ModelMismatch(UserError):
-    """A checkpoint's params or BN statistics have other shapes than the configured model's."""
+    """A checkpoint's params or BN statistics (`key`: 'model', 'peer1', ...) have other shapes than the
+    configured model's."""
+
+    def __init__(self, message: str, key: str = "model"):
+        super().__init__(message)
+        self.key = key
 
 
 def _unreadable_metrics(directory: str) -> str | None:
@@ -225,7 +230,7 @@ def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, e
         try:
             return ckpt.restore_subtree(step, abstract_subtree, optional, read), step
         except ModelMismatch as e:
-            raise error(f"{where}: {e}{_trained_as(workdir)}") from None
+            raise error(f"{where}: {e}{_trained_as(workdir, e.key)}") from None
         except UserError as e:
             raise error(f"{where}: {e}") from None
     finally:
@@ -253,14 +258,35 @@ def _runs_below(directory: str) -> str:
     return f"; runs under it: {', '.join(found[:4])}{more}"
 
 
-def _trained_as(run_dir: str) -> str:
-    """'; that run trained mlp {'hidden_sizes': [256]} on mnist5k' from its saved config ('' if unknown)."""
-    saved = saved_config(run_dir)
-    model, dataset = (saved or {}).get("model"), (saved or {}).get("dataset")
+def _trained_as(run_dir: str, key: str = "model") -> str:
+    """'; that run trained mlp {'hidden_sizes': [256]} on mnist5k' from its saved config ('' if unknown);
+    for `key` 'peer<k>', a DML run's student k ('; that run's peer1 was ...')."""
+    saved = saved_config(run_dir) or {}
+    dataset = saved.get("dataset")
+    try:
+        model = student_model(saved, key)
+    except (TypeError, ValueError, IndexError, AttributeError):
+        return ""
     if not isinstance(model, dict) or not isinstance(dataset, dict):
         return ""
     kwargs = f" {model['kwargs']}" if model.get("kwargs") else ""
-    return f"; that run trained {model.get('name')}{kwargs} on {dataset.get('name')}"
+    whose = "that run trained" if key == "model" else f"that run's {key} was"
+    return f"; {whose} {model.get('name')}{kwargs} on {dataset.get('name')}"
+
+
+def student_model(saved: dict, key: str = "model") -> dict:
+    """The model section of the student whose params are `params[key]` in a run started with `saved` (its
+    config.json): 'model', or a DML run's 'peer<k>' (`dml.peers[k-1]`; a peer the config does not list, or
+    one naming no model, is `model` with that peer's own dtype/kwargs)."""
+    model = dict(saved.get("model") or {})
+    if key == "model":
+        return model
+    k = int(key[len("peer"):])
+    peers = list((saved.get("dml") or {}).get("peers") or ())
+    if k > len(peers):
+        return model
+    peer = dict(peers[k - 1])
+    return {**model, "kwargs": {} if "name" in peer else model.get("kwargs", {}), **peer}
 
 
 def saved_config(run_dir: str) -> dict | None:
@@ -336,7 +362,7 @@ def _graft(target: dict, wanted: dict, where: str, depth: int = 2, path: str = "
         wanted_shapes = [(p, x.shape) for p, x in jax.tree_util.tree_flatten_with_path(value)[0]]
         if saved_shapes != wanted_shapes:
             raise ModelMismatch(f"{where}: its {path + key!r} do not match the configured model "
-                                f"(different architecture or number of classes?)")
+                                f"(different architecture, number of classes or input size?)", key)
         target[key] = value
 
 

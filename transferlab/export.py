@@ -85,7 +85,8 @@ def _chosen_student(resolved: dict, run_dir: str, student: int) -> tuple[dict, s
     peer the config does not list is a copy of `model`); any other run has one student, 0."""
     from transferlab.errors import UserError
 
-    model = dict(resolved.get("model") or {})
+    from transferlab import checkpoint
+
     dml = resolved.get("dml") or {}
     peers = list(dml.get("peers") or ())
     count = max(int(dml.get("num_students") or 0), 1 + len(peers)) if resolved.get("task") == "dml" else 1
@@ -93,13 +94,8 @@ def _chosen_student(resolved: dict, run_dir: str, student: int) -> tuple[dict, s
         what = f"its {count} DML students are 0-{count - 1}" if count > 1 else \
             f"a {resolved.get('task', 'classify')!r} run has one student, 0 (--student picks a DML run's)"
         raise UserError(f"--student {student}: out of range for --workdir {run_dir!r} ({what})")
-    if student == 0:
-        return model, "model"
-    if student <= len(peers):
-        peer = dict(peers[student - 1])
-        keep_kwargs = "name" not in peer  # (a peer naming no model is `model` with its own dtype/kwargs)
-        model = {**model, "kwargs": model.get("kwargs", {}) if keep_kwargs else {}, **peer}
-    return model, f"peer{student}"
+    key = "model" if student == 0 else f"peer{student}"
+    return checkpoint.student_model(resolved, key), key
 
 
 def _student_config(resolved: dict, run_dir: str):
