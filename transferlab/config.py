@@ -109,7 +109,8 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.init_checkpoint = ""  # workdir of a finished run whose params (and BN stats) initialize the model
     c.teacher = model_section("")  # kd: the frozen teacher architecture ('' = the student's, born-again)
-    c.teacher.checkpoint = ""  # kd: workdir of a trained run; its params are restored read-only
+    c.teacher.checkpoint = ""  # kd: workdir of a trained run, restored read-only; 'self_ema' (an EMA of the
+    #                            student, see distill.ema_decay); 'random' (untrained: smoke tests, benchmarks)
     c.extra_teachers = ()  # kd, multi-teacher: ({'name', 'checkpoint', 'kwargs', 'dtype'}, ...)
 
     c.distill = ml_collections.ConfigDict({
