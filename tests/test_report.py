@@ -132,3 +132,30 @@ def test_a_study_table_covers_its_own_seeds_and_never_mixes_recipes(tmp_path, ca
     os.remove(os.path.join(workdir, "results.json"))  # no study report: every seed, and the two recipes refused
     assert report.main([workdir]) == 2
     assert "trained differently" in capsys.readouterr().err
+
+
+def test_an_interrupted_study_is_reported_from_its_plan(tmp_path, capsys):
+    """Stopped in its second arm: the report keeps the heading and arm order the study wrote before its first
+    run, and lists the arms and seeds that have not run (it dropped the heading, sorted the arms by name and
+    left the unstarted arm out)."""
+    workdir = str(tmp_path)
+    report.write_study_plan(workdir, {"teacher": [0], "scratch": [0, 1], "kd": [0, 1]}, title="T",
+                            description="D", command="C")
+    _run(workdir, "teacher", 0, 0.99)
+    _run(workdir, "scratch", 0, 0.90)
+    os.makedirs(os.path.join(workdir, "scratch", "seed_1", "checkpoints"))  # stopped here
+    _run(workdir, "stray", 0, 0.5)  # not one of the study's arms
+    assert report.main([workdir]) == 0
+    with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert text.startswith("# T\n\nD\n\nCommand: `C`\n\n")
+    assert text.index("| teacher |") < text.index("| scratch |") < text.index("| kd |") and "stray" not in text
+    assert "| scratch | mlp | 90.00 | 89.00 | 1 of 2 (seed_1 unfinished) |" in text
+    assert "| kd | — | — | — | 0 of 2 (seed_0, seed_1 unfinished) | — | — | 0.0 |" in text
+    with open(os.path.join(workdir, report.PLAN_FILE), "w", encoding="utf-8") as f:
+        f.write('{"arms": [{"name": 3')  # damaged: the report falls back to what it finds
+    assert report.main([workdir]) == 0
+    empty = tmp_path / "empty"
+    report.write_study_plan(str(empty), {"teacher": [0]})
+    assert report.main([str(empty)]) == 2
+    assert "none of the study's runs has finished yet" in capsys.readouterr().err

@@ -581,7 +581,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check_sections_used(config)
     # (and the names that mark a single run's workdir, which the CLI refuses to run a study in)
     _check_study(config.study, reserved={"results.json", "results.md", config.xla_cache_dir, "checkpoints",
-                                         "config.json"})
+                                         "config.json", "study.json"})
 
 
 def _check_seeds(where: str, seeds) -> None:

@@ -42,10 +42,11 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str))
 
 
-def remove_if_nothing_written(directory: str) -> None:
-    """Removes a directory this process created if no file lies under it: bad input found once a command
-    has started (a checkpoint of another model, a metric the task does not report) leaves nothing behind."""
-    for _, _, names in os.walk(directory):
-        if names:
+def remove_if_nothing_written(directory: str, bookkeeping=()) -> None:
+    """Removes a directory this process created if no file lies under it (but the `bookkeeping` files at its
+    top, e.g. a study's plan): bad input found once a command has started (a checkpoint of another model, a
+    metric the task does not report) leaves nothing behind."""
+    for root, _, names in os.walk(directory):
+        if set(names) - (set(bookkeeping) if root == directory else set()):
             return
     shutil.rmtree(directory, ignore_errors=True)

@@ -126,7 +126,8 @@ def _run(args, overrides, argv) -> int:
     except UserError as e:
         _silence_unraisable()
         if created:
-            files.remove_if_nothing_written(args.workdir)
+            from transferlab.report import PLAN_FILE
+            files.remove_if_nothing_written(args.workdir, bookkeeping=(PLAN_FILE,))
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except NonFiniteLoss as e:

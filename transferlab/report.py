@@ -79,14 +79,20 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def unfinished_seeds(directory: str, seeds=None) -> list[str]:
-    """The seed_* run directories of an arm without results.json (killed or still running)."""
-    return [os.path.basename(d) for d in _seed_dirs(directory, seeds)
-            if not os.path.exists(os.path.join(d, "results.json"))]
+    """The arm's runs without results.json (killed, still running or, with `seeds`, not yet started)."""
+    dirs = _seed_dirs(directory) if seeds is None else [os.path.join(directory, f"seed_{s}") for s in sorted(seeds)]
+    return [os.path.basename(d) for d in dirs if not os.path.exists(os.path.join(d, "results.json"))]
 
 
 def summarize(arm: str, results: list[dict], unfinished=()) -> dict:
     """One table row; the test columns are None when a run has no test split (`dataset.test_split=''`).
-    `unfinished`: the arm's seed directories without results, named in the seeds column."""
+    `unfinished`: the arm's seed directories without results, named in the seeds column (an arm of a
+    study's plan with no finished run yet: a row of dashes, '0 of N')."""
+    if not results:
+        return {"arm": arm, "model": "—", "task": None, "dataset": None, "seeds": [],
+                "test_accuracy_mean": None, "test_accuracy_std": None, "validation_accuracy_mean": None,
+                "validation_accuracy_std": None, "selection": "—", "steps": "—", "wall_time_s_total": 0.0,
+                "unfinished": list(unfinished)}
     test = [r["test"].get("accuracy") for r in results]
     val = [r["validation"]["accuracy"] for r in results]
     test_mean, test_std = mean_std(test) if None not in test else (None, None)
@@ -149,9 +155,9 @@ def write_study_report(workdir: str, arms, title: str = "", description: str = "
     """
     arms = list(dict.fromkeys(arms))
     seeds = seeds or {}
-    results = {arm: res for arm in arms if (res := load_results(os.path.join(workdir, arm), seeds.get(arm)))}
+    results = {arm: load_results(os.path.join(workdir, arm), seeds.get(arm)) for arm in arms}
     rows = [summarize(arm, res, unfinished_seeds(os.path.join(workdir, arm), seeds.get(arm)))
-            for arm, res in results.items()]
+            for arm, res in results.items() if res or seeds.get(arm)]
     table = markdown_table(rows)
     note = ("std is the sample standard deviation over seeds; test accuracy is measured once per run on the "
             "test split, which is never used for model selection; wall time is summed over seeds and includes "
@@ -164,6 +170,33 @@ def write_study_report(workdir: str, arms, title: str = "", description: str = "
                      header(title, description, command) + table + "\n\n" + note + "\n\n" + environment + "\n")
     print("\n" + table + "\n\n" + note + "\n" + environment, flush=True)
     return summary
+
+
+PLAN_FILE = "study.json"  # what a study writes before its first run: its arms and seeds in order, its heading
+
+
+def write_study_plan(workdir: str, seeds: dict, title: str = "", description: str = "", command: str = "") -> None:
+    """Records the study about to run ({arm or ensemble: seeds}, in order), so that `python -m
+    transferlab.report` on an interrupted study keeps its heading and arm order and lists the arms and seeds
+    that have not run yet."""
+    os.makedirs(workdir, exist_ok=True)
+    files.write_json(os.path.join(workdir, PLAN_FILE), {
+        "title": title, "description": description, "command": command,
+        "arms": [{"name": arm, "seeds": [int(s) for s in arm_seeds]} for arm, arm_seeds in seeds.items()]})
+
+
+def _study_plan(workdir: str) -> dict | None:
+    """{'seeds': {arm: seeds}, 'title', 'description', 'command'} from the study's plan file; None if it has
+    none (a study older than it) or it is damaged (the report then falls back to what it finds)."""
+    path = os.path.join(workdir, PLAN_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        plan = read_json(path)
+        seeds = {str(a["name"]): [int(s) for s in a["seeds"]] for a in plan["arms"]}
+    except (UserError, KeyError, TypeError, ValueError):
+        return None
+    return {"seeds": seeds, **{k: str(plan.get(k) or "") for k in ("title", "description", "command")}}
 
 
 def _study_seeds(rows) -> dict:
@@ -187,17 +220,25 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.workdir):
         parser.error(f"{args.workdir}: no such directory")
     try:
-        previous = {}  # the study's own report: keep its arm order, seeds, heading, description and command
-        if os.path.isfile(os.path.join(args.workdir, "results.json")):
-            previous = read_json(os.path.join(args.workdir, "results.json"))
-        rows = previous.get("arms") if isinstance(previous.get("arms"), list) else []
-        seeds = _study_seeds(rows)
-        arms = sorted(d for d in os.listdir(args.workdir)
-                      if load_results(os.path.join(args.workdir, d), seeds.get(d)))
-        if not arms:
-            raise UserError(f"{args.workdir}: no */seed_*/results.json under it")
-        order = [row.get("arm") for row in rows if isinstance(row, dict)]
-        arms = [a for a in order if a in arms] + [a for a in arms if a not in order]
+        plan = _study_plan(args.workdir)
+        if plan:  # the study's own arms, seeds (finished or not), order, heading, description and command
+            seeds = plan["seeds"]
+            arms = list(seeds)
+            if not any(load_results(os.path.join(args.workdir, a), seeds[a]) for a in arms):
+                raise UserError(f"{args.workdir}: none of the study's runs has finished yet")
+            previous = plan
+        else:  # a study older than its plan file: its last report, else every */seed_*
+            previous = {}
+            if os.path.isfile(os.path.join(args.workdir, "results.json")):
+                previous = read_json(os.path.join(args.workdir, "results.json"))
+            rows = previous.get("arms") if isinstance(previous.get("arms"), list) else []
+            seeds = _study_seeds(rows)
+            arms = sorted(d for d in os.listdir(args.workdir)
+                          if load_results(os.path.join(args.workdir, d), seeds.get(d)))
+            if not arms:
+                raise UserError(f"{args.workdir}: no */seed_*/results.json under it")
+            order = [row.get("arm") for row in rows if isinstance(row, dict)]
+            arms = [a for a in order if a in arms] + [a for a in arms if a not in order]
         write_study_report(args.workdir, arms, seeds=seeds,
                            **{k: str(previous.get(k) or "") for k in ("title", "description", "command")})
     except UserError as e:

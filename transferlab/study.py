@@ -177,6 +177,15 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
     check_run_inputs(config, runs, workdir)
     if check_fn is not None:
         check_arms(config, runs, workdir, check_fn)
+    import jax
+    if jax.process_index() == 0:  # (process 0 writes the study's files)
+        planned = {}
+        for arm, seed, _ in runs:
+            planned.setdefault(arm, []).append(seed)
+        for ens in config.study.ensembles:
+            planned[ens["name"]] = sorted(_ensemble_members(ens, runs, workdir))
+        report.write_study_plan(workdir, planned, title=config.study.title, description=config.study.description,
+                                command=command)
     for arm, seed, run_config in runs:
         run_dir = os.path.join(workdir, arm, f"seed_{seed}")
         if os.path.exists(os.path.join(run_dir, "results.json")):
@@ -196,7 +205,6 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
             return {"preempted_at_step": None, "signal": stop.name, "before": f"ensemble {ens['name']}"}
         _run_ensemble(ens, runs, workdir)
         seeds[ens["name"]] = sorted(_ensemble_members(ens, runs, workdir))
-    import jax
     if jax.process_index() != 0:  # process 0 writes the study's report (two writers raced on results.json)
         return {}
     return report.write_study_report(workdir, list(seeds), title=config.study.title,
