@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import textwrap
 
 import ml_collections
@@ -96,6 +97,8 @@ def test_overrides_are_typed(tmp_path):
     ("c.study = {'arms': ({'name': 'a', 'overrides': {'seed': 7}},)}", "overrides 'seed', which the study sets"),
     ("c.study = {'arms': ({'name': 'a', 'overrides': {'study.arms': ()}},)}", "an arm's run is not a study"),
     ("c.study = {'arms': ({'name': 'results.json'},)}", "taken by the study's own files"),
+    ("c.study = {'arms': ({'name': 'study.json'},)}", "taken by the study's own files"),
+    ("c.study = {'arms': ({'name': 'a', 'overrides': {1: 2}},)}", "override key 1: expected a dotted config key"),
     ("c.study = {'arms': ({'name': 'a'},), 'ensembles': ({'name': '..', 'arms': ('a',)},)}",
      "study.ensembles[0]: name '..' must be a plain directory name"),
     ("c.study = {'arms': ({'name': 'a'},), 'ensembles': ({'name': '../x', 'arms': ('a',)},)}", "plain directory"),
@@ -208,6 +211,14 @@ def test_config_file_problems(tmp_path):
             config_lib.load(os.path.join(REPO, "experiments", "kd", "quickstart.py") + ":" + arg)
     with pytest.raises(ConfigError, match="config argument generations=0: expected an integer >= 1"):
         config_lib.load(os.path.join(REPO, "experiments", "kd", "born_again.py") + ":generations=0")
+    text = tmp_path / "tiny.txt"  # any file name (a spec loader refused what does not end in .py: a traceback)
+    text.write_text("def get_config(arg=None):\n    return {'total_steps': 7}\n")
+    assert config_lib.load(str(text)).total_steps == 7
+    for body, key in (("{'optimizer.learning_rate': 0.1}", "'optimizer.learning_rate'"), ("{5: 1}", "5"),
+                      ("{'optimizer': {'': 1}}", "optimizer.''")):
+        with pytest.raises(ConfigError, match=f"key {re.escape(key)} of the returned dict: keys are non-empty"):
+            config_lib.load(write_config(tmp_path, f"def get_config(arg=None):\n    return {body}\n",
+                                         name="keys.py"))
     ignores = write_config(tmp_path, "def get_config(arg=None):\n    return {'total_steps': 300}\n", name="ign.py")
     with pytest.raises(ConfigError, match="the argument 'steps=5' changes nothing .*parse_arg"):
         config_lib.load(ignores + ":steps=5")  # (it trained all 300 steps, silently)
@@ -241,6 +252,7 @@ def test_every_experiment_config_validates():
     ("distill.trilateral_outer=validation", "'distill.trilateral_outer': 'validation' is not one of held_out_half"),
     ("distill.hard_augment.scale=-1.0", "'distill.hard_augment.scale' must be > 0"),
     ("distill.hard_augment.hidden=0", "'distill.hard_augment.hidden' must be > 0"),
+    ("optimizer.learning_rate=1e39", "'optimizer.learning_rate': 1e\\+39 is beyond float32's range"),
     ("distill.hard_augment.fraction=0.0", "'distill.hard_augment.fraction' must be in \\(0, 1\\], got 0.0"),
     ("distill.hard_augment.fraction=1.5", "'distill.hard_augment.fraction' must be in \\(0, 1\\], got 1.5"),
     ("distill.hard_augment.saturation_weight=-0.1", "'distill.hard_augment.saturation_weight' must be >= 0"),

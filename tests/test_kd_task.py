@@ -221,6 +221,7 @@ def test_a_bug_inside_a_loss_is_not_blamed_on_the_taps(tmp_path, teacher_dir):
     ({"name": "dist", "tau": 0.0}, r"hparam 'tau': got 0.0; expected a number > 0"),
     ({"name": "rkd", "student_tap": "features", "teacher_tap": "features", "w_dist": float("inf")},
      r"'distill.terms\[0\].w_dist': expected a finite number, got inf"),
+    ({"name": "kd", "temperature": 1e39}, r"'distill.terms\[0\].temperature': 1e\+39 is beyond float32's range"),
     ({"name": "fitnet", "student_tap": ("stage1", "stage2"), "teacher_tap": ("stage1", "stage2")},
      r"terms\[0\]\.student_tap: loss 'fitnet' compares one tap, got \['stage1', 'stage2'\]"),
     ({"name": "fitnet", "connector": "mlp"}, r"terms\[0\]\.connector: unknown connector 'mlp'"),

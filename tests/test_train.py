@@ -415,6 +415,8 @@ def test_unreadable_checkpoint_is_a_clear_error_naming_the_earlier_one(tmp_path,
             ("8/metrics/metrics", "garbage", "cannot be read (JSONDecodeError: Expecting value: line 1 column 1 "
                                              "(char 0)); " + os.path.join(workdir, "checkpoints", "8", "metrics",
                                                                           "metrics") + " is damaged"),
+            ("8/metrics/metrics", '{"selection_metric": "abc"}', "metrics/metrics: its selection_metric is not a "
+                                                                   "number); move that step's directory"),
             ("24/data/metadata", '{"iterator": {}, "elapsed_s": 1.0}', "checkpoints/24: its data-iterator state is "
                                                                        "damaged")):
         path = os.path.join(workdir, "checkpoints", relative)
@@ -426,6 +428,18 @@ def test_unreadable_checkpoint_is_a_clear_error_naming_the_earlier_one(tmp_path,
         assert message in proc.stderr, proc.stderr
         with open(path, "w") as f:
             f.write(saved)
+    path = os.path.join(workdir, "checkpoints", "24", "data", "metadata")
+    saved = open(path).read()
+    for key, value in (("elapsed_s", "abc"), ("elapsed_s", None), ("next_index", -5)):  # (tracebacks before)
+        damaged = json.loads(saved)
+        (damaged if key == "elapsed_s" else damaged["iterator"])[key] = value
+        with open(path, "w") as f:
+            json.dump(damaged, f)
+        proc = cli(args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "checkpoints/24: its data-iterator state is damaged" in proc.stderr, proc.stderr
+    with open(path, "w") as f:
+        f.write(saved)
     # A step directory copied by hand under another step's name: the state inside says which step it is.
     shutil.copytree(os.path.join(workdir, "checkpoints", "16"), os.path.join(workdir, "checkpoints", "30"))
     proc = cli(args)
@@ -436,6 +450,22 @@ def test_unreadable_checkpoint_is_a_clear_error_naming_the_earlier_one(tmp_path,
     assert cli(args).returncode == 0
     finals = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if any(k.startswith("final/") for k in r)]
     assert len(finals) == 1, finals
+
+
+def test_a_results_file_of_the_wrong_shape_is_evaluated_again(tmp_path, data_dir):
+    """Valid JSON that lacks what the summary line reads (tracebacks before, from the CLI's print)."""
+    workdir = str(tmp_path / "run")
+    args = ["--config", "tests/configs/tiny.py", "--workdir", workdir, *TINY_CLI]
+    assert cli(args).returncode == 0
+    path = os.path.join(workdir, "results.json")
+    good = json.load(open(path))
+    for damaged in ({"test": {"accuracy": 0.5}}, {"test": 5},
+                    {**good, "test": {"accuracy": "x"}}, {**good, "selected_step": "24"}):
+        with open(path, "w") as f:
+            json.dump(damaged, f)
+        proc = cli(args)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert json.load(open(path))["test"] == good["test"]
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path, data_dir):

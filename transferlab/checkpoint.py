@@ -71,14 +71,17 @@ class ModelMismatch(UserError):
 
 
 def _unreadable_metrics(directory: str) -> str | None:
-    """The first step's `metrics/metrics` file under `directory` that is not a JSON object (Orbax reads
-    them all when it opens the directory), or None."""
+    """The first step's `metrics/metrics` file under `directory` that is not a JSON object whose
+    `selection_metric`, if any, is a number (Orbax reads them all when it opens the directory, and ranks the
+    steps by that score at each save), or None."""
     for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*", "metrics", "metrics"))):
         try:
             with open(path, encoding="utf-8") as f:
-                if not isinstance(json.load(f), dict):
-                    return path
+                metrics = json.load(f)
         except (OSError, ValueError):
+            return path
+        score = metrics.get("selection_metric", 0.0) if isinstance(metrics, dict) else None
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
             return path
     return None
 
@@ -106,6 +109,12 @@ class Checkpointer:
                      " away" if damaged else "a step's metadata is damaged: move that step's directory away")
             raise UserError(f"checkpoints in {self.directory} cannot be read ({first_line(e, innermost=True)}); "
                             f"{which}") from None
+        damaged = _unreadable_metrics(self.directory)  # JSON, but a score Orbax fails on at the next save
+        if damaged:
+            self.manager.close()
+            raise UserError(f"checkpoints in {self.directory} cannot be read ({damaged}: its selection_metric is "
+                            f"not a number); move that step's directory "
+                            f"({os.path.dirname(os.path.dirname(damaged))}) away")
         _ignore_closed_loop_callbacks()  # before anything is read (metadata reads fail the same way)
 
     def latest_step(self) -> int | None:

@@ -10,6 +10,7 @@ config; every failure is a `ConfigError` naming the key and what was expected.
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import inspect
 import json
@@ -191,7 +192,8 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
             path, arg = spec, ""
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r} (FILE or FILE:ARG)")
-    module_spec = importlib.util.spec_from_file_location("_transferlab_config", path)
+    loader = importlib.machinery.SourceFileLoader("_transferlab_config", path)  # (any file name: a .txt too)
+    module_spec = importlib.util.spec_from_file_location("_transferlab_config", path, loader=loader)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
@@ -221,7 +223,20 @@ def _call_get_config(get_config, spec: str, path: str, arg, takes_arg: bool) -> 
         raise ConfigError(f"--config {spec}: get_config failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f"--config {path}: get_config must return a ConfigDict, got {type(config).__name__}")
-    return ml_collections.ConfigDict(config) if isinstance(config, dict) else config
+    if isinstance(config, dict):
+        _check_plain_keys(config, path)
+        return ml_collections.ConfigDict(config)
+    return config
+
+
+def _check_plain_keys(tree: dict, path: str, where: str = "") -> None:
+    """A dict from get_config becomes a ConfigDict: its keys must be strings without dots."""
+    for key, value in tree.items():
+        if not isinstance(key, str) or "." in key or not key:
+            raise ConfigError(f"--config {path}: key {where}{key!r} of the returned dict: keys are non-empty "
+                              "strings without dots (nest a dict for a section: {'optimizer': {'learning_rate': ..}})")
+        if isinstance(value, dict):
+            _check_plain_keys(value, path, f"{where}{key}.")
 
 
 def _ignores_its_arg(get_config, config) -> bool:
@@ -332,6 +347,8 @@ def parse_override(text: str) -> tuple[str, str]:
 
 def apply_override(config: ml_collections.ConfigDict, key: str, raw) -> None:
     """Sets dotted `key` from a command-line string (or a Python value)."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"override key {key!r}: expected a dotted config key such as 'optimizer.learning_rate'")
     parts = key.split(".")
     node = config
     for i, part in enumerate(parts[:-1]):
@@ -619,6 +636,9 @@ def _check_study(study, reserved: set) -> None:
         if not isinstance(overrides, dict):
             raise ConfigError(f"study.arms[{i}] ({name}): overrides must be a dict of dotted keys, got {overrides!r}")
         for key in overrides:
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"study.arms[{i}] ({name}): override key {key!r}: expected a dotted config key "
+                                  "such as 'optimizer.learning_rate'")
             if key == "seed":
                 raise ConfigError(f"study.arms[{i}] ({name}): overrides 'seed', which the study sets for each of its "
                                   "runs; give the arm 'seeds' instead")
@@ -659,6 +679,9 @@ def _check_sections_used(config) -> None:
                                   "name, kwargs and dtype; unset it")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _check_finite(tree, path: str = "") -> None:
     """Every float in the config (hparams of terms included) must be finite."""
     if isinstance(tree, dict):
@@ -669,6 +692,8 @@ def _check_finite(tree, path: str = "") -> None:
             _check_finite(value, f"{path}[{i}]")
     elif isinstance(tree, float) and not math.isfinite(tree):
         raise ConfigError(f"config key {path!r}: expected a finite number, got {tree}")
+    elif isinstance(tree, float) and abs(tree) > FLOAT32_MAX:  # (the train step computes in float32: inf)
+        raise ConfigError(f"config key {path!r}: {tree} is beyond float32's range (±{FLOAT32_MAX:.4g})")
 
 
 def check_schedule(where: str, section, total_steps: int) -> None:

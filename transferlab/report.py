@@ -35,7 +35,7 @@ RESULT_FIELDS = {("model",): str, ("task",): str, ("dataset",): str, ("selection
 RECIPE_FIELDS = ("model", "task", "dataset", "selection", "total_steps")
 
 
-def _check_results(path: str, results: dict) -> dict:
+def check_results(path: str, results: dict) -> dict:
     """`results` if it holds what the table reads (a test accuracy is optional: no test split), else a
     one-line UserError naming the file and the key."""
     fields = dict(RESULT_FIELDS)
@@ -60,7 +60,7 @@ def _seed_dirs(directory: str, seeds=None) -> list[str]:
 def load_results(directory: str, seeds=None) -> list[dict]:
     """The results.json of each of the arm's runs (`seeds`: only those); a UserError when they were trained
     differently (one row averages the seeds of one recipe)."""
-    results = [_check_results(path, read_json(path)) for d in _seed_dirs(directory, seeds)
+    results = [check_results(path, read_json(path)) for d in _seed_dirs(directory, seeds)
                if os.path.exists(path := os.path.join(d, "results.json"))]
     for other in results[1:]:
         for key in RECIPE_FIELDS:

@@ -257,12 +257,12 @@ class Trainer:
                     raise UserError(f"checkpoint {ckpt.directory}/{latest} holds the state of step "
                                     f"{int(state['step'])}; move that directory away to resume from an earlier one")
                 self._check_frozen_sources(workdir, data_state)
-                if isinstance(data_state, dict) and {"iterator", "elapsed_s"} <= set(data_state):
-                    self._clock[1] = float(data_state["elapsed_s"])
-                    data_state = data_state["iterator"]  # (checkpoints before 2026-11-27: the iterator alone)
                 try:
+                    if isinstance(data_state, dict) and {"iterator", "elapsed_s"} <= set(data_state):
+                        self._clock[1] = float(data_state["elapsed_s"])
+                        data_state = data_state["iterator"]  # (checkpoints before 2026-11-27: the iterator alone)
                     train_iter.set_state(data_state)
-                except (KeyError, TypeError, ValueError) as e:
+                except (KeyError, TypeError, ValueError, IndexError) as e:
                     raise UserError(f"checkpoint {ckpt.directory}/{latest}: its data-iterator state is damaged "
                                     f"({type(e).__name__}: {e}); move that step's directory away to resume from "
                                     "an earlier one") from None
@@ -319,7 +319,12 @@ class Trainer:
                 results = json.load(f)
         except (OSError, ValueError):
             return None  # unreadable: evaluate again and rewrite it
-        return results if isinstance(results, dict) and "test" in results else None
+        from transferlab import report
+        try:  # (and so is one that lacks what the summary line and the study's table read)
+            report.check_results(path, results if isinstance(results, dict) else {})
+        except UserError:
+            return None
+        return results if isinstance(results.get("selected_step"), int) else None
 
     def _model_names(self) -> list:
         return list(getattr(self.task, "names", ["model"]))  # DML: ['model', 'peer1', ...]
