@@ -270,6 +270,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
         ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "h"),
          "--config.selection_metric=teacher_agreement", "--config.eval_every_steps=0"],
         ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "i"), "--config.dataset.name=digits:9.9.9"],
+        # its parents were left behind (created before the over-long name failed)
+        ["--config", "tests/configs/tiny.py", "--workdir", str(tmp_path / "j" / "k" / ("z" * 300) / "run")],
     ]
     (tmp_path / "file").write_text("not a directory")
     (tmp_path / "g").mkdir()
@@ -288,6 +290,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data_dir):
     assert "checkpoints is not a writable directory" in errors[8]
     assert "'selection_metric': 'teacher_agreement' is not an eval metric of task 'classify'" in errors[9]
     assert "'dataset.name': 'digits:9.9.9'" in errors[10]
+    assert "cannot create it" in errors[11]
     # no empty run is left behind in a workdir the failed command created; one that existed is kept
     assert sorted(os.listdir(tmp_path)) == ["file", "g"] and (tmp_path / "g" / "checkpoints").read_text() == "x"
 

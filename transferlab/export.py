@@ -62,10 +62,7 @@ def export(run_dir: str, out_dir: str, student: int = 0) -> dict:
         raise UserError(f"--out {out_dir!r} exists and is not a directory; choose a new directory")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise UserError(f"--out {out_dir!r} exists and is not empty; choose a new directory")
-    created = os.path.abspath(out_dir)  # the outermost directory this export creates (removed if it fails)
-    while not os.path.exists(os.path.dirname(created)):
-        created = os.path.dirname(created)
-    created = None if os.path.exists(created) else created
+    created = files.outermost_missing(out_dir)  # (removed again if the export fails)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:

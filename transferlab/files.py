@@ -42,11 +42,23 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str))
 
 
+def outermost_missing(path: str) -> str | None:
+    """The outermost directory that creating `path` would create (`path` itself, or the first of its missing
+    parents), or None if `path` exists: what to remove again when a command fails before writing anything."""
+    created = os.path.abspath(path)
+    if os.path.lexists(created):
+        return None
+    while not os.path.lexists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    return created
+
+
 def remove_if_nothing_written(directory: str, bookkeeping=()) -> None:
-    """Removes a directory this process created if no file lies under it (but the `bookkeeping` files at its
-    top, e.g. a study's plan): bad input found once a command has started (a checkpoint of another model, a
+    """Removes a directory this process created if no file lies under it but the `bookkeeping` files (paths,
+    e.g. a study's plan): bad input found once a command has started (a checkpoint of another model, a
     metric the task does not report) leaves nothing behind."""
+    ignored = {os.path.abspath(p) for p in bookkeeping}
     for root, _, names in os.walk(directory):
-        if set(names) - (set(bookkeeping) if root == directory else set()):
+        if {os.path.abspath(os.path.join(root, n)) for n in names} - ignored:
             return
     shutil.rmtree(directory, ignore_errors=True)

@@ -94,7 +94,7 @@ def _run(args, overrides, argv) -> int:
     provenance.git_commit()  # the commit of the code this process imported (read once, see provenance)
     from transferlab.errors import NonFiniteLoss, UserError
 
-    created = not os.path.lexists(args.workdir)
+    created = files.outermost_missing(args.workdir)  # (removed again if the command fails writing nothing)
     try:
         config = config_lib.load(args.config, overrides)
         check_workdir(args.workdir, study=bool(config.study.arms))
@@ -127,7 +127,7 @@ def _run(args, overrides, argv) -> int:
         _silence_unraisable()
         if created:
             from transferlab.report import PLAN_FILE
-            files.remove_if_nothing_written(args.workdir, bookkeeping=(PLAN_FILE,))
+            files.remove_if_nothing_written(created, bookkeeping=(os.path.join(args.workdir, PLAN_FILE),))
         print(f"transferlab: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except NonFiniteLoss as e:
