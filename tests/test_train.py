@@ -858,3 +858,42 @@ def test_a_second_ctrl_c_inside_a_checkpoint_save_logs_no_traceback(caplog):
         absl_logging.exception("something else failed")
     logged = [r.getMessage() for r in caplog.records]
     assert logged == ["something else failed"], logged
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
+    """Disk full during an async save (seen on a 1 MB tmpfs: ~470 traceback lines from Orbax's threads and
+    the main thread, exit 1): the one-line error, and Orbax's logged tracebacks of it are dropped."""
+    import logging
+
+    from transferlab.errors import UserError
+    from transferlab.main import _drop_interrupt_tracebacks
+    full = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.0" in OCDBT database: No space left on device')
+    assert checkpoint.is_write_failure(full) and checkpoint.is_write_failure(OSError(28, "No space left on device"))
+    chained = RuntimeError("save failed")
+    chained.__cause__ = full
+    assert checkpoint.is_write_failure(chained) and not checkpoint.is_write_failure(ValueError("shape mismatch"))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"))
+
+    class Failing:
+        def wait_until_finished(self):
+            raise full
+
+        def close(self):
+            raise ValueError("something else")
+
+    real, ckpt.manager = ckpt.manager, Failing()
+    with pytest.raises(UserError, match=r"checkpoints in .*/run/checkpoints cannot be written \(ValueError: "
+                                        r"RESOURCE_EXHAUSTED.*rerun the same command to resume from the latest"):
+        ckpt.wait()
+    with pytest.raises(ValueError, match="something else"):  # not a write failure: not ours to rephrase
+        ckpt.close()
+    real.close()
+    try:
+        raise full
+    except ValueError:
+        import sys
+        logged = logging.LogRecord("absl", logging.ERROR, "f", 1, "[process=0] _SignalingThread.run() raised an "
+                                   "exception: %s", (str(full),), sys.exc_info())
+    assert not _drop_interrupt_tracebacks(logged)
+    other = logging.LogRecord("absl", logging.ERROR, "f", 1, "a real error", (), None)
+    assert _drop_interrupt_tracebacks(other)

@@ -12,6 +12,8 @@ written on 8 devices restores onto 2 (or onto another mesh shape).
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import glob
 import json
 import os
@@ -128,8 +130,22 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state, selection_metric: float | None = None) -> None:
         metrics = {} if selection_metric is None else {"selection_metric": float(selection_metric)}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), metrics=metrics)
+        with self._writing():  # (an async save's failure surfaces at the next save or wait)
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), metrics=metrics)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A save that cannot write (disk full, quota, a read-only or vanished directory) is one line: the
+        checkpoints already complete stay valid, and rerunning resumes from the latest of them."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  (only write failures are translated; the rest propagates)
+            if not is_write_failure(e):
+                raise
+            raise UserError(f"checkpoints in {self.directory} cannot be written ({first_line(e, innermost=True)}); "
+                            "the complete checkpoints are kept: free space (or fix the directory) and rerun the "
+                            "same command to resume from the latest") from None
 
     def _check_compatible(self, step: int, abstract_state) -> None:
         """A clear error before Orbax reads anything if the saved arrays differ from the target's."""
@@ -209,10 +225,28 @@ class Checkpointer:
         return config if isinstance(config, dict) else None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        with self._writing():
+            self.manager.close()
+
+
+_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota exceeded", "Read-only file system",
+                   "Error writing", "Failed writing")
+
+
+def is_write_failure(exc: BaseException | None) -> bool:
+    """Whether `exc` (or an exception it chains) is Orbax/TensorStore failing to write a checkpoint's files."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            return True
+        if any(marker in str(exc) for marker in _WRITE_FAILURES):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def restore_selected_subtree(workdir: str, abstract_subtree: dict, where: str, error=UserError, optional=(),

@@ -317,9 +317,12 @@ def _quiet_library_warnings() -> None:
 
 def _drop_interrupt_tracebacks(record) -> bool:
     """A second Ctrl-C arriving while Orbax waits for a save raises KeyboardInterrupt inside Orbax, which
-    logs it as an error with its traceback ('Save Finalize thread ... failed') above our own line."""
+    logs it as an error with its traceback ('Save Finalize thread ... failed') above our own line; so does a
+    save that cannot write (disk full), which the main thread then reports in one line."""
+    from transferlab.checkpoint import is_write_failure
     exc = record.exc_info[1] if record.exc_info else None
-    return not isinstance(exc, KeyboardInterrupt)
+    return not isinstance(exc, KeyboardInterrupt) and not is_write_failure(exc) and \
+        not ("raised an exception" in str(record.msg) and is_write_failure(Exception(record.getMessage())))
 
 
 def _silence_unraisable() -> None:
