@@ -23,8 +23,11 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from transferlab import config as config_lib
+from transferlab import checksum, config as config_lib
 from transferlab.errors import UserError, first_line, note
+
+
+CHECKSUMS = "checksums"  # the data item's key for the state's array checksums (transferlab/checksum.py)
 
 
 def _metric_fn(metrics) -> float:
@@ -130,6 +133,7 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state, selection_metric: float | None = None) -> None:
         metrics = {} if selection_metric is None else {"selection_metric": float(selection_metric)}
+        data_state = {**data_state, CHECKSUMS: checksum.digests(state)}  # (verified at restore)
         with self._writing():  # (an async save's failure surfaces at the next save or wait)
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), metrics=metrics)
@@ -172,7 +176,18 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise plain Exceptions on unreadable data)
             raise self._unreadable(step, e) from e
-        return restored["state"], restored["data"]
+        data = restored["data"]
+        saved = data.pop(CHECKSUMS, None) if isinstance(data, dict) else None
+        self._verify(step, restored["state"], saved)
+        return restored["state"], data
+
+    def _verify(self, step: int, state, saved) -> None:
+        """The restored arrays against the checksums saved with them (checkpoints older than 2026-11-28 have
+        none): bytes damaged on disk after the save are an error, not a silently different run."""
+        damaged = checksum.first_mismatch(state, saved)
+        if damaged:
+            raise self._unreadable(step, RuntimeError(f"its array {damaged} does not match the checksum saved "
+                                                      "with it (its files were damaged after the save)"))
 
     def _state_metadata(self, step: int):
         """The saved train state's metadata tree at `step`; unreadable -> the one-line UserError."""
@@ -212,17 +227,22 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as e:  # noqa: BLE001  (as in restore)
             raise self._unreadable(step, e) from e
+        self._verify(step, restored["state"], (self._data(step) or {}).get(CHECKSUMS))
         return _prune(restored["state"], abstract_subtree)
 
     def saved_config(self, step: int) -> dict | None:
         """The resolved config saved with the checkpoint at `step` (None for checkpoints written before
         2026-11-27 09:00, which hold the data-iterator state only, or when it cannot be read)."""
+        config = (self._data(step) or {}).get("config")
+        return config if isinstance(config, dict) else None
+
+    def _data(self, step: int) -> dict | None:
+        """The JSON item saved beside the state at `step` (iterator, clock, config, checksums), or None."""
         try:
             data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
         except Exception:  # noqa: BLE001  (unreadable: `restore` reports it with the one-line error)
             return None
-        config = data.get("config") if isinstance(data, dict) else None
-        return config if isinstance(config, dict) else None
+        return data if isinstance(data, dict) else None
 
     def wait(self) -> None:
         with self._writing():
