@@ -521,6 +521,16 @@ def test_quickstart_study_end_to_end(tmp_path, data_dir):
                  "--config.log_every_steps=10"], timeout=200)
     assert rerun.returncode == 0 and rerun.stdout.count("already finished") == 5, rerun.stderr[-2000:]
     assert "student+kd" in open(os.path.join(moved, "results.md"), encoding="utf-8").read()
+    assert json.load(open(os.path.join(moved, "study.json")))["arms"][0] == {"name": "teacher", "seeds": [0]}
+    # copied while the original is in the place its runs recorded: refused, saying why and what to do (it
+    # advised retraining)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(moved, copy)
+    os.renames(moved, workdir)
+    rerun = cli(["--config", QUICK + ":steps=20,seeds=2", "--workdir", copy], timeout=200)
+    assert rerun.returncode == 2 and len(rerun.stderr.strip().splitlines()) == 1, rerun.stderr
+    assert f"this run is a copy of {workdir}/student+kd/seed_0, which is still there" in rerun.stderr
+    assert "move (or rename) the original study away and rerun to continue the copy" in rerun.stderr
 
 
 def test_study_checks_every_arm_before_training_any(tmp_path, data_dir):

@@ -158,6 +158,21 @@ def check_arms(config, runs, workdir: str, check_fn) -> None:
             raise config_lib.ConfigError(f"study.arms[{index[arm]}] ({arm}): {e}") from None
 
 
+_RETRAIN = "use a new --workdir, or move that run away to retrain it"
+
+
+def _copied_from(run_dir: str) -> str:
+    """For a run of a study copied elsewhere while the original is still in place: why its teacher paths
+    differ, and what to do (a copy's teachers at the old paths are other runs, so it is not resumed as is)."""
+    saved = checkpoint.saved_config(run_dir) or {}
+    was = saved.get("_run_dir")
+    if not isinstance(was, str) or os.path.abspath(was) == os.path.abspath(run_dir) or not os.path.isdir(was):
+        return ""
+    return (f"this run is a copy of {was}, which is still there: the copy would now distil from its own "
+            "copies of the teachers, not the runs it was trained with; move (or rename) the original study "
+            "away and rerun to continue the copy, or use a new --workdir")
+
+
 def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") -> dict:
     """Runs every (arm, seed) not yet finished, then the ensembles, and writes the results table.
 
@@ -171,7 +186,7 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
                    if os.path.exists(os.path.join(run_dir, "results.json")) else None)
         if changed:
             raise config_lib.ConfigError(f"{arm} seed {seed}: {run_dir} was finished with a different config "
-                                         f"({changed}); use a new --workdir, or move that run away to retrain it")
+                                         f"({changed}); {_copied_from(run_dir) or _RETRAIN}")
     check_ensembles(config, runs)
     _check_finished_ensembles(config, runs, workdir)
     check_run_inputs(config, runs, workdir)
