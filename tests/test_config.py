@@ -384,3 +384,16 @@ def test_a_run_older_than_a_behaviour_changing_default_resumes_only_with_its_old
             assert config_lib.first_difference(saved, config(enabled, fraction=1.0, saturation_weight=0.0)) is None
         else:
             assert difference is None
+
+
+def test_an_arms_string_override_is_a_string(tmp_path):
+    """Arm overrides are Python values: '5' for an int key was parsed like a command-line value and accepted,
+    while the same string at the top of the config file is refused."""
+    from transferlab import study
+    config = config_lib.from_dict({"dataset": {"name": "digits"}, "study": {"arms": (
+        {"name": "a", "overrides": {"total_steps": "5"}},)}})
+    with pytest.raises(ConfigError, match=r"study.arms\[0\] \(a\): config key 'total_steps': expected int, got '5'"):
+        study.resolve_arms(config, str(tmp_path))
+    config.study.arms = ({"name": "a", "overrides": {"total_steps": 5, "dataset.train_split": "train[:100]"}},)
+    (_, _, run), = study.resolve_arms(config, str(tmp_path))
+    assert run.total_steps == 5 and run.dataset.train_split == "train[:100]"

@@ -345,8 +345,9 @@ def parse_override(text: str) -> tuple[str, str]:
     return key, value
 
 
-def apply_override(config: ml_collections.ConfigDict, key: str, raw) -> None:
-    """Sets dotted `key` from a command-line string (or a Python value)."""
+def apply_override(config: ml_collections.ConfigDict, key: str, raw, parse_strings: bool = True) -> None:
+    """Sets dotted `key` from a command-line string (or a Python value: `parse_strings=False` takes a string
+    as a string, as a study arm's overrides, written in Python, mean it)."""
     if not isinstance(key, str) or not key:
         raise ConfigError(f"override key {key!r}: expected a dotted config key such as 'optimizer.learning_rate'")
     parts = key.split(".")
@@ -363,7 +364,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw) -> None:
             raise ConfigError(f"unknown config key {key!r}: {parent!r} is a {type(node).__name__}, not a section; "
                               f"set it whole (--config.{parent}=...)")
         raise ConfigError(f"unknown config key {key!r}; allowed keys here: {', '.join(sorted(node.keys()))}")
-    value = _parse_literal(raw) if isinstance(raw, str) else raw
+    value = _parse_literal(raw) if isinstance(raw, str) and parse_strings else raw
     if leaf in node and isinstance(node[leaf], str) and isinstance(raw, str):
         value = raw  # strings are taken verbatim
     if free or _is_free_form(key):

@@ -54,7 +54,7 @@ def resolve_arms(config, workdir: str) -> list[tuple[str, int, object]]:
             run.study.arms, run.study.seeds, run.study.ensembles = (), (), ()
             try:
                 for key, value in dict(arm.get("overrides", {})).items():
-                    config_lib.apply_override(run, key, _substitute(value, workdir, seed))
+                    config_lib.apply_override(run, key, _substitute(value, workdir, seed), parse_strings=False)
                 run.seed = int(seed)
                 config_lib.validate(run)
             except config_lib.ConfigError as e:
