@@ -93,6 +93,7 @@ def test_overrides_are_typed(tmp_path):
     ("c.study = {'seeds': ('x',), 'arms': ({'name': 'a'},)}", "study: seeds must be a list of ints >= 0"),
     ("c.study = {'seeds': (True,), 'arms': ({'name': 'a'},)}", "study: seeds must be a list of ints >= 0"),
     ("c.study = {'seeds': (0, 0), 'arms': ({'name': 'a'},)}", "study: seeds (0, 0) repeat a seed"),
+    ("c.study = {'seeds': tuple(range(1001)), 'arms': ({'name': 'a'},)}", "study: 1001 seeds; at most 1000"),
     ("c.study = {'arms': ({'name': 'a', 'seeds': (1, 1)},)}", "study.arms[0] (a): seeds (1, 1) repeat a seed"),
     ("c.study = {'arms': ({'name': 'a', 'overrides': {'seed': 7}},)}", "overrides 'seed', which the study sets"),
     ("c.study = {'arms': ({'name': 'a', 'overrides': {'study.arms': ()}},)}", "an arm's run is not a study"),
@@ -207,8 +208,11 @@ def test_config_file_problems(tmp_path):
     with pytest.raises(ConfigError, match="config argument 'step': expected one of steps, seeds"):
         config_lib.load(os.path.join(REPO, "experiments", "kd", "quickstart.py") + ":step=5")
     for arg in ("seeds=0", "seeds=-1", "seeds=x", "steps=1.5"):  # (seeds=0 ran one seed, the default `seed`)
-        with pytest.raises(ConfigError, match=f"config argument {arg}: expected an integer >= 1"):
+        expected = "an integer in \\[1, 1000\\]" if arg.startswith("seeds") else "an integer >= 1"
+        with pytest.raises(ConfigError, match=f"config argument {arg}: expected {expected}"):
             config_lib.load(os.path.join(REPO, "experiments", "kd", "quickstart.py") + ":" + arg)
+    with pytest.raises(ConfigError, match=r"config argument seeds=1000000000: expected an integer in \[1, 1000\]"):
+        config_lib.load(os.path.join(REPO, "experiments", "kd", "quickstart.py") + ":seeds=1000000000")
     with pytest.raises(ConfigError, match="config argument generations=0: expected an integer >= 1"):
         config_lib.load(os.path.join(REPO, "experiments", "kd", "born_again.py") + ":generations=0")
     text = tmp_path / "tiny.txt"  # any file name (a spec loader refused what does not end in .py: a traceback)

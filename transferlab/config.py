@@ -268,15 +268,21 @@ def parse_arg(arg: str | None, allowed=None) -> dict:
     return out
 
 
-def int_arg(args: dict, key: str, default: int, minimum: int = 1) -> int:
-    """Config-file argument `key` (from `parse_arg`) as an int >= `minimum`, else a ConfigError naming it."""
+MAX_SEEDS = 1000  # per study (or arm): more is a typo (seeds=1000000000 exhausted the memory building them)
+
+
+def int_arg(args: dict, key: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
+    """Config-file argument `key` (from `parse_arg`) as an int in [`minimum`, `maximum`], else a ConfigError
+    naming it (`key` 'seeds': at most MAX_SEEDS unless `maximum` says otherwise)."""
     raw = args.get(key, default)
+    maximum = MAX_SEEDS if maximum is None and key == "seeds" else maximum
     try:
         value = int(str(raw).strip())
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise ConfigError(f"config argument {key}={raw}: expected an integer >= {minimum}")
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        expected = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+        raise ConfigError(f"config argument {key}={raw}: expected {expected}")
     return value
 
 
@@ -606,6 +612,8 @@ def _check_seeds(where: str, seeds) -> None:
     if (not isinstance(seeds, (tuple, list))
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise ConfigError(f"{where}: seeds must be a list of ints >= 0, got {seeds!r}")
+    if len(seeds) > MAX_SEEDS:
+        raise ConfigError(f"{where}: {len(seeds)} seeds; at most {MAX_SEEDS}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: seeds {tuple(seeds)!r} repeat a seed")
 
