@@ -921,3 +921,17 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
     assert not _drop_interrupt_tracebacks(logged)
     other = logging.LogRecord("absl", logging.ERROR, "f", 1, "a real error", (), None)
     assert _drop_interrupt_tracebacks(other)
+
+
+def test_a_damaged_step_metadata_file_is_one_note(capsys):
+    """Orbax logs a garbled _CHECKPOINT_METADATA (with the file's content, so several lines) at each read,
+    and resumes fine without it: one [note] line instead."""
+    import logging
+
+    from transferlab.main import _drop_interrupt_tracebacks
+    record = lambda: logging.LogRecord(  # noqa: E731
+        "absl", logging.ERROR, "f", 1, "Failed to json parse Metadata file: %s, file content: %s, error: %s",
+        ("/w/checkpoints/16/_CHECKPOINT_METADATA", '{"item_handlers": {"\nmore', "Unterminated string"), None)
+    assert not _drop_interrupt_tracebacks(record()) and not _drop_interrupt_tracebacks(record())
+    err = capsys.readouterr().err
+    assert err.count("[note] /w/checkpoints/16/_CHECKPOINT_METADATA is damaged; Orbax ignores it") == 1

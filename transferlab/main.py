@@ -321,8 +321,18 @@ def _drop_interrupt_tracebacks(record) -> bool:
     save that cannot write (disk full), which the main thread then reports in one line."""
     from transferlab.checkpoint import is_write_failure
     exc = record.exc_info[1] if record.exc_info else None
+    if str(record.msg).startswith(_DAMAGED_STEP_METADATA):  # (Orbax logs it, with the file's content, per read)
+        path = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "?"
+        if path not in _NOTED:
+            _NOTED.add(path)
+            errors.note(f"{path} is damaged; Orbax ignores it (it records only the save time and item handlers)")
+        return False
     return not isinstance(exc, KeyboardInterrupt) and not is_write_failure(exc) and \
         not ("raised an exception" in str(record.msg) and is_write_failure(Exception(record.getMessage())))
+
+
+_DAMAGED_STEP_METADATA = "Failed to json parse Metadata file"
+_NOTED: set = set()
 
 
 def _silence_unraisable() -> None:
