@@ -935,3 +935,14 @@ def test_a_damaged_step_metadata_file_is_one_note(capsys):
     assert not _drop_interrupt_tracebacks(record()) and not _drop_interrupt_tracebacks(record())
     err = capsys.readouterr().err
     assert err.count("[note] /w/checkpoints/16/_CHECKPOINT_METADATA is damaged; Orbax ignores it") == 1
+
+
+def test_a_malformed_fault_hook_is_one_line(monkeypatch):
+    from transferlab.errors import UserError
+    monkeypatch.setenv("TRANSFERLAB_FAULT_TERM_AT", "5")
+    with pytest.raises(UserError, match=r"\$TRANSFERLAB_FAULT_TERM_AT='5': expected STEP:PROCESS"):
+        train._fault_hook("TRANSFERLAB_FAULT_TERM_AT", "STEP:PROCESS")
+    monkeypatch.setenv("TRANSFERLAB_FAULT_TERM_AT", "7:1")
+    assert train._fault_hook("TRANSFERLAB_FAULT_TERM_AT", "STEP:PROCESS") == [7, 1]
+    monkeypatch.delenv("TRANSFERLAB_FAULT_TERM_AT")
+    assert train._fault_hook("TRANSFERLAB_FAULT_TERM_AT", "STEP:PROCESS") == [0, 0]

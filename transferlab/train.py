@@ -31,11 +31,23 @@ from transferlab.optim import make_optimizer
 from transferlab.tasks import create_task
 
 
+def _fault_hook(name: str, form: str) -> list[int]:
+    """A testing hook's integers from $`name` (`form`: 'S' or 'S:P'); zeros when unset."""
+    raw = os.environ.get(name, "")
+    fields = form.count(":") + 1
+    try:
+        values = [int(x) for x in raw.split(":")] if raw else [0] * fields
+    except ValueError:
+        values = []
+    if len(values) != fields:
+        raise UserError(f"${name}={raw!r}: expected {form} (integers; a testing hook)")
+    return values
+
+
 # Testing hook: SIGKILL this process right after the given step (as a crash or a pod eviction would).
-_FAULT_KILL_AT_STEP = int(os.environ.get("TRANSFERLAB_FAULT_KILL_AT_STEP", "0"))
+(_FAULT_KILL_AT_STEP,) = _fault_hook("TRANSFERLAB_FAULT_KILL_AT_STEP", "STEP")
 # Testing hook: process P sends itself SIGTERM right after step S ('S:P'), as one host's preemption notice.
-_FAULT_TERM_AT_STEP, _FAULT_TERM_PROCESS = (
-    int(x) for x in (os.environ.get("TRANSFERLAB_FAULT_TERM_AT") or "0:0").split(":"))
+_FAULT_TERM_AT_STEP, _FAULT_TERM_PROCESS = _fault_hook("TRANSFERLAB_FAULT_TERM_AT", "STEP:PROCESS")
 
 
 class Trainer:
