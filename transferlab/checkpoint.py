@@ -213,6 +213,9 @@ class Checkpointer:
         None is returned."""
         metadata = self._state_metadata(step)
         metadata = getattr(metadata, "tree", metadata)
+        if not isinstance(metadata, dict) or not metadata:  # (not another task's checkpoint: a damaged one)
+            raise self._unreadable(step, RuntimeError("its state metadata lists no arrays (state/_METADATA "
+                                                      "missing or damaged)"))
         abstract_subtree = {top: {name: value for name, value in part.items()
                                   if name not in optional or name in (metadata.get(top) or {})}
                             for top, part in abstract_subtree.items()}
