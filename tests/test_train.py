@@ -891,7 +891,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
     import logging
 
     from transferlab.errors import UserError
-    from transferlab.main import _drop_interrupt_tracebacks
+    from transferlab.main import _filter_library_logs
     full = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.0" in OCDBT database: No space left on device')
     assert checkpoint.is_write_failure(full) and checkpoint.is_write_failure(OSError(28, "No space left on device"))
     chained = RuntimeError("save failed")
@@ -919,9 +919,9 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
         import sys
         logged = logging.LogRecord("absl", logging.ERROR, "f", 1, "[process=0] _SignalingThread.run() raised an "
                                    "exception: %s", (str(full),), sys.exc_info())
-    assert not _drop_interrupt_tracebacks(logged)
+    assert not _filter_library_logs(logged)
     other = logging.LogRecord("absl", logging.ERROR, "f", 1, "a real error", (), None)
-    assert _drop_interrupt_tracebacks(other)
+    assert _filter_library_logs(other)
 
 
 def test_a_damaged_step_metadata_file_is_one_note(capsys):
@@ -929,11 +929,11 @@ def test_a_damaged_step_metadata_file_is_one_note(capsys):
     and resumes fine without it: one [note] line instead."""
     import logging
 
-    from transferlab.main import _drop_interrupt_tracebacks
+    from transferlab.main import _filter_library_logs
     record = lambda: logging.LogRecord(  # noqa: E731
         "absl", logging.ERROR, "f", 1, "Failed to json parse Metadata file: %s, file content: %s, error: %s",
         ("/w/checkpoints/16/_CHECKPOINT_METADATA", '{"item_handlers": {"\nmore', "Unterminated string"), None)
-    assert not _drop_interrupt_tracebacks(record()) and not _drop_interrupt_tracebacks(record())
+    assert not _filter_library_logs(record()) and not _filter_library_logs(record())
     err = capsys.readouterr().err
     assert err.count("[note] /w/checkpoints/16/_CHECKPOINT_METADATA is damaged; Orbax ignores it") == 1
 

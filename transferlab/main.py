@@ -192,6 +192,7 @@ def check_workdir(workdir: str, study: bool = False) -> None:
         raise UserError(f"--workdir {workdir!r}: storage URLs are not supported; use a directory every process "
                         "can write, e.g. the bucket mounted with gcsfuse")
     path = os.path.abspath(workdir)
+    rerun_of_a_run = _holds_a_run(path)  # (an arm's own run, rerun by hand, is that run)
     ancestor = os.path.dirname(path)
     while ancestor != os.path.dirname(ancestor):  # up to the root
         owned = os.path.relpath(path, ancestor).split(os.sep)[0]
@@ -200,10 +201,11 @@ def check_workdir(workdir: str, study: bool = False) -> None:
                 raise UserError(f"--workdir {workdir!r}: lies inside {os.path.join(ancestor, owned)}, which the run "
                                 f"in {ancestor} writes; use a directory outside it")
             raise UserError(f"--workdir {workdir!r}: lies inside the run in {ancestor}; use a directory outside it")
-        if _arm_runs(ancestor) and not _holds_a_run(path):  # (an arm's own run, rerun by hand, is that run)
+        arm_runs = [] if rerun_of_a_run else _arm_runs(ancestor)
+        if arm_runs:
             raise UserError(f"--workdir {workdir!r}: lies inside {ancestor}, a study arm's directory (runs in it: "
-                            f"{', '.join(_arm_runs(ancestor)[:3])}); the study's report would count it as one of "
-                            "that arm's seeds: use a directory outside it")
+                            f"{', '.join(arm_runs[:3])}); the study's report would count it as one of that arm's "
+                            "seeds: use a directory outside it")
         ancestor = os.path.dirname(ancestor)
     if os.path.exists(path):
         if not os.path.isdir(path):
@@ -312,13 +314,13 @@ def _quiet_library_warnings() -> None:
     lines above the one-line error. The CLI keeps absl's errors only."""
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.ERROR)
-    absl_logging.get_absl_logger().addFilter(_drop_interrupt_tracebacks)
+    absl_logging.get_absl_logger().addFilter(_filter_library_logs)
 
 
-def _drop_interrupt_tracebacks(record) -> bool:
-    """A second Ctrl-C arriving while Orbax waits for a save raises KeyboardInterrupt inside Orbax, which
-    logs it as an error with its traceback ('Save Finalize thread ... failed') above our own line; so does a
-    save that cannot write (disk full), which the main thread then reports in one line."""
+def _filter_library_logs(record) -> bool:
+    """Drops Orbax's logged tracebacks of what the CLI reports in one line itself: a second Ctrl-C arriving
+    while Orbax waits for a save ('Save Finalize thread ... failed'), a save that cannot write (disk full);
+    a garbled _CHECKPOINT_METADATA, which Orbax logs with its content at each read, becomes one [note]."""
     from transferlab.checkpoint import is_write_failure
     exc = record.exc_info[1] if record.exc_info else None
     if str(record.msg).startswith(_DAMAGED_STEP_METADATA):  # (Orbax logs it, with the file's content, per read)
