@@ -40,3 +40,18 @@ def test_the_digest_does_not_depend_on_the_sharding():
     sharded = jax.device_put(x, NamedSharding(mesh, P("data", "fsdp")))
     key = jax.random.key(3)
     assert checksum.digests({"x": sharded, "k": key}) == checksum.digests({"x": x, "k": key})
+
+
+def test_a_damaged_checkpoint_of_another_run_is_not_advised_a_resume(tmp_path):
+    """A teacher's, init checkpoint's or export's damaged step: moving it away (the resume hint) only made the
+    next command fail on the run's selected step (audit); the error says what to do about that run instead."""
+    from transferlab import checkpoint
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"))
+    ckpt.save(1, {"w": jnp.ones(3)}, {})
+    ckpt.save(2, {"w": jnp.ones(3)}, {})
+    ckpt.wait()
+    damage = RuntimeError("its array ['w'] does not match the checksum saved with it")
+    assert "to resume from step 1 instead, move" in str(ckpt._unreadable(2, damage))
+    other = str(ckpt._unreadable(2, damage, resuming=False))
+    assert "resume" not in other and "that run's files are damaged: restore them from a copy, or train" in other
+    ckpt.close()

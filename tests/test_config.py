@@ -230,8 +230,12 @@ def test_config_file_problems(tmp_path):
     own = write_config(tmp_path, "def get_config(arg=None):\n    return {'model': {'name': arg or 'mlp'}}\n",
                        name="own.py")  # parses its argument itself
     assert config_lib.load(own + ":lenet5").model.name == "lenet5"
+    assert config_lib.load(own + ":mlp").model.name == "mlp"  # (its default, given: it reads it all the same)
     needs = write_config(tmp_path, "def get_config(arg):\n    return {'total_steps': int(arg)}\n", name="needs.py")
     assert config_lib.load(needs + ":300").total_steps == 300  # (without it, it fails: it reads it)
+    steps = write_config(tmp_path, "def get_config(arg=None):\n    return {'total_steps': int(arg) if arg else 4}\n",
+                         name="steps.py")
+    assert config_lib.load(steps + ":4").total_steps == 4  # its default, given (refused before: audit)
 
 
 def test_mesh_shape_parsing():

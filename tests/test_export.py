@@ -156,3 +156,5 @@ def test_exporting_a_study_names_its_runs(tmp_path):
     with pytest.raises(UserError, match=r"is a study's directory; export one of its runs \(student/seed_0, "
                                         r"teacher/seed_0\)"):
         export.export(str(tmp_path / "study"), str(tmp_path / "out"))
+    with pytest.raises(UserError, match=r"is a study arm's directory; export one of its runs \(seed_0\)"):
+        export.export(str(tmp_path / "study" / "teacher"), str(tmp_path / "out"))

@@ -181,26 +181,30 @@ class Checkpointer:
         self._verify(step, restored["state"], saved)
         return restored["state"], data
 
-    def _verify(self, step: int, state, saved) -> None:
+    def _verify(self, step: int, state, saved, resuming: bool = True) -> None:
         """The restored arrays against the checksums saved with them (checkpoints older than 2026-11-28 have
         none): bytes damaged on disk after the save are an error, not a silently different run."""
         damaged = checksum.first_mismatch(state, saved)
         if damaged:
             raise self._unreadable(step, RuntimeError(f"its array {damaged} does not match the checksum saved "
-                                                      "with it (its files were damaged after the save)"))
+                                                      "with it (its files were damaged after the save)"), resuming)
 
-    def _state_metadata(self, step: int):
+    def _state_metadata(self, step: int, resuming: bool = True):
         """The saved train state's metadata tree at `step`; unreadable -> the one-line UserError."""
         try:
             return self.manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001  (as in restore)
-            raise self._unreadable(step, e) from e
+            raise self._unreadable(step, e, resuming) from e
 
-    def _unreadable(self, step: int, error: Exception) -> UserError:
-        """A one-line error for a checkpoint that cannot be restored, naming the earlier ones."""
+    def _unreadable(self, step: int, error: Exception, resuming: bool = True) -> UserError:
+        """A one-line error for a checkpoint that cannot be restored: resuming this run, naming the earlier
+        steps; read from another run (a teacher, an init checkpoint, an export), what to do about that run."""
         earlier = [s for s in self.manager.all_steps() if s < step]
-        hint = (f"; to resume from step {max(earlier)} instead, move {self.directory}/{step} away" if earlier
-                else "")
+        if not resuming:
+            hint = "; that run's files are damaged: restore them from a copy, or train that run again"
+        else:
+            hint = (f"; to resume from step {max(earlier)} instead, move {self.directory}/{step} away" if earlier
+                    else "")
         return UserError(f"checkpoint {self.directory}/{step} cannot be restored (corrupted, or the model or "
                          f"optimizer changed): {first_line(error, innermost=True)}{hint}")
 
@@ -211,11 +215,11 @@ class Checkpointer:
         names in `optional` (a DML run's peers) that the checkpoint lacks are left out of the result.
         With `read=False`, only the saved shapes are checked against `abstract_subtree` (metadata alone) and
         None is returned."""
-        metadata = self._state_metadata(step)
+        metadata = self._state_metadata(step, resuming=False)
         metadata = getattr(metadata, "tree", metadata)
         if not isinstance(metadata, dict) or not metadata:  # (not another task's checkpoint: a damaged one)
             raise self._unreadable(step, RuntimeError("its state metadata lists no arrays (state/_METADATA "
-                                                      "missing or damaged)"))
+                                                      "missing or damaged)"), resuming=False)
         abstract_subtree = {top: {name: value for name, value in part.items()
                                   if name not in optional or name in (metadata.get(top) or {})}
                             for top, part in abstract_subtree.items()}
@@ -229,8 +233,8 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as e:  # noqa: BLE001  (as in restore)
-            raise self._unreadable(step, e) from e
-        self._verify(step, restored["state"], (self._data(step) or {}).get(CHECKSUMS))
+            raise self._unreadable(step, e, resuming=False) from e
+        self._verify(step, restored["state"], (self._data(step) or {}).get(CHECKSUMS), resuming=False)
         return _prune(restored["state"], abstract_subtree)
 
     def saved_config(self, step: int) -> dict | None:

@@ -209,7 +209,7 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     config = _call_get_config(get_config, spec, path, arg or None, takes_arg)
     if arg and _PARSE_ARG_CALLS[0] == parsed_before and _ignores_its_arg(get_config, config):
         raise ConfigError(f"--config {spec}: the argument {arg!r} changes nothing (get_config returns the same "
-                          "config without it; a config file reads its arguments with "
+                          "config without it, or with any other; a config file reads its arguments with "
                           "transferlab.config.parse_arg(arg, allowed=...))")
     return config
 
@@ -240,12 +240,14 @@ def _check_plain_keys(tree: dict, path: str, where: str = "") -> None:
 
 
 def _ignores_its_arg(get_config, config) -> bool:
-    """A file that parses its argument itself (not through `parse_arg`) and gets the same config without it."""
+    """A file that does not parse its argument through `parse_arg` and returns the same config without it
+    and with a made-up one: it ignores its argument. (A file that reads it itself fails on the made-up
+    argument or returns another config, also when given its default value.)"""
     try:
-        without = get_config(None)
-        return isinstance(without, (ml_collections.ConfigDict, dict)) and \
-            ml_collections.ConfigDict(without).to_dict() == config.to_dict()
-    except (Exception, SystemExit):  # noqa: BLE001  (it needs its argument: it reads it)
+        others = [get_config(None), get_config("transferlab-probe=1")]
+        return all(isinstance(other, (ml_collections.ConfigDict, dict)) and
+                   ml_collections.ConfigDict(other).to_dict() == config.to_dict() for other in others)
+    except (Exception, SystemExit):  # noqa: BLE001  (it needs a real argument: it reads it)
         return False
 
 

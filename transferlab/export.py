@@ -42,12 +42,13 @@ def export(run_dir: str, out_dir: str, student: int = 0) -> dict:
 
     resolved = checkpoint.saved_config(run_dir)  # config.json, else (garbled) the checkpoint's own copy
     if resolved is None:
-        runs = sorted(os.path.relpath(os.path.dirname(p), run_dir)
-                      for p in glob.glob(os.path.join(glob.escape(run_dir), "*", "seed_*", "config.json")))
-        if runs:
-            more = f", ... ({len(runs)} in all)" if len(runs) > 3 else ""
-            raise UserError(f"--workdir {run_dir!r}: is a study's directory; export one of its runs "
-                            f"({', '.join(runs[:3])}{more})")
+        for kind, pattern in (("a study's", ("*", "seed_*")), ("a study arm's", ("seed_*",))):
+            runs = sorted(os.path.relpath(os.path.dirname(p), run_dir)
+                          for p in glob.glob(os.path.join(glob.escape(run_dir), *pattern, "config.json")))
+            if runs:
+                more = f", ... ({len(runs)} in all)" if len(runs) > 3 else ""
+                raise UserError(f"--workdir {run_dir!r}: is {kind} directory; export one of its runs "
+                                f"({', '.join(runs[:3])}{more})")
         raise UserError(f"--workdir {run_dir!r}: its config.json cannot be read (missing or damaged), and no "
                         "checkpoint holds a copy: not a transferlab run directory?")
     resolved = dict(resolved)
