@@ -25,10 +25,8 @@ def _words(x) -> jax.Array:
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32).ravel()
     size = x.dtype.itemsize
-    if size == 4:
+    if size in (4, 8):  # (8-byte items: a trailing axis of 2 words)
         return lax.bitcast_convert_type(x, jnp.uint32).ravel()
-    if size == 8:
-        return lax.bitcast_convert_type(x, jnp.uint32).ravel()  # (a trailing axis of 2 words)
     unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
     return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
 

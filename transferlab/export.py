@@ -25,7 +25,6 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -42,9 +41,8 @@ def export(run_dir: str, out_dir: str, student: int = 0) -> dict:
 
     resolved = checkpoint.saved_config(run_dir)  # config.json, else (garbled) the checkpoint's own copy
     if resolved is None:
-        for kind, pattern in (("a study's", ("*", "seed_*")), ("a study arm's", ("seed_*",))):
-            runs = sorted(os.path.relpath(os.path.dirname(p), run_dir)
-                          for p in glob.glob(os.path.join(glob.escape(run_dir), *pattern, "config.json")))
+        from transferlab.main import arm_runs, study_runs
+        for kind, runs in (("a study's", study_runs(run_dir)), ("a study arm's", arm_runs(run_dir))):
             if runs:
                 more = f", ... ({len(runs)} in all)" if len(runs) > 3 else ""
                 raise UserError(f"--workdir {run_dir!r}: is {kind} directory; export one of its runs "

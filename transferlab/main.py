@@ -201,10 +201,10 @@ def check_workdir(workdir: str, study: bool = False) -> None:
                 raise UserError(f"--workdir {workdir!r}: lies inside {os.path.join(ancestor, owned)}, which the run "
                                 f"in {ancestor} writes; use a directory outside it")
             raise UserError(f"--workdir {workdir!r}: lies inside the run in {ancestor}; use a directory outside it")
-        arm_runs = [] if rerun_of_a_run else _arm_runs(ancestor)
-        if arm_runs:
+        inside_arm = [] if rerun_of_a_run else arm_runs(ancestor)
+        if inside_arm:
             raise UserError(f"--workdir {workdir!r}: lies inside {ancestor}, a study arm's directory (runs in it: "
-                            f"{', '.join(arm_runs[:3])}); the study's report would count it as one of that arm's "
+                            f"{', '.join(inside_arm[:3])}); the study's report would count it as one of that arm's "
                             "seeds: use a directory outside it")
         ancestor = os.path.dirname(ancestor)
     if os.path.exists(path):
@@ -212,13 +212,12 @@ def check_workdir(workdir: str, study: bool = False) -> None:
             raise UserError(f"--workdir {workdir!r}: exists and is not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"--workdir {workdir!r}: not writable")
-        seeds = _arm_runs(path)
+        seeds = arm_runs(path)
         if seeds:
             raise UserError(f"--workdir {workdir!r}: is a study arm's directory (runs in it: {', '.join(seeds[:3])}"
                             f"{', ...' if len(seeds) > 3 else ''}); give the study's directory, or a new one")
         single = [n for n in ("checkpoints", "config.json") if os.path.exists(os.path.join(path, n))]
-        runs = sorted(os.path.relpath(d, path) for d in glob.glob(os.path.join(glob.escape(path), "*", "seed_*"))
-                      if any(os.path.exists(os.path.join(d, n)) for n in RUN_FILES))
+        runs = study_runs(path)
         if study and single:
             raise UserError(f"--workdir {workdir!r}: holds a single run ({single[0]}); a study needs a directory "
                             "of its own")
@@ -234,9 +233,18 @@ def check_workdir(workdir: str, study: bool = False) -> None:
         raise UserError(f"--workdir {workdir!r}: cannot be created ({parent!r} is not a writable directory)")
 
 
-def _arm_runs(directory: str) -> list[str]:
+def arm_runs(directory: str) -> list[str]:
     """The `seed_*` runs a study arm's directory holds (none: not an arm's directory)."""
-    return sorted(os.path.basename(d) for d in glob.glob(os.path.join(glob.escape(directory), "seed_*"))
+    return _runs_in(directory, "seed_*")
+
+
+def study_runs(directory: str) -> list[str]:
+    """The `<arm>/seed_*` runs a study's directory holds, relative to it (none: not a study's directory)."""
+    return _runs_in(directory, os.path.join("*", "seed_*"))
+
+
+def _runs_in(directory: str, pattern: str) -> list[str]:
+    return sorted(os.path.relpath(d, directory) for d in glob.glob(os.path.join(glob.escape(directory), pattern))
                   if any(os.path.exists(os.path.join(d, n)) for n in RUN_FILES))
 
 

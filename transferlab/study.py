@@ -192,14 +192,14 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
     check_run_inputs(config, runs, workdir)
     if check_fn is not None:
         check_arms(config, runs, workdir, check_fn)
+    seeds = {}  # {arm or ensemble: its seeds}: the plan, and the table, cover this study's runs only
+    for arm, seed, _ in runs:
+        seeds.setdefault(arm, []).append(seed)
+    for ens in config.study.ensembles:
+        seeds[ens["name"]] = sorted(_ensemble_members(ens, runs, workdir))
     import jax
     if jax.process_index() == 0:  # (process 0 writes the study's files)
-        planned = {}
-        for arm, seed, _ in runs:
-            planned.setdefault(arm, []).append(seed)
-        for ens in config.study.ensembles:
-            planned[ens["name"]] = sorted(_ensemble_members(ens, runs, workdir))
-        report.write_study_plan(workdir, planned, title=config.study.title, description=config.study.description,
+        report.write_study_plan(workdir, seeds, title=config.study.title, description=config.study.description,
                                 command=command)
     for arm, seed, run_config in runs:
         run_dir = os.path.join(workdir, arm, f"seed_{seed}")
@@ -212,14 +212,10 @@ def run_study(config, workdir: str, train_fn, check_fn=None, command: str = "") 
         out = train_fn(run_config, run_dir)
         if "preempted_at_step" in out:
             return out
-    seeds = {}  # the table covers this study's runs only
-    for arm, seed, _ in runs:
-        seeds.setdefault(arm, []).append(seed)
     for ens in config.study.ensembles:
         if stop := preemption.requested():
             return {"preempted_at_step": None, "signal": stop.name, "before": f"ensemble {ens['name']}"}
         _run_ensemble(ens, runs, workdir)
-        seeds[ens["name"]] = sorted(_ensemble_members(ens, runs, workdir))
     if jax.process_index() != 0:  # process 0 writes the study's report (two writers raced on results.json)
         return {}
     return report.write_study_report(workdir, list(seeds), title=config.study.title,
