@@ -11,6 +11,7 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	$(BIN)/python -m transferlab.kernels.build  # the native CPU conv kernels, for this CPU (seconds; optional)
 	touch $@
 
 setup: $(BIN)/.installed

@@ -1,4 +1,4 @@
-"""Where a result came from: code version, software, hardware and host allocator of a run.
+"""Where a result came from: code version, software, hardware, host allocator and conv kernels of a run.
 
 Recorded in every run's results.json (`environment`) and summarized above each study table,
 so a committed results file says which commit, JAX, devices and allocator produced it.
@@ -70,11 +70,14 @@ def host_allocator() -> str:
 def environment() -> dict:
     import jax
 
+    from transferlab.models import native_conv
+
     devices = jax.devices()
     return {
         "git_commit": git_commit(), "jax": jax.__version__, "backend": jax.default_backend(),
         "devices": f"{len(devices)} x {devices[0].device_kind}", "processes": jax.process_count(),
         "host_cpus": os.cpu_count(), "host_cpu": cpu_name(), "host_allocator": host_allocator(),
+        "convolutions": native_conv.status(),
         "finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
 
@@ -97,5 +100,6 @@ def summary_line(environments: list[dict]) -> str:
     finished = sorted(str(e.get("finished_utc", "?")) for e in environments)
     return (f"Environment: git {values('git_commit')}; jax {values('jax')} on {values('backend')} "
             f"({values('devices')}, {values('processes')} process(es)); host {values('host_cpus')} CPUs "
-            f"({values('host_cpu')}), allocator {values('host_allocator')}; runs finished "
+            f"({values('host_cpu')}), allocator {values('host_allocator')}, convolutions "
+            f"{values('convolutions')}; runs finished "
             f"{finished[0]} to {finished[-1]} UTC.{partial}")

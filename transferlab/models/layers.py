@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transferlab.models import chunked_conv
+from transferlab.models import native_conv
 from transferlab.models.batch_norm import BatchNorm
 
 PARAM_DTYPE = jnp.float32
@@ -39,7 +39,8 @@ def conv(features, kernel, dtype, stride=1, groups=1, use_bias=False,
          kernel_init=conv_kaiming_out, name=None):
     """A k x k convolution padded by k // 2 on each side, like nn.Conv2d(padding=k//2).
 
-    On the CPU its weight gradient is summed over batch chunks (`chunked_conv`).
+    On one CPU device its weight gradient is a native kernel (`native_conv`), on a sharded CPU mesh it is
+    summed over batch chunks (`chunked_conv`).
     """
     pad = kernel // 2
     return nn.Conv(
@@ -47,7 +48,7 @@ def conv(features, kernel, dtype, stride=1, groups=1, use_bias=False,
         padding=((pad, pad), (pad, pad)), feature_group_count=groups,
         use_bias=use_bias, kernel_init=kernel_init, bias_init=nn.initializers.zeros,
         dtype=dtype, param_dtype=PARAM_DTYPE, name=name,
-        conv_general_dilated=chunked_conv.conv_general_dilated)
+        conv_general_dilated=native_conv.conv_general_dilated)
 
 
 def batch_norm(train: bool, dtype=jnp.float32, name=None):

@@ -1,0 +1,172 @@
+"""Compiles, caches and registers transferlab's native XLA:CPU kernels (XLA FFI custom calls).
+
+A kernel's C++ source ships with the package and is compiled on first use with the machine's C++ compiler
+(`$CXX`, else g++, c++ or clang++) for the machine's own CPU (`-march=native`), against the XLA FFI headers
+that jaxlib ships, into `$TRANSFERLAB_KERNEL_CACHE` (default `~/.cache/transferlab/kernels`). The file name
+hashes the source, the flags, the compiler, jaxlib's version and the CPU's instruction-set flags, so a cache
+shared between machines (an NFS home) never hands one CPU another's code. Concurrent first uses (test
+workers, processes of one job) each compile to a temporary file and rename it into place.
+
+Where no compiler is found or the build fails, `load` says so once (a `[note]`) and returns None; callers
+then use XLA's own operations, which compute the same values. `python -m transferlab.kernels.build` builds
+every kernel ahead of time (the Makefile's setup does) and prints where.
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+
+import jax
+
+from transferlab.errors import note
+
+# library -> (C++ source next to this module, {FFI target suffix: handler symbol})
+KERNELS = {
+    "conv2d": ("conv2d.cc", {"forward": "TransferlabConv2dForward",
+                             "weight_grad": "TransferlabConv2dWeightGrad"}),
+}
+DISABLE_ENV = "TRANSFERLAB_NATIVE_KERNELS"  # "0": never build or use the native kernels
+_LOCK = threading.Lock()
+
+
+class BuildError(Exception):
+    """A kernel could not be compiled or loaded here."""
+
+
+def enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "1") != "0"
+
+
+def cache_dir() -> str:
+    explicit = os.environ.get("TRANSFERLAB_KERNEL_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "transferlab", "kernels")
+
+
+def compiler() -> str | None:
+    explicit = os.environ.get("CXX")
+    if explicit:
+        return shutil.which(explicit) or explicit
+    for name in ("g++", "c++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def flags() -> list[str]:
+    common = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        common.append("-mprefer-vector-width=512")  # AVX-512 registers where the CPU has them
+    return common
+
+
+def _cpu_signature() -> str:
+    """The CPU's instruction-set flags (what -march=native compiles for)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"C++ compiler {cxx} does not run ({e})") from None
+
+
+def library_path(name: str, cxx: str) -> str:
+    source = os.path.join(os.path.dirname(__file__), KERNELS[name][0])
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        digest.update(f.read())
+    for part in (" ".join(flags()), _compiler_version(cxx), importlib.metadata.version("jaxlib"),
+                 _cpu_signature()):
+        digest.update(b"\0" + part.encode())
+    return os.path.join(cache_dir(), f"{name}-{digest.hexdigest()[:16]}.so")
+
+
+def compile_library(name: str, cxx: str, path: str) -> None:
+    source = os.path.join(os.path.dirname(__file__), KERNELS[name][0])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    cmd = [cxx, *flags(), "-I", jax.ffi.include_dir(), source, "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"{cxx} failed to run ({e})") from None
+    if done.returncode != 0:
+        os.path.exists(tmp) and os.remove(tmp)
+        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+        raise BuildError(f"{cxx} failed: {first}")
+    os.replace(tmp, path)
+
+
+def _build_and_register(name: str) -> ctypes.CDLL:
+    cxx = compiler()
+    if cxx is None:
+        raise BuildError("no C++ compiler found (set $CXX, or install g++)")
+    path = library_path(name, cxx)
+    if not os.path.exists(path):
+        compile_library(name, cxx, path)
+    try:
+        library = ctypes.CDLL(path)
+    except OSError:  # a damaged cache entry: build it again once
+        compile_library(name, cxx, path)
+        try:
+            library = ctypes.CDLL(path)
+        except OSError as e:
+            raise BuildError(f"{path} does not load ({e})") from None
+    for suffix, symbol in KERNELS[name][1].items():
+        jax.ffi.register_ffi_target(target_name(name, suffix), jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+    return library
+
+
+_LOADED: dict[str, ctypes.CDLL | None] = {}
+
+
+def target_name(name: str, suffix: str) -> str:
+    """The XLA custom-call target of one of a library's handlers."""
+    return f"transferlab_{name}_{suffix}"
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The kernel library, built if needed, its handlers registered with XLA (`target_name`); None where
+    native kernels are disabled or cannot be built here (said once per process)."""
+    if not enabled():
+        return None
+    with _LOCK:
+        if name not in _LOADED:
+            try:
+                _LOADED[name] = _build_and_register(name)
+            except (BuildError, OSError) as e:
+                note(f"native CPU kernel '{name}' unavailable, using XLA's operations instead: {e}")
+                _LOADED[name] = None
+        return _LOADED[name]
+
+
+def main() -> int:
+    for name in KERNELS:
+        library = load(name)
+        print(f"{name}: {library._name if library is not None else 'not built (see the note above)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
