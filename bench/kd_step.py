@@ -21,8 +21,8 @@ weight decay 5e-4 on every parameter (transferlab is configured with
 
 Every measurement runs in its own subprocess, so the peak RSS (`resource.getrusage`)
 is that of one program on one side only; JAX and torch never share a process.
-JAX variants: XLA flags (YNNPACK fusion off vs XLA's default) and the residual-block
-`fusion_barrier` model kwarg (off vs on).
+JAX variants: XLA flags (YNNPACK fusion off vs XLA's default), the native CPU conv kernels
+(`xla_conv`: off) and the residual-block `fusion_barrier` model kwarg (off vs on).
 
 Host allocator (`--allocators`, CPU): every figure on both sides is measured with glibc's
 malloc ("system", torch's default) and with mimalloc preloaded ("mimalloc", what
@@ -75,8 +75,11 @@ TEMPERATURE = 4.0
 CE_WEIGHT, KD_WEIGHT = 0.1, 0.9
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 TARGET_TEACHER_FACTOR = 1.05
-# XLA_FLAGS per JAX variant. YNNPACK fusions off measured 10-25% faster on this 2-core CPU.
-VARIANTS = {"ynn_off": "--xla_cpu_experimental_ynn_fusion_type=", "default": ""}
+# XLA_FLAGS per JAX variant. YNNPACK fusions off measured 10-25% faster on this 2-core CPU. 'xla_conv': the
+# library's flags with its native CPU conv kernels off (TRANSFERLAB_NATIVE_KERNELS=0: every convolution XLA's;
+# transferlab/models/native_conv.py), the others run them where they apply (one CPU device, as here).
+VARIANTS = {"ynn_off": "--xla_cpu_experimental_ynn_fusion_type=",
+            "xla_conv": "--xla_cpu_experimental_ynn_fusion_type=", "default": ""}
 # The house peer figure for resnet56 -> resnet20 (torchdistill, seconds per step, this machine class).
 HOUSE_PEER = {"resnet56:resnet20": {"kd": 0.27, "student": 0.18, "teacher": 0.175}}
 WHATS = ("kd", "student", "teacher")
@@ -386,6 +389,7 @@ def _run_worker_once(side, pair, what, args, allocator, variant, fusion_barrier)
     if side == "jax":
         env["XLA_FLAGS"] = VARIANTS[variant]
         env["TRANSFERLAB_XLA_DEFAULTS"] = "0"  # (the variant's flags as given: 'default' is XLA's own)
+        env["TRANSFERLAB_NATIVE_KERNELS"] = "0" if variant == "xla_conv" else "1"
         env["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--device", args.device,
            "--what", what, "--pair", pair,

@@ -15,7 +15,9 @@ sharded in contiguous blocks) every device keeps its share of every chunk, so
 the chunking moves no data between devices. Sums in a different order than one
 convolution: weight gradients differ in the last float bits. Only on the CPU
 backend and for ungrouped convolutions; elsewhere, and for small batches, this
-is `lax.conv_general_dilated` exactly.
+is `lax.conv_general_dilated` exactly. On one CPU device `native_conv`'s
+kernels are faster still: models use this where those do not apply (a
+sharded CPU mesh, bfloat16), and for weight gradients too wide for them.
 """
 
 import functools

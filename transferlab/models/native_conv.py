@@ -64,8 +64,9 @@ def _forward(lhs, rhs, strides, padding):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def weight_grad(x, dy, kernel_shape, strides, padding):
     """d<conv(x, w), dy>/dw for an NHWC/HWIO convolution with a kernel of `kernel_shape`."""
-    if not _native(kernel_shape):
-        _, kernel_vjp = jax.vjp(lambda w: _plain(x, w, strides, padding), jnp.zeros(kernel_shape, x.dtype))
+    if not _native(kernel_shape):  # XLA's, summed over batch chunks
+        _, kernel_vjp = jax.vjp(lambda w: chunked_conv.conv_general_dilated(
+            x, w, strides, padding, dimension_numbers=_NHWC), jnp.zeros(kernel_shape, x.dtype))
         return kernel_vjp(dy)[0]
     return _ffi("weight_grad", kernel_shape, x, dy, strides, padding)
 
