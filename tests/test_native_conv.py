@@ -207,3 +207,27 @@ def test_a_run_on_the_kernels_resumes_bitwise_and_records_them(tmp_path, data_di
     config = config_lib.load(os.path.join(REPO, "tests/configs/tiny.py"), ["--config.model.name=resnet8",
                                                                          "--config.total_steps=12"])
     jax.tree.map(np.testing.assert_array_equal, final_params(straight, config), final_params(resumed, config))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn_16_2", "vgg8", "lenet5"])
+def test_models_on_the_kernels_match_models_on_xla(name, monkeypatch):
+    """Whole models (their flax convolutions through layers.conv): logits and parameter gradients on one CPU
+    device (the kernels where they apply) equal those on XLA's convolutions to float rounding."""
+    from transferlab import models
+    model = models.create(name, num_classes=10)
+    x = jnp.asarray(np.random.RandomState(3).rand(4, 32, 32, 3).astype(np.float32))
+    variables = model.init({"params": jax.random.PRNGKey(0)}, x, train=False)
+
+    def logits_and_grads():
+        def loss(params):
+            logits = model.apply({**variables, "params": params}, x, train=False)
+            return jnp.sum(jnp.sin(logits)), logits
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        return logits, grads
+
+    on_xla = logits_and_grads()
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    assert _uses_kernels(lambda p: jnp.sum(model.apply({**variables, "params": p}, x, train=False)),
+                         variables["params"])
+    on_kernels = logits_and_grads()
+    jax.tree.map(lambda got, want: _close(got, want, rtol=1e-4), on_kernels, on_xla)

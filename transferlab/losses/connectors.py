@@ -14,6 +14,7 @@ trilateral-geometry KD loss (not a student-to-teacher connector).
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -21,7 +22,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from transferlab import errors
+from transferlab.models import native_conv
 from transferlab.models.batch_norm import BatchNorm
+
+# Connector convolutions run on the native CPU kernels where those apply, like the models' (native_conv).
+_Conv = functools.partial(nn.Conv, conv_general_dilated=native_conv.conv_general_dilated)
 
 # kaiming_uniform_(a=1) of the reference ABF convs: gain 1, fan-in, uniform.
 _KAIMING_A1 = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -81,7 +86,7 @@ class ConvBN(nn.Module):
         x = x.astype(jnp.float32)
         if self.out_hw is not None:
             x = match_spatial(x, self.out_hw)
-        x = nn.Conv(self.features, (self.kernel, self.kernel), padding="SAME", use_bias=False, name="conv")(x)
+        x = _Conv(self.features, (self.kernel, self.kernel), padding="SAME", use_bias=False, name="conv")(x)
         return _batch_norm(train, "bn")(x)
 
 
@@ -100,14 +105,14 @@ class ABFBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, residual, out_hw, train: bool = False):
-        x = nn.Conv(self.mid_channels, (1, 1), use_bias=False, kernel_init=_KAIMING_A1, name="conv1")(x)
+        x = _Conv(self.mid_channels, (1, 1), use_bias=False, kernel_init=_KAIMING_A1, name="conv1")(x)
         x = _batch_norm(train, "bn1")(x)
         if self.fuse:
             r = resize_nearest(residual, x.shape[1:3])
-            z = nn.sigmoid(nn.Conv(2, (1, 1), name="att_conv")(jnp.concatenate([x, r], axis=-1)))
+            z = nn.sigmoid(_Conv(2, (1, 1), name="att_conv")(jnp.concatenate([x, r], axis=-1)))
             x = x * z[..., 0:1] + r * z[..., 1:2]
         x = resize_nearest(x, out_hw)
-        out = nn.Conv(self.out_channels, (3, 3), padding="SAME", use_bias=False, kernel_init=_KAIMING_A1,
+        out = _Conv(self.out_channels, (3, 3), padding="SAME", use_bias=False, kernel_init=_KAIMING_A1,
                       name="conv2")(x)
         return _batch_norm(train, "bn2")(out), x
 

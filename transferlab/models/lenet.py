@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from transferlab import errors
-from transferlab.models import layers
+from transferlab.models import layers, native_conv
 
 MIN_SIZE = 12
 
@@ -47,7 +47,8 @@ class LeNet5(nn.Module):
         for k, (width, pad) in enumerate(((6, 2), (16, 0)), start=1):
             conv = nn.Conv(width, (5, 5), padding=((pad, pad), (pad, pad)), use_bias=False,
                            kernel_init=layers.torch_default_kernel, dtype=self.dtype,
-                           param_dtype=layers.PARAM_DTYPE, name=f"conv{k}")
+                           param_dtype=layers.PARAM_DTYPE, name=f"conv{k}",
+                           conv_general_dilated=native_conv.conv_general_dilated)
             pre = _pool(layers.batch_norm(train, self.dtype, name=f"bn{k}")(conv(x)))
             x = nn.relu(pre)
             self.sow("intermediates", f"stage{k}", x)
