@@ -3,7 +3,7 @@
 Times, for each shape, the forward pass, the input gradient and the weight gradient as XLA computes them and
 as `transferlab.models.native_conv`'s kernels do (forced on, whatever its size thresholds say), in the same
 process, interleaved, median of --iters calls; checks that both agree. The thresholds
-`native_conv.MAX_WEIGHTS_PER_OFFSET` and `VECTOR_CHANNELS` come from this table.
+`native_conv.MAX_WEIGHTS` and `VECTOR_CHANNELS` come from this table.
 
     .venv/bin/python bench/conv_kernels.py [--iters 30] [--batch 64]
 """

@@ -19,6 +19,7 @@ another order; both are bitwise reproducible run to run, whatever the thread cou
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,12 @@ from transferlab.models import chunked_conv
 
 KERNEL = "conv2d"
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# Where the kernels beat XLA (bench/conv_kernels.py, 2-core Xeon, batch 64): up to 64 x 64 channels (the
-# forward kernel streams the weights once per block of 8 pixels x 32 channels, so XLA's packed GEMM wins
-# from 128 x 128 on), and with the channels a kernel vectorizes over (the output channels of the forward
-# pass and of the weight gradient; the input channels of an input gradient) a multiple of 8.
-MAX_WEIGHTS_PER_OFFSET = 64 * 64
+# Where the kernels beat XLA (bench/conv_kernels.py, 2-core Xeon, batch 64): kernels of up to 3 x 3 x 64 x 64
+# weights (the forward kernel streams all the weights once per block of 8 pixels x 32 channels, so XLA's
+# packed GEMM wins from 3 x 3 x 128 x 128 on; 1 x 1 kernels up to ~190 x 190 channels are still faster here),
+# with the channels a kernel vectorizes over (the output channels of the forward pass and of the weight
+# gradient; the input channels of an input gradient) a multiple of 8.
+MAX_WEIGHTS = 3 * 3 * 64 * 64
 VECTOR_CHANNELS = 8
 
 
@@ -51,7 +53,7 @@ def _ffi(suffix, out_shape, a, b, strides, padding):
 
 def _native(rhs_shape) -> bool:
     """Whether the forward or weight-gradient kernel is faster than XLA for an HWIO kernel of this shape."""
-    return (rhs_shape[2] * rhs_shape[3] <= MAX_WEIGHTS_PER_OFFSET and rhs_shape[3] % VECTOR_CHANNELS == 0)
+    return math.prod(rhs_shape) <= MAX_WEIGHTS and rhs_shape[3] % VECTOR_CHANNELS == 0
 
 
 def _forward(lhs, rhs, strides, padding):
