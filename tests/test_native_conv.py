@@ -75,6 +75,15 @@ def test_the_kernels_compute_what_lax_computes(shape):
     np.testing.assert_array_equal(weight_grad(x, dy), got)
 
 
+def test_the_kernels_refuse_inconsistent_shapes_and_negative_padding():
+    x, w = jnp.ones((1, 4, 4, 3), jnp.float32), jnp.ones((3, 3, 3, 4), jnp.float32)
+    with pytest.raises(Exception, match="conv2d forward: NHWC input and output, HWIO kernel of matching sizes"):
+        jax.jit(lambda x, w: native_conv._ffi("forward", (1, 4, 4, 5), x, w, (1, 1), ((1, 1), (1, 1))))(x, w)
+    with pytest.raises(Exception, match="conv2d weight_grad: strides and kernel sizes must be >= 1, padding >= 0"):
+        jax.jit(lambda x, dy: native_conv._ffi("weight_grad", w.shape, x, dy, (1, 1), ((-1, 1), (1, 1))))(
+            x, jnp.ones((1, 4, 4, 4), jnp.float32))
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_gradients_and_gradients_of_gradients_match_lax(shape):
     batch, h, w, c_in, c_out, (kh, kw), strides, padding = shape

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -88,9 +89,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, Work work) {
   state->cv.wait(lock, [&] { return state->done.load() == chunks; });
 }
 
-ffi::Error CheckGeometry(const Geometry& g) {
-  if (g.sh < 1 || g.sw < 1 || g.ph < 0 || g.pw < 0 || g.kh < 1 || g.kw < 1)
-    return ffi::Error::InvalidArgument("conv2d: strides and kernel sizes must be >= 1, padding >= 0");
+// The convolution's sizes from its input (NHWC), kernel (HWIO) and output (NHWC) dimensions, checked.
+template <typename Dims>
+ffi::Error ReadGeometry(const char* op, const Dims& xd, const Dims& wd, const Dims& yd, int64_t stride_h,
+                        int64_t stride_w, int64_t pad_h, int64_t pad_w, Geometry* g) {
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] || wd[2] != xd[3] || wd[3] != yd[3])
+    return ffi::Error::InvalidArgument(std::string(op) + ": NHWC input and output, HWIO kernel of matching sizes");
+  *g = Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1], stride_h, stride_w, pad_h, pad_w};
+  if (g->sh < 1 || g->sw < 1 || g->ph < 0 || g->pw < 0 || g->kh < 1 || g->kw < 1)
+    return ffi::Error::InvalidArgument(std::string(op) + ": strides and kernel sizes must be >= 1, padding >= 0");
   return ffi::Error::Success();
 }
 
@@ -166,13 +173,11 @@ void ForwardRows(const Geometry& g, const float* x, const float* w, float* y, in
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                        int64_t pad_w) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  auto yd = y->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] || wd[2] != xd[3] || wd[3] != yd[3])
-    return ffi::Error::InvalidArgument("conv2d forward: NHWC input, HWIO kernel, NHWC output of matching sizes");
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1], stride_h, stride_w, pad_h, pad_w};
-  if (ffi::Error error = CheckGeometry(g); error.failure()) return error;
+  Geometry g;
+  if (ffi::Error error = ReadGeometry("conv2d forward", x.dimensions(), w.dimensions(), y->dimensions(), stride_h,
+                                      stride_w, pad_h, pad_w, &g);
+      error.failure())
+    return error;
   const int64_t rows = g.n * g.ho;
   if (rows == 0 || g.wo == 0 || g.co == 0) return ffi::Error::Success();
   const int64_t per_chunk = std::max<int64_t>(1, rows / 64);
@@ -267,13 +272,11 @@ void WeightGradImages(const Geometry& g, const float* x, const float* dy, int64_
 ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                           int64_t pad_w) {
-  auto xd = x.dimensions();
-  auto yd = dy.dimensions();
-  auto wd = dw->dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || wd.size() != 4 || yd[0] != xd[0] || wd[2] != xd[3] || wd[3] != yd[3])
-    return ffi::Error::InvalidArgument("conv2d weight_grad: NHWC input and gradient, HWIO kernel of matching sizes");
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1], stride_h, stride_w, pad_h, pad_w};
-  if (ffi::Error error = CheckGeometry(g); error.failure()) return error;
+  Geometry g;
+  if (ffi::Error error = ReadGeometry("conv2d weight_grad", x.dimensions(), dw->dimensions(), dy.dimensions(),
+                                      stride_h, stride_w, pad_h, pad_w, &g);
+      error.failure())
+    return error;
   float* out = dw->typed_data();
   const int64_t size = g.kh * g.kw * g.ci * g.co;
   std::fill(out, out + size, 0.0f);
