@@ -5,17 +5,16 @@ On a 2-core CPU, XLA's convolutions are most of the gap to PyTorch's oneDNN in a
 layouts and run an Eigen convolution over an im2col buffer (2-5x slower than a direct loop at CIFAR sizes),
 its forward convolutions ~1.5x. Here the forward pass, the input gradient of stride-1 convolutions (the
 forward kernel on the output gradient with the kernel flipped and transposed) and the weight gradient run on
-direct loops, where `bench/conv_kernels.py` measured them faster (`_native`);
-everything else is XLA's. Every piece is differentiable again (the weight gradient is bilinear: its
+direct loops, where `bench/conv_kernels.py` measured them faster (`_native`); everything else is XLA's. Every piece is differentiable again (the weight gradient is bilinear: its
 vector-Jacobian products are a convolution and an input gradient), so look-ahead methods that differentiate
 through a gradient step (TGeo-KD) work unchanged.
 
 It applies where the whole computation runs on one CPU device (a CPU run with one device, the library's
 default there), for float32 NHWC/HWIO convolutions without dilation or groups. Elsewhere (GPUs, TPUs, sharded
 CPU meshes, bfloat16, grouped convolutions), where the kernels cannot be built, or with
-`TRANSFERLAB_NATIVE_KERNELS=0`, `conv_general_dilated` is `chunked_conv.conv_general_dilated`. The forward
-kernel sums in XLA's order up to float rounding (results equal to ~1e-7 relative), the weight gradient in
-another order; both are bitwise reproducible run to run, whatever the thread count.
+`TRANSFERLAB_NATIVE_KERNELS=0`, `conv_general_dilated` is `chunked_conv.conv_general_dilated`. Results equal
+XLA's to float rounding (~1e-6 relative: the sums run in another order) and are bitwise reproducible run to
+run, whatever the thread count.
 """
 
 import functools
