@@ -106,13 +106,13 @@ ffi::Error ReadGeometry(const char* op, const Dims& xd, const Dims& wd, const Di
 
 // out[ow0:ow0+P, co0:co0+NV*V] of one output row, from `rows` (per kernel row, the input row zero-padded left
 // and right; nullptr where the kernel row falls in the vertical padding): P x NV accumulators.
-template <int P, int NV, int V>
+template <int P, int NV, int V, int PS>
 inline void ForwardPixels(const Geometry& g, const float* const* rows, const float* w, float* out, int64_t ow0,
                           int64_t co0) {
   Vec<V> acc[P][NV];
   for (int j = 0; j < P; ++j)
     for (int v = 0; v < NV; ++v) acc[j][v] = Vec<V>{};
-  const int64_t pixel_step = g.sw * g.ci;
+  const int64_t pixel_step = PS > 0 ? PS : g.sw * g.ci;  // a constant: immediate address offsets
   for (int64_t ky = 0; ky < g.kh; ++ky) {
     if (rows[ky] == nullptr) continue;
     for (int64_t kx = 0; kx < g.kw; ++kx) {
@@ -133,40 +133,60 @@ inline void ForwardPixels(const Geometry& g, const float* const* rows, const flo
 }
 
 // Output pixels [ow, wo) of one row in blocks of P, P/2, ..., 1.
+template <int P, int NV, int V, int PS>
+inline void ForwardRun(const Geometry& g, const float* const* rows, const float* w, float* out, int64_t ow,
+                       int64_t co0) {
+  for (; ow + P <= g.wo; ow += P) ForwardPixels<P, NV, V, PS>(g, rows, w, out, ow, co0);
+  if constexpr (P > 1) ForwardRun<P / 2, NV, V, PS>(g, rows, w, out, ow, co0);
+}
+
+// The same, with the input pixel step (stride x input channels) a compile-time constant where common.
 template <int P, int NV, int V>
 inline void ForwardRow(const Geometry& g, const float* const* rows, const float* w, float* out, int64_t ow,
                        int64_t co0) {
-  for (; ow + P <= g.wo; ow += P) ForwardPixels<P, NV, V>(g, rows, w, out, ow, co0);
-  if constexpr (P > 1) ForwardRow<P / 2, NV, V>(g, rows, w, out, ow, co0);
+  switch (g.sw * g.ci) {
+    case 16: ForwardRun<P, NV, V, 16>(g, rows, w, out, ow, co0); break;
+    case 32: ForwardRun<P, NV, V, 32>(g, rows, w, out, ow, co0); break;
+    case 64: ForwardRun<P, NV, V, 64>(g, rows, w, out, ow, co0); break;
+    default: ForwardRun<P, NV, V, 0>(g, rows, w, out, ow, co0);
+  }
 }
 
-// Output rows [r0, r1) of the flattened (image, row) index, every output channel.
+// Output rows [r0, r1) of the flattened (image, row) index, every output channel. The input rows they read
+// are copied once per image into a buffer with zero padding columns left and right.
 void ForwardRows(const Geometry& g, const float* x, const float* w, float* y, int64_t r0, int64_t r1) {
   const int64_t padded_w = std::max(g.w + g.pw, (g.wo - 1) * g.sw + g.kw);
-  std::vector<float> buffer(g.kh * padded_w * g.ci, 0.0f);
+  const int64_t row_floats = padded_w * g.ci;
+  const int64_t max_rows = std::min(g.h, (std::min(r1 - r0, g.ho) - 1) * g.sh + g.kh);
+  std::unique_ptr<float[]> buffer(new float[std::max<int64_t>(1, max_rows) * row_floats]);
   std::vector<const float*> rows(g.kh);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / g.ho, oh = r % g.ho;
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t ih = oh * g.sh - g.ph + ky;
-      if (ih < 0 || ih >= g.h) {
-        rows[ky] = nullptr;
-        continue;
-      }
-      float* row = buffer.data() + ky * padded_w * g.ci;  // its padding columns stay zero
+  for (int64_t r = r0; r < r1;) {
+    const int64_t n = r / g.ho, oh0 = r % g.ho, oh1 = std::min(g.ho, oh0 + (r1 - r));
+    const int64_t ih0 = std::max<int64_t>(0, oh0 * g.sh - g.ph);
+    const int64_t ih1 = std::min(g.h, (oh1 - 1) * g.sh - g.ph + g.kh);
+    for (int64_t ih = ih0; ih < ih1; ++ih) {
+      float* row = buffer.get() + (ih - ih0) * row_floats;
+      std::fill(row, row + g.pw * g.ci, 0.0f);
       std::memcpy(row + g.pw * g.ci, x + (n * g.h + ih) * g.w * g.ci, g.w * g.ci * sizeof(float));
-      rows[ky] = row;
+      std::fill(row + (g.pw + g.w) * g.ci, row + row_floats, 0.0f);
     }
-    float* out = y + (n * g.ho + oh) * g.wo * g.co;
-    int64_t co0 = 0;
-    while (co0 < g.co) {  // 32 output channels x 8 pixels, or 16 x 16, per register block
-      const int64_t left = g.co - co0;
-      if (left >= 32) { ForwardRow<8, 2, 16>(g, rows.data(), w, out, 0, co0); co0 += 32; }
-      else if (left >= 16) { ForwardRow<16, 1, 16>(g, rows.data(), w, out, 0, co0); co0 += 16; }
-      else if (left >= 8) { ForwardRow<16, 1, 8>(g, rows.data(), w, out, 0, co0); co0 += 8; }
-      else if (left >= 4) { ForwardRow<16, 1, 4>(g, rows.data(), w, out, 0, co0); co0 += 4; }
-      else { ForwardRow<16, 1, 1>(g, rows.data(), w, out, 0, co0); co0 += 1; }
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t ih = oh * g.sh - g.ph + ky;
+        rows[ky] = (ih < 0 || ih >= g.h) ? nullptr : buffer.get() + (ih - ih0) * row_floats;
+      }
+      float* out = y + (n * g.ho + oh) * g.wo * g.co;
+      int64_t co0 = 0;
+      while (co0 < g.co) {  // 32 output channels x 8 pixels, or 16 x 16, per register block
+        const int64_t left = g.co - co0;
+        if (left >= 32) { ForwardRow<8, 2, 16>(g, rows.data(), w, out, 0, co0); co0 += 32; }
+        else if (left >= 16) { ForwardRow<16, 1, 16>(g, rows.data(), w, out, 0, co0); co0 += 16; }
+        else if (left >= 8) { ForwardRow<16, 1, 8>(g, rows.data(), w, out, 0, co0); co0 += 8; }
+        else if (left >= 4) { ForwardRow<16, 1, 4>(g, rows.data(), w, out, 0, co0); co0 += 4; }
+        else { ForwardRow<16, 1, 1>(g, rows.data(), w, out, 0, co0); co0 += 1; }
+      }
     }
+    r += oh1 - oh0;
   }
 }
 
