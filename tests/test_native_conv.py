@@ -29,9 +29,11 @@ DIMS = ("NHWC", "HWIO", "NHWC")
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    """The kernels must build wherever a C++ compiler is (CI's machines have g++)."""
+    """The kernels must build wherever a C++ compiler is (CI's machines have g++) and the CPU has AVX-512."""
     if build.compiler() is None:
         pytest.skip("no C++ compiler on this machine")
+    if not build.supported(native_conv.KERNEL):
+        pytest.skip("this CPU has no AVX-512: the conv kernels are not built (tested below: XLA's are used)")
     assert build.load(native_conv.KERNEL) is not None
 
 
@@ -189,6 +191,18 @@ def test_without_a_working_compiler_the_convolutions_are_xla_and_a_note_says_why
     err = capsys.readouterr().err
     assert err.count("[note] native CPU kernel 'conv2d' unavailable, using XLA's operations instead") == 1
     assert native_conv.status() == "XLA (kernels not built here)" and os.listdir(tmp_path) == []
+
+
+def test_cpus_without_avx512_get_xla_convolutions_without_a_note(monkeypatch, capsys):
+    monkeypatch.setattr(build, "_cpu_signature", lambda: "flags\t\t: fpu sse2 avx avx2 fma")
+    monkeypatch.setattr(build, "_LOADED", {})
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    assert not build.supported(native_conv.KERNEL) and build.load(native_conv.KERNEL) is None
+    assert native_conv.status() == "XLA (no avx512f on this CPU)"
+    x, k = jnp.ones((2, 8, 8, 8), jnp.float32), jnp.ones((3, 3, 8, 16), jnp.float32)
+    assert not _uses_kernels(lambda k: jnp.sum(native_conv.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=DIMS)), k)
+    assert capsys.readouterr().err == ""  # an expected configuration, not a failure
 
 
 def _cli(workdir, extra=(), env_extra=None):

@@ -7,8 +7,9 @@ hashes the source, the flags, the compiler, jaxlib's version and the CPU's instr
 shared between machines (an NFS home) never hands one CPU another's code. Concurrent first uses (test
 workers, processes of one job) each compile to a temporary file and rename it into place.
 
-Where no compiler is found or the build fails, `load` says so once (a `[note]`) and returns None; callers
-then use XLA's own operations, which compute the same values. `python -m transferlab.kernels.build` builds
+Where the CPU lacks what a kernel is written for (`supported`: conv2d needs AVX-512), `load` returns None;
+where no compiler is found or the build fails, it says so once (a `[note]`) and returns None. Callers then
+use XLA's own operations, which compute the same values. `python -m transferlab.kernels.build` builds
 every kernel ahead of time (the Makefile's setup does) and prints where.
 """
 
@@ -27,10 +28,10 @@ import jax
 
 from transferlab.errors import note
 
-# library -> (C++ source next to this module, {FFI target suffix: handler symbol})
+# library -> (C++ source next to this module, {FFI target suffix: handler symbol}, CPU flag it needs)
 KERNELS = {
     "conv2d": ("conv2d.cc", {"forward": "TransferlabConv2dForward",
-                             "weight_grad": "TransferlabConv2dWeightGrad"}),
+                             "weight_grad": "TransferlabConv2dWeightGrad"}, "avx512f"),
 }
 DISABLE_ENV = "TRANSFERLAB_NATIVE_KERNELS"  # "0": never build or use the native kernels
 _LOCK = threading.Lock()
@@ -38,6 +39,12 @@ _LOCK = threading.Lock()
 
 class BuildError(Exception):
     """A kernel could not be compiled or loaded here."""
+
+
+def supported(name: str) -> bool:
+    """Whether this CPU has what the kernel is written for (conv2d: AVX-512; elsewhere XLA is faster)."""
+    needed = KERNELS[name][2]
+    return needed in _cpu_signature().split()
 
 
 def enabled() -> bool:
@@ -64,10 +71,12 @@ def compiler() -> str | None:
 
 
 def flags() -> list[str]:
+    """The compiler flags: for this CPU, then `$TRANSFERLAB_KERNEL_FLAGS` (space-separated; later flags win,
+    e.g. `-march=x86-64-v3` for a cache shared with older CPUs, or to time the AVX2 code on an AVX-512 host)."""
     common = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
     if platform.machine() in ("x86_64", "AMD64"):
         common.append("-mprefer-vector-width=512")  # AVX-512 registers where the CPU has them
-    return common
+    return common + os.environ.get("TRANSFERLAB_KERNEL_FLAGS", "").split()
 
 
 def _cpu_signature() -> str:
@@ -148,8 +157,9 @@ def target_name(name: str, suffix: str) -> str:
 
 def load(name: str) -> ctypes.CDLL | None:
     """The kernel library, built if needed, its handlers registered with XLA (`target_name`); None where
-    native kernels are disabled or cannot be built here (said once per process)."""
-    if not enabled():
+    native kernels are disabled, where the CPU lacks what they are written for (`supported`), or where
+    they cannot be built (said once per process)."""
+    if not enabled() or not supported(name):
         return None
     with _LOCK:
         if name not in _LOADED:
@@ -164,7 +174,12 @@ def load(name: str) -> ctypes.CDLL | None:
 def main() -> int:
     for name in KERNELS:
         library = load(name)
-        print(f"{name}: {library._name if library is not None else 'not built (see the note above)'}")
+        if library is not None:
+            print(f"{name}: {library._name}")
+        elif not supported(name):
+            print(f"{name}: not built: this CPU has no {KERNELS[name][2]} (XLA's operations are used)")
+        else:
+            print(f"{name}: not built (see the note above)")
     return 0
 
 

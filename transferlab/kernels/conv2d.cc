@@ -47,6 +47,15 @@ template <> struct VecOf<1> { typedef Vec1 type; };
 template <int V>
 using Vec = typename VecOf<V>::type;
 
+// Register blocks, in 16-float accumulators (zmm registers, 32 of them): the forward pass holds 16 pixels x 16
+// channels or 8 x 32, the weight gradient 16 input x 16 output channels. Without AVX-512 these 64-byte vectors
+// are emulated and the blocks overflow the register file: timed on an AVX-512 host with -march=x86-64-v3, 5-70x
+// slower than XLA (bench/results_cpu.md), so build.py builds these kernels only for CPUs with AVX-512.
+#ifndef __AVX512F__
+#error "conv2d.cc is written for AVX-512 (transferlab/kernels/build.py builds it only where the CPU has it)"
+#endif
+constexpr int kForwardPixels = 16, kForwardPixelsOf32 = 8, kMaxCiBlock = 16;
+
 template <int V>
 inline Vec<V> Load(const float* p) {
   Vec<V> v;
@@ -177,13 +186,13 @@ void ForwardRows(const Geometry& g, const float* x, const float* w, float* y, in
       }
       float* out = y + (n * g.ho + oh) * g.wo * g.co;
       int64_t co0 = 0;
-      while (co0 < g.co) {  // 32 output channels x 8 pixels, or 16 x 16, per register block
+      while (co0 < g.co) {
         const int64_t left = g.co - co0;
-        if (left >= 32) { ForwardRow<8, 2, 16>(g, rows.data(), w, out, 0, co0); co0 += 32; }
-        else if (left >= 16) { ForwardRow<16, 1, 16>(g, rows.data(), w, out, 0, co0); co0 += 16; }
-        else if (left >= 8) { ForwardRow<16, 1, 8>(g, rows.data(), w, out, 0, co0); co0 += 8; }
-        else if (left >= 4) { ForwardRow<16, 1, 4>(g, rows.data(), w, out, 0, co0); co0 += 4; }
-        else { ForwardRow<16, 1, 1>(g, rows.data(), w, out, 0, co0); co0 += 1; }
+        if (left >= 32) { ForwardRow<kForwardPixelsOf32, 2, 16>(g, rows.data(), w, out, 0, co0); co0 += 32; }
+        else if (left >= 16) { ForwardRow<kForwardPixels, 1, 16>(g, rows.data(), w, out, 0, co0); co0 += 16; }
+        else if (left >= 8) { ForwardRow<kForwardPixels, 1, 8>(g, rows.data(), w, out, 0, co0); co0 += 8; }
+        else if (left >= 4) { ForwardRow<kForwardPixels, 1, 4>(g, rows.data(), w, out, 0, co0); co0 += 4; }
+        else { ForwardRow<kForwardPixels, 1, 1>(g, rows.data(), w, out, 0, co0); co0 += 1; }
       }
     }
     r += oh1 - oh0;
@@ -250,14 +259,6 @@ void WeightGradBlock(const Geometry& g, const float* x, const float* dy, int64_t
     Store<V>(o, Load<V>(o) + acc[c]);
   }
 }
-
-// Input channels per register block: CB accumulators of 16 floats are CB zmm registers with AVX-512, 2 x CB ymm
-// registers without it (16 of them), so at most 8 there.
-#ifdef __AVX512F__
-constexpr int kMaxCiBlock = 16;
-#else
-constexpr int kMaxCiBlock = 8;
-#endif
 
 // Every input channel for output channels [co0, co0 + V), in register blocks of 16, 8, 4, 2 or 1.
 template <int V>

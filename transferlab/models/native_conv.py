@@ -10,8 +10,9 @@ vector-Jacobian products are a convolution and an input gradient), so look-ahead
 through a gradient step (TGeo-KD) work unchanged.
 
 It applies where the whole computation runs on one CPU device (a CPU run with one device, the library's
-default there), for float32 NHWC/HWIO convolutions without dilation or groups. Elsewhere (GPUs, TPUs, sharded
-CPU meshes, bfloat16, grouped convolutions), where the kernels cannot be built, or with
+default there) with AVX-512, for float32 NHWC/HWIO convolutions without dilation or groups. Elsewhere (GPUs,
+TPUs, sharded CPU meshes, CPUs without AVX-512, bfloat16, grouped convolutions), where the kernels cannot be
+built, or with
 `TRANSFERLAB_NATIVE_KERNELS=0`, `conv_general_dilated` is `chunked_conv.conv_general_dilated`. Results equal
 XLA's to float rounding (~1e-6 relative: the sums run in another order) and are bitwise reproducible run to
 run, whatever the thread count.
@@ -126,6 +127,8 @@ def status() -> str:
         return "XLA (not one CPU device)"
     if not build.enabled():
         return f"XLA ({build.DISABLE_ENV}=0)"
+    if not build.supported(KERNEL):
+        return f"XLA (no {build.KERNELS[KERNEL][2]} on this CPU)"
     return "native" if build.load(KERNEL) is not None else "XLA (kernels not built here)"
 
 
