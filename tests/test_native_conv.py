@@ -139,6 +139,7 @@ def test_models_use_the_kernels_on_one_cpu_device_only(monkeypatch):
     assert not _uses_kernels(loss, params)  # 8 devices: a sharded mesh may split the batch
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)
     assert _uses_kernels(loss, params) and native_conv.status() == "native"
+    assert native_conv.status("bfloat16") == "XLA (bfloat16: the kernels are float32)"  # a bfloat16 run's record
     bf16 = layers.conv(16, 3, jnp.bfloat16)
     assert not _uses_kernels(lambda p: jnp.sum(bf16.apply(p, x.astype(jnp.bfloat16)).astype(jnp.float32)),
                              bf16.init(jax.random.PRNGKey(0), x))  # float32 only
@@ -171,18 +172,40 @@ def test_the_build_is_cached_per_source_compiler_and_cpu(tmp_path, monkeypatch):
     path = build.library_path(native_conv.KERNEL, cxx)
     assert os.path.dirname(path) == str(tmp_path)
     build.compile_library(native_conv.KERNEL, cxx, path)
-    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary file left behind
-    import ctypes
-    library = ctypes.CDLL(path)
-    assert all(hasattr(library, symbol) for symbol in build.KERNELS[native_conv.KERNEL][1].values())
-    monkeypatch.setattr(build, "_cpu_signature", lambda: "flags : another cpu")
+    name = os.path.basename(path)
+    assert sorted(os.listdir(tmp_path)) == [name, name + ".sha256"]  # no temporary file left behind
+    assert build._open(native_conv.KERNEL, path) is not None
+    monkeypatch.setattr(build, "_cpu_signature", lambda: "flags : another cpu avx512f")
     assert build.library_path(native_conv.KERNEL, cxx) != path  # -march=native code is not shared across CPUs
+
+
+def test_a_damaged_or_foreign_library_in_the_cache_is_never_opened(tmp_path, monkeypatch):
+    """dlopen of a shared object cut short (a full disk, a kill mid-copy) can crash the process (SIGBUS):
+    only a file whose digest matches the one recorded at its build is opened, and only with every handler."""
+    monkeypatch.setenv("TRANSFERLAB_KERNEL_CACHE", str(tmp_path))
+    path = build.library_path(native_conv.KERNEL, build.compiler())
+    build.compile_library(native_conv.KERNEL, build.compiler(), path)
+    whole = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    assert build._open(native_conv.KERNEL, path) is None
+    os.remove(path + ".sha256")
+    with open(path, "wb") as f:
+        f.write(whole)
+    assert build._open(native_conv.KERNEL, path) is None  # no recorded digest: built again
+    import _ctypes
+    import shutil
+    shutil.copy(_ctypes.__file__, path)  # a loadable shared object without the handlers
+    with open(path + ".sha256", "w") as f:
+        f.write(build._file_digest(path))
+    assert build._open(native_conv.KERNEL, path) is None
 
 
 def test_without_a_working_compiler_the_convolutions_are_xla_and_a_note_says_why(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRANSFERLAB_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     monkeypatch.setattr(build, "_LOADED", {})
+    monkeypatch.setattr(build, "_FAILURES", {})
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)
     x = jnp.ones((2, 8, 8, 8), jnp.float32)
     k = jnp.ones((3, 3, 8, 16), jnp.float32)
@@ -190,7 +213,9 @@ def test_without_a_working_compiler_the_convolutions_are_xla_and_a_note_says_why
     np.testing.assert_array_equal(out, _lax(x, k, (1, 1), ((1, 1), (1, 1))))
     err = capsys.readouterr().err
     assert err.count("[note] native CPU kernel 'conv2d' unavailable, using XLA's operations instead") == 1
-    assert native_conv.status() == "XLA (kernels not built here)" and os.listdir(tmp_path) == []
+    import shutil
+    assert native_conv.status() == f"XLA (kernels not built here: {shutil.which('false')} failed (exit 1))"
+    assert os.listdir(tmp_path) == []
 
 
 def test_cpus_without_avx512_get_xla_convolutions_without_a_note(monkeypatch, capsys):

@@ -67,7 +67,8 @@ def host_allocator() -> str:
         return "system"
 
 
-def environment() -> dict:
+def environment(dtype="float32") -> dict:
+    """This process's record; `dtype`: the run's model compute dtype (which convolutions it ran on)."""
     import jax
 
     from transferlab.models import native_conv
@@ -77,7 +78,7 @@ def environment() -> dict:
         "git_commit": git_commit(), "jax": jax.__version__, "backend": jax.default_backend(),
         "devices": f"{len(devices)} x {devices[0].device_kind}", "processes": jax.process_count(),
         "host_cpus": os.cpu_count(), "host_cpu": cpu_name(), "host_allocator": host_allocator(),
-        "convolutions": native_conv.status(),
+        "convolutions": native_conv.status(dtype),
         "finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
 

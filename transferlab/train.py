@@ -453,7 +453,7 @@ class Trainer:
             "selected_step": int(selected_step),
             **({"teachers": teachers} if (teachers := self._frozen_sources()) else {}),
             "validation": validation, "test": test, "wall_time_s": round(wall_time, 2),
-            "environment": provenance.environment(),
+            "environment": provenance.environment(config.model.dtype),
         }
         if jax.process_index() == 0:
             files.write_json(os.path.join(self.workdir, "results.json"), results)

@@ -72,7 +72,7 @@ def compiler() -> str | None:
 
 def flags() -> list[str]:
     """The compiler flags: for this CPU, then `$TRANSFERLAB_KERNEL_FLAGS` (space-separated; later flags win,
-    e.g. `-march=x86-64-v3` for a cache shared with older CPUs, or to time the AVX2 code on an AVX-512 host)."""
+    e.g. `-march=skylake-avx512` for a cache shared by several AVX-512 CPU models)."""
     common = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
     if platform.machine() in ("x86_64", "AMD64"):
         common.append("-mprefer-vector-width=512")  # AVX-512 registers where the CPU has them
@@ -110,7 +110,14 @@ def library_path(name: str, cxx: str) -> str:
     return os.path.join(cache_dir(), f"{name}-{digest.hexdigest()[:16]}.so")
 
 
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def compile_library(name: str, cxx: str, path: str) -> None:
+    """Compiles `name` into `path`, with `path`.sha256 holding the file's digest (written first: a library
+    whose digest does not match, cut short by a full disk or a kill, is never opened)."""
     source = os.path.join(os.path.dirname(__file__), KERNELS[name][0])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -122,8 +129,26 @@ def compile_library(name: str, cxx: str, path: str) -> None:
     if done.returncode != 0:
         os.path.exists(tmp) and os.remove(tmp)
         first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-        raise BuildError(f"{cxx} failed: {first}")
+        raise BuildError(f"{cxx} failed (exit {done.returncode})" + (f": {first.strip()}" if first.strip() else ""))
+    with open(tmp + ".sha256", "w") as f:
+        f.write(_file_digest(tmp))
+    os.replace(tmp + ".sha256", path + ".sha256")
     os.replace(tmp, path)
+
+
+def _open(name: str, path: str) -> ctypes.CDLL | None:
+    """The library at `path` if its digest is the recorded one and it has every handler, else None. (A
+    truncated shared object can crash the process inside dlopen, so it is never handed to it.)"""
+    try:
+        with open(path + ".sha256") as f:
+            if f.read().strip() != _file_digest(path):
+                return None
+        library = ctypes.CDLL(path)
+        for symbol in KERNELS[name][1].values():
+            getattr(library, symbol)
+    except (OSError, AttributeError):
+        return None
+    return library
 
 
 def _build_and_register(name: str) -> ctypes.CDLL:
@@ -131,16 +156,12 @@ def _build_and_register(name: str) -> ctypes.CDLL:
     if cxx is None:
         raise BuildError("no C++ compiler found (set $CXX, or install g++)")
     path = library_path(name, cxx)
-    if not os.path.exists(path):
+    library = _open(name, path) if os.path.exists(path) else None
+    if library is None:  # not built yet, or a damaged cache entry: build it (again)
         compile_library(name, cxx, path)
-    try:
-        library = ctypes.CDLL(path)
-    except OSError:  # a damaged cache entry: build it again once
-        compile_library(name, cxx, path)
-        try:
-            library = ctypes.CDLL(path)
-        except OSError as e:
-            raise BuildError(f"{path} does not load ({e})") from None
+        library = _open(name, path)
+        if library is None:
+            raise BuildError(f"{path} does not load")
     for suffix, symbol in KERNELS[name][1].items():
         jax.ffi.register_ffi_target(target_name(name, suffix), jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")
@@ -148,6 +169,7 @@ def _build_and_register(name: str) -> ctypes.CDLL:
 
 
 _LOADED: dict[str, ctypes.CDLL | None] = {}
+_FAILURES: dict[str, str] = {}  # name -> why it was not built (for the runs' records)
 
 
 def target_name(name: str, suffix: str) -> str:
@@ -167,8 +189,13 @@ def load(name: str) -> ctypes.CDLL | None:
                 _LOADED[name] = _build_and_register(name)
             except (BuildError, OSError) as e:
                 note(f"native CPU kernel '{name}' unavailable, using XLA's operations instead: {e}")
-                _LOADED[name] = None
+                _LOADED[name], _FAILURES[name] = None, str(e)
         return _LOADED[name]
+
+
+def failure(name: str) -> str | None:
+    """Why `load(name)` returned None after trying to build it, if it did."""
+    return _FAILURES.get(name)
 
 
 def main() -> int:

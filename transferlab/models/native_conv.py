@@ -7,7 +7,10 @@ its forward convolutions ~1.5x. Here the forward pass, the input gradient of str
 forward kernel on the output gradient with the kernel flipped and transposed) and the weight gradient run on
 direct loops, where `bench/conv_kernels.py` measured them faster (`_native`); everything else is XLA's. Every piece is differentiable again (the weight gradient is bilinear: its
 vector-Jacobian products are a convolution and an input gradient), so look-ahead methods that differentiate
-through a gradient step (TGeo-KD) work unchanged.
+through a gradient step (TGeo-KD) work unchanged. Reverse mode only: the pieces are `jax.custom_vjp`s, so
+forward-mode differentiation (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) of a model on the kernels raises JAX's
+"can't apply forward-mode autodiff (jvp) to a custom_vjp function"; nothing in transferlab uses it, and
+`TRANSFERLAB_NATIVE_KERNELS=0` gives XLA's convolutions, which support it.
 
 It applies where the whole computation runs on one CPU device (a CPU run with one device, the library's
 default there) with AVX-512, for float32 NHWC/HWIO convolutions without dilation or groups. Elsewhere (GPUs,
@@ -45,6 +48,8 @@ def _plain(lhs, rhs, strides, padding):
 
 
 def _ffi(suffix, out_shape, a, b, strides, padding):
+    if build.load(KERNEL) is None:  # registers the handlers (conv_general_dilated checks this first)
+        raise RuntimeError(f"native conv kernels unavailable here: {status()}")
     call = jax.ffi.ffi_call(build.target_name(KERNEL, suffix), jax.ShapeDtypeStruct(out_shape, jnp.float32),
                             vmap_method="sequential")
     return call(a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
@@ -121,15 +126,20 @@ def _conv_bwd(strides, padding, residuals, g_out):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def status() -> str:
-    """Which convolutions this process runs: 'native' or 'XLA (why)' (recorded in each run's environment)."""
+def status(dtype="float32") -> str:
+    """Which convolutions a run of models computing in `dtype` gets in this process: 'native' or 'XLA (why)'
+    (recorded in each run's environment)."""
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         return "XLA (not one CPU device)"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"XLA ({jnp.dtype(dtype).name}: the kernels are float32)"
     if not build.enabled():
         return f"XLA ({build.DISABLE_ENV}=0)"
     if not build.supported(KERNEL):
         return f"XLA (no {build.KERNELS[KERNEL][2]} on this CPU)"
-    return "native" if build.load(KERNEL) is not None else "XLA (kernels not built here)"
+    if build.load(KERNEL) is None:
+        return f"XLA (kernels not built here: {build.failure(KERNEL)})"[:300]
+    return "native"
 
 
 def _unit(values) -> bool:
