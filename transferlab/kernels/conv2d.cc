@@ -322,26 +322,21 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+// Both handlers take (x, second operand), return one buffer and read the same attributes: forward (x, w) -> y,
+// weight_grad (x, dy) -> dw.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride_h")
+      .Attr<int64_t>("stride_w")
+      .Attr<int64_t>("pad_h")
+      .Attr<int64_t>("pad_w");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TransferlabConv2dForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TransferlabConv2dWeightGrad, WeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TransferlabConv2dForward, ForwardImpl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TransferlabConv2dWeightGrad, WeightGradImpl, Binding());
