@@ -218,6 +218,40 @@ def test_without_a_working_compiler_the_convolutions_are_xla_and_a_note_says_why
     assert os.listdir(tmp_path) == []
 
 
+AVX2_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from transferlab.kernels import build
+from transferlab.models import native_conv
+assert build.load(native_conv.KERNEL) is not None
+rng = np.random.RandomState(0)
+for c_in, c_out, k, s in ((3, 16, 3, 1), (16, 24, 3, 2), (19, 40, 3, 1), (8, 7, 1, 1)):
+    x = jnp.asarray(rng.randn(3, 9, 9, c_in).astype(np.float32))
+    w = jnp.asarray(rng.randn(k, k, c_in, c_out).astype(np.float32))
+    pads = ((k // 2, k // 2),) * 2
+    conv = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv(x, w)
+    got = native_conv._ffi("forward", y.shape, x, w, (s, s), pads)
+    np.testing.assert_allclose(got, y, rtol=2e-6, atol=2e-6 * float(jnp.abs(y).max()))
+    dw = jax.vjp(lambda w_: conv(x, w_), w)[1](y)[0]
+    got = native_conv._ffi("weight_grad", w.shape, x, y, (s, s), pads)
+    np.testing.assert_allclose(got, dw, rtol=1e-5, atol=1e-5 * float(jnp.abs(dw).max()))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="an x86-64 build flag")
+def test_the_avx2_build_of_the_kernels_computes_what_lax_computes(tmp_path):
+    """conv2d.cc's AVX2 register blocking (8-float vectors), built with -march=x86-64-v3 (it runs on AVX-512
+    CPUs too). Not used by default (build.supported: AVX-512 only), kept correct for CPUs without it."""
+    env = {**os.environ, "TRANSFERLAB_KERNEL_CACHE": str(tmp_path),
+           "TRANSFERLAB_KERNEL_FLAGS": "-march=x86-64-v3 -mprefer-vector-width=256",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run([sys.executable, "-c", AVX2_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_cpus_without_avx512_get_xla_convolutions_without_a_note(monkeypatch, capsys):
     monkeypatch.setattr(build, "_cpu_signature", lambda: "flags\t\t: fpu sse2 avx avx2 fma")
     monkeypatch.setattr(build, "_LOADED", {})

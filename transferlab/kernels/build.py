@@ -42,7 +42,9 @@ class BuildError(Exception):
 
 
 def supported(name: str) -> bool:
-    """Whether this CPU has what the kernel is written for (conv2d: AVX-512; elsewhere XLA is faster)."""
+    """Whether this CPU has what the kernel is written for. conv2d: AVX-512. Its AVX2 build (8-float
+    vectors, `TRANSFERLAB_KERNEL_FLAGS=-march=x86-64-v3`, tested) beats XLA on some ResNet convolutions and
+    loses on others (bench/results_cpu.md), so CPUs without AVX-512 keep XLA's convolutions."""
     needed = KERNELS[name][2]
     return needed in _cpu_signature().split()
 
@@ -72,7 +74,8 @@ def compiler() -> str | None:
 
 def flags() -> list[str]:
     """The compiler flags: for this CPU, then `$TRANSFERLAB_KERNEL_FLAGS` (space-separated; later flags win,
-    e.g. `-march=skylake-avx512` for a cache shared by several AVX-512 CPU models)."""
+    e.g. `-march=skylake-avx512` for a cache shared by several AVX-512 CPU models, or `-march=x86-64-v3` for
+    the AVX2 build)."""
     common = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
     if platform.machine() in ("x86_64", "AMD64"):
         common.append("-mprefer-vector-width=512")  # AVX-512 registers where the CPU has them

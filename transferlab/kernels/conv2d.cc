@@ -47,14 +47,17 @@ template <> struct VecOf<1> { typedef Vec1 type; };
 template <int V>
 using Vec = typename VecOf<V>::type;
 
-// Register blocks, in 16-float accumulators (zmm registers, 32 of them): the forward pass holds 16 pixels x 16
-// channels or 8 x 32, the weight gradient 16 input x 16 output channels. Without AVX-512 these 64-byte vectors
-// are emulated and the blocks overflow the register file: timed on an AVX-512 host with -march=x86-64-v3, 5-70x
-// slower than XLA (bench/results_cpu.md), so build.py builds these kernels only for CPUs with AVX-512.
-#ifndef __AVX512F__
-#error "conv2d.cc is written for AVX-512 (transferlab/kernels/build.py builds it only where the CPU has it)"
+// Register blocks. With AVX-512 (32 zmm registers of 16 floats) the forward pass holds 16 pixels x 16 output
+// channels or 8 x 32, the weight gradient 16 input x 16 output channels. With AVX2 (16 ymm registers of 8
+// floats) 12 pixels x 8 channels or 6 x 16, and 8 x 8. Blocks larger than the register file spill to memory on
+// every multiply-add (AVX-512's blocks built for AVX2 were 5-70x slower than XLA: bench/results_cpu.md).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kMaxCiBlock = 16;
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kLanes = 8, kMaxCiBlock = 8;
+#else
+#error "conv2d.cc needs AVX-512 or AVX2 with FMA (transferlab/kernels/build.py builds it only where the CPU has them)"
 #endif
-constexpr int kForwardPixels = 16, kForwardPixelsOf32 = 8, kMaxCiBlock = 16;
 
 template <int V>
 inline Vec<V> Load(const float* p) {
@@ -188,11 +191,15 @@ void ForwardRows(const Geometry& g, const float* x, const float* w, float* y, in
       int64_t co0 = 0;
       while (co0 < g.co) {
         const int64_t left = g.co - co0;
-        if (left >= 32) { ForwardRow<kForwardPixelsOf32, 2, 16>(g, rows.data(), w, out, 0, co0); co0 += 32; }
-        else if (left >= 16) { ForwardRow<kForwardPixels, 1, 16>(g, rows.data(), w, out, 0, co0); co0 += 16; }
-        else if (left >= 8) { ForwardRow<kForwardPixels, 1, 8>(g, rows.data(), w, out, 0, co0); co0 += 8; }
-        else if (left >= 4) { ForwardRow<kForwardPixels, 1, 4>(g, rows.data(), w, out, 0, co0); co0 += 4; }
-        else { ForwardRow<kForwardPixels, 1, 1>(g, rows.data(), w, out, 0, co0); co0 += 1; }
+        if constexpr (kLanes == 16) {
+          if (left >= 32) { ForwardRow<8, 2, 16>(g, rows.data(), w, out, 0, co0); co0 += 32; continue; }
+          if (left >= 16) { ForwardRow<16, 1, 16>(g, rows.data(), w, out, 0, co0); co0 += 16; continue; }
+        } else {
+          if (left >= 16) { ForwardRow<6, 2, 8>(g, rows.data(), w, out, 0, co0); co0 += 16; continue; }
+        }
+        if (left >= 8) { ForwardRow<12, 1, 8>(g, rows.data(), w, out, 0, co0); co0 += 8; }
+        else if (left >= 4) { ForwardRow<12, 1, 4>(g, rows.data(), w, out, 0, co0); co0 += 4; }
+        else { ForwardRow<12, 1, 1>(g, rows.data(), w, out, 0, co0); co0 += 1; }
       }
     }
     r += oh1 - oh0;
@@ -268,7 +275,7 @@ void WeightGradChannels(const Geometry& g, const float* x, const float* dy, int6
   while (ci0 < g.ci) {
     const int64_t left = g.ci - ci0;
     if (left >= kMaxCiBlock) { WeightGradBlock<kMaxCiBlock, V>(g, x, dy, n0, n1, ky, kx, ci0, co0, dw); ci0 += kMaxCiBlock; }
-    else if (left >= 8) { WeightGradBlock<8, V>(g, x, dy, n0, n1, ky, kx, ci0, co0, dw); ci0 += 8; }
+    else if (kMaxCiBlock > 8 && left >= 8) { WeightGradBlock<8, V>(g, x, dy, n0, n1, ky, kx, ci0, co0, dw); ci0 += 8; }
     else if (left >= 4) { WeightGradBlock<4, V>(g, x, dy, n0, n1, ky, kx, ci0, co0, dw); ci0 += 4; }
     else if (left >= 2) { WeightGradBlock<2, V>(g, x, dy, n0, n1, ky, kx, ci0, co0, dw); ci0 += 2; }
     else { WeightGradBlock<1, V>(g, x, dy, n0, n1, ky, kx, ci0, co0, dw); ci0 += 1; }
@@ -282,7 +289,7 @@ void WeightGradImages(const Geometry& g, const float* x, const float* dy, int64_
       int64_t co0 = 0;
       while (co0 < g.co) {
         const int64_t left = g.co - co0;
-        if (left >= 16) { WeightGradChannels<16>(g, x, dy, n0, n1, ky, kx, co0, dw); co0 += 16; }
+        if (kLanes == 16 && left >= 16) { WeightGradChannels<16>(g, x, dy, n0, n1, ky, kx, co0, dw); co0 += 16; }
         else if (left >= 8) { WeightGradChannels<8>(g, x, dy, n0, n1, ky, kx, co0, dw); co0 += 8; }
         else if (left >= 4) { WeightGradChannels<4>(g, x, dy, n0, n1, ky, kx, co0, dw); co0 += 4; }
         else { WeightGradChannels<1>(g, x, dy, n0, n1, ky, kx, co0, dw); co0 += 1; }
