@@ -59,13 +59,19 @@ SHAPES = [  # batch, H, W, c_in, c_out, (kh, kw), strides, padding
 ]
 
 
+def _operands(shape, seed, kernel_scale=1.0):
+    """(x, kernel, strides, padding, the generator for more draws) of a SHAPES row, from RandomState(seed)."""
+    batch, h, w, c_in, c_out, (kh, kw), strides, padding = shape
+    rng = np.random.RandomState(seed)
+    x = jnp.asarray(rng.randn(batch, h, w, c_in).astype(np.float32))
+    k = jnp.asarray(rng.randn(kh, kw, c_in, c_out).astype(np.float32) * kernel_scale)
+    return x, k, strides, padding, rng
+
+
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_the_kernels_compute_what_lax_computes(shape):
-    batch, h, w, c_in, c_out, (kh, kw), strides, padding = shape
-    rng = np.random.RandomState(0)
-    x = jnp.asarray(rng.randn(batch, h, w, c_in).astype(np.float32))
-    k = jnp.asarray(rng.randn(kh, kw, c_in, c_out).astype(np.float32))
+    x, k, strides, padding, rng = _operands(shape, seed=0)
     y = _lax(x, k, strides, padding)
     dy = jnp.asarray(rng.randn(*y.shape).astype(np.float32))
     forward = jax.jit(lambda x, k: native_conv._ffi("forward", y.shape, x, k, strides, padding))
@@ -91,10 +97,7 @@ def test_the_kernels_refuse_inconsistent_shapes_and_negative_padding():
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_gradients_and_gradients_of_gradients_match_lax(shape):
-    batch, h, w, c_in, c_out, (kh, kw), strides, padding = shape
-    rng = np.random.RandomState(1)
-    x = jnp.asarray(rng.randn(batch, h, w, c_in).astype(np.float32))
-    k = jnp.asarray(rng.randn(kh, kw, c_in, c_out).astype(np.float32) * 0.3)
+    x, k, strides, padding, _ = _operands(shape, seed=1, kernel_scale=0.3)
 
     def objective(conv):
         return lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, padding)))

@@ -102,10 +102,13 @@ def _compiler_version(cxx: str) -> str:
         raise BuildError(f"C++ compiler {cxx} does not run ({e})") from None
 
 
+def _source(name: str) -> str:
+    return os.path.join(os.path.dirname(__file__), KERNELS[name][0])
+
+
 def library_path(name: str, cxx: str) -> str:
-    source = os.path.join(os.path.dirname(__file__), KERNELS[name][0])
     digest = hashlib.sha256()
-    with open(source, "rb") as f:
+    with open(_source(name), "rb") as f:
         digest.update(f.read())
     for part in (" ".join(flags()), _compiler_version(cxx), importlib.metadata.version("jaxlib"),
                  _cpu_signature()):
@@ -121,10 +124,9 @@ def _file_digest(path: str) -> str:
 def compile_library(name: str, cxx: str, path: str) -> None:
     """Compiles `name` into `path`, with `path`.sha256 holding the file's digest (written first: a library
     whose digest does not match, cut short by a full disk or a kill, is never opened)."""
-    source = os.path.join(os.path.dirname(__file__), KERNELS[name][0])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    cmd = [cxx, *flags(), "-I", jax.ffi.include_dir(), source, "-o", tmp]
+    cmd = [cxx, *flags(), "-I", jax.ffi.include_dir(), _source(name), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as e:

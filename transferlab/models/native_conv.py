@@ -129,7 +129,7 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 def status(dtype="float32") -> str:
     """Which convolutions a run of models computing in `dtype` gets in this process: 'native' or 'XLA (why)'
     (recorded in each run's environment)."""
-    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    if not _one_cpu_device():
         return "XLA (not one CPU device)"
     if jnp.dtype(dtype) != jnp.float32:
         return f"XLA ({jnp.dtype(dtype).name}: the kernels are float32)"
@@ -142,6 +142,11 @@ def status(dtype="float32") -> str:
     return "native"
 
 
+def _one_cpu_device() -> bool:
+    """Whether computations here run on a single CPU device (where the kernels, unpartitioned, may serve)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
 def _unit(values) -> bool:
     return values is None or all(v == 1 for v in values)
 
@@ -149,7 +154,7 @@ def _unit(values) -> bool:
 def applies(lhs, rhs, window_strides, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
             feature_group_count=1, batch_group_count=1, preferred_element_type=None) -> bool:
     """Whether this convolution runs on the native kernels (see the module doc)."""
-    if (jax.default_backend() != "cpu" or jax.device_count() != 1 or lhs.ndim != 4
+    if (not _one_cpu_device() or lhs.ndim != 4
             or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or preferred_element_type is not None
             or feature_group_count != 1 or batch_group_count != 1 or not _unit(lhs_dilation)
             or not _unit(rhs_dilation) or len(window_strides) != 2):
